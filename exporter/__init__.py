@@ -1,0 +1,2 @@
+"""The exporter: PyTorch/transformers LLaVA checkpoints to ONNX artifacts. torch and
+transformers are imported here and only here."""

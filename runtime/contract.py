@@ -1,0 +1,221 @@
+"""The artifact contract between exporter and runtime, written once.
+
+An artifact folder holds:
+
+    llava_export.json            the manifest below (format version, model, preprocessing, ...)
+    vision.onnx (+ .data)        pixel_values [B,3,H,W] -> image_embeds [B,N_img,hidden]
+    decoder.onnx (+ .data)       inputs_embeds, attention_mask, position_ids, past_key_values.*
+                                 -> logits [B,vocab] (last position only), present.*
+    embed_tokens.npy             [vocab, hidden], memory-mapped by the runtime
+    tokenizer.json (+ tokenizer_config.json)
+    engines/<gpu>-sm<cc>-trt<version>/...   TensorRT plans (optional)
+
+The exporter imports this module; the runtime never imports the exporter. docs/artifacts.md
+is the same contract for humans. Any change that an older runtime would misread bumps
+FORMAT_VERSION; the runtime refuses versions it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ArtifactError
+
+FORMAT_NAME = "llava-export"
+FORMAT_VERSION = 1
+
+MANIFEST_FILE = "llava_export.json"
+VISION_FILE = "vision.onnx"
+DECODER_FILE = "decoder.onnx"
+EMBEDDINGS_FILE = "embed_tokens.npy"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+ENGINES_DIR = "engines"
+
+# Graph I/O names, following Optimum / ONNX Runtime GenAI so other tools can read our graphs.
+PIXEL_VALUES = "pixel_values"
+IMAGE_EMBEDS = "image_embeds"
+INPUTS_EMBEDS = "inputs_embeds"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def decoder_input_names(num_layers: int) -> list[str]:
+    names = [INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS]
+    for layer in range(num_layers):
+        names += [past_key_name(layer), past_value_name(layer)]
+    return names
+
+
+def decoder_output_names(num_layers: int) -> list[str]:
+    names = [LOGITS]
+    for layer in range(num_layers):
+        names += [present_key_name(layer), present_value_name(layer)]
+    return names
+
+
+@dataclass
+class PreprocessSpec:
+    """How an image becomes pixel_values, identically in the exporter's reference and the runtime.
+
+    aspect "pad": pad to a square with the mean colour, then resize to crop_size
+    (original LLaVA `image_aspect_ratio: pad`). aspect "crop": resize the shortest edge to
+    `shortest_edge`, then center-crop to crop_size (the HF CLIP processor's default).
+    """
+
+    shortest_edge: int
+    crop_size: int
+    mean: list[float]
+    std: list[float]
+    aspect: str = "crop"  # "pad" | "crop"
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self):
+        if self.aspect not in ("pad", "crop"):
+            raise ArtifactError(f"image aspect must be 'pad' or 'crop', not {self.aspect!r}")
+
+
+@dataclass
+class VisionSpec:
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    select_layer: int  # index into hidden_states (embeddings are 0), negative from the end
+    select_strategy: str  # "default" drops CLS, "full" keeps it
+    projector: str  # "linear" | "mlp{N}x_gelu"
+    num_image_tokens: int = field(init=False)
+
+    def __post_init__(self):
+        patches = (self.image_size // self.patch_size) ** 2
+        self.num_image_tokens = patches + (1 if self.select_strategy == "full" else 0)
+
+
+@dataclass
+class TextSpec:
+    family: str  # "llama" | "mistral" | "qwen2"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+
+
+@dataclass
+class TokenSpec:
+    bos: int | None
+    eos: list[int]  # generation stops at any of these
+    pad: int
+
+
+@dataclass
+class GraphSpec:
+    """One ONNX graph: file, dtype of its floating tensors, opset, I/O names and dims.
+
+    inputs/outputs map a name to its dims, each an int or a symbolic name ("batch").
+    """
+
+    file: str
+    dtype: str  # "float32" | "float16"
+    opset: int
+    inputs: dict[str, list[int | str]]
+    outputs: dict[str, list[int | str]]
+    sha256: str = ""
+
+
+@dataclass
+class Manifest:
+    source: dict[str, Any]  # {"path", "format": "hf"|"original", "weights_sha256"}
+    vision: VisionSpec
+    text: TextSpec
+    preprocess: PreprocessSpec
+    tokens: TokenSpec
+    template: str
+    graphs: dict[str, GraphSpec] = field(default_factory=dict)  # "vision" | "decoder"
+    embeddings: dict[str, Any] = field(default_factory=dict)  # {"file", "dtype", "shape"}
+    tools: dict[str, str] = field(default_factory=dict)
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        vision = dict(data["vision"])
+        vision.pop("num_image_tokens", None)  # derived
+        return cls(
+            source=data["source"],
+            vision=VisionSpec(**vision),
+            text=TextSpec(**data["text"]),
+            preprocess=PreprocessSpec(**data["preprocess"]),
+            tokens=TokenSpec(**data["tokens"]),
+            template=data["template"],
+            graphs={name: GraphSpec(**g) for name, g in data.get("graphs", {}).items()},
+            embeddings=data.get("embeddings", {}),
+            tools=data.get("tools", {}),
+            parity=data.get("parity", {}),
+            format=data["format"],
+            format_version=data["format_version"],
+        )
+
+    def same_model(self, other: "Manifest") -> bool:
+        return self.source.get("weights_sha256") == other.source.get("weights_sha256")
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    """Reads and checks DIR/llava_export.json; raises ArtifactError naming what is wrong."""
+    path = Path(folder) / MANIFEST_FILE
+    if not Path(folder).is_dir():
+        raise ArtifactError(f"artifact folder {folder} does not exist (export one with `llava-export all`)")
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {folder} is not an artifact folder (export one with `llava-export all`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); re-export the artifacts") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not a {FORMAT_NAME} manifest")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {version}; this runtime reads version {FORMAT_VERSION} "
+            "(re-export with this llava-export, or install the matching runtime)"
+        )
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError) as err:
+        raise ArtifactError(f"{path} is incomplete or malformed ({err}); re-export the artifacts") from None
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
+    """Writes the manifest atomically (write aside, then rename)."""
+    path = Path(folder) / MANIFEST_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
