@@ -1,0 +1,320 @@
+"""Tokenizers for the artifact folder: a tiny trained one for tests, sentencepiece conversion, export.
+
+The runtime reads `tokenizer.json` with the `tokenizers` library alone, so the file written here
+must tokenize exactly as the PyTorch reference (transformers' tokenizer) does. Transformers 5
+does NOT take a Llama tokenizer.json's normalizer/pre-tokenizer as written: `LlamaTokenizer`
+keeps only the vocab, merges and post-processor from the file and rebuilds the rest itself
+(no normalizer, Metaspace("▁", prepend_scheme="first", split=False), byte-fallback BPE).
+`save_tokenizer` therefore writes the backend transformers actually runs, not the source's file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from runtime.contract import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from runtime.errors import SourceError
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2, as in Llama
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # ids 3..258: any text encodes
+MIN_VOCAB = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
+DEFAULT_VOCAB_SIZE = 320
+MODEL_MAX_LENGTH = 2048
+SPM_FILE = "tokenizer.model"
+
+# Small English corpus the tiny tokenizer learns its merges from: what LLaVA prompts look like.
+_SYSTEMS = [
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language.",
+]
+_COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "grey"]
+_SHAPES = ["circle", "square", "triangle", "star", "ball", "box", "cube", "line"]
+_COUNTS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_QUESTIONS = [
+    "What is shown in the image?",
+    "Describe the image in detail.",
+    "What colour is the {shape}?",
+    "How many {shape}s are there in the picture?",
+    "Is there a {colour} {shape} in this image?",
+    "Where is the {colour} {shape}?",
+    "What is the shape on the left?",
+    "Which object is the largest?",
+    "Can you count the objects in the photo?",
+    "What is the colour of the background?",
+]
+_ANSWERS = [
+    "The {shape} is {colour}.",
+    "There are {count} {shape}s in the image.",
+    "Yes, there is a {colour} {shape} in the middle of the image.",
+    "The {colour} {shape} is on the right, next to a small {shape2}.",
+    "The image shows {count} {colour} {shape}s on a {colour2} background.",
+    "No, I do not see a {colour} {shape} here.",
+]
+
+
+def default_corpus() -> list[str]:
+    """The built-in corpus: system prompts, USER:/ASSISTANT: turns about colours, shapes, counts."""
+    lines = list(_SYSTEMS)
+    n = len(_COLOURS)
+    for i in range(60):  # deterministic variety, no randomness
+        fill = {
+            "colour": _COLOURS[i % n],
+            "colour2": _COLOURS[(i * 3 + 1) % n],
+            "shape": _SHAPES[i % len(_SHAPES)],
+            "shape2": _SHAPES[(i * 5 + 2) % len(_SHAPES)],
+            "count": _COUNTS[(i * 7) % len(_COUNTS)],
+        }
+        question = _QUESTIONS[i % len(_QUESTIONS)].format(**fill)
+        answer = _ANSWERS[i % len(_ANSWERS)].format(**fill)
+        lines.append(f"USER: {question} ASSISTANT: {answer}")
+        lines.append(f"[INST] {question} [/INST] {answer}")
+    return lines
+
+
+def _llama_pipeline(tokenizer) -> None:
+    """Sets the pre-tokenizer/decoder transformers 5's LlamaTokenizer uses (legacy=False, prefix space)."""
+    from tokenizers import decoders, pre_tokenizers
+
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+
+
+def build_tiny_tokenizer(
+    out_dir: str | os.PathLike,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    corpus: list[str] | None = None,
+    chat_template: str | None = None,
+) -> None:
+    """Trains a Llama-style byte-fallback BPE tokenizer (deterministic, milliseconds) into out_dir.
+
+    Ids: <unk>=0, <s>=1, </s>=2, <0x00>..<0xFF>=3..258, then the corpus' characters and merges
+    up to exactly `vocab_size`. Writes tokenizer.json and tokenizer_config.json, which
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` loads as a LlamaTokenizer adding BOS.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} is too small: the specials and 256 byte tokens need {MIN_VOCAB}")
+    lines = default_corpus() if corpus is None else list(corpus)
+    alphabet = sorted({ch for line in lines for ch in line.replace(" ", "▁")} | {"▁"})
+
+    # Train with whitespace splitting, like sentencepiece, so no merge crosses a word boundary;
+    # the specials and byte tokens are listed first so they take ids 0..258 in order.
+    trainee = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    trainee.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS + BYTE_TOKENS),
+        limit_alphabet=min(len(alphabet), vocab_size - MIN_VOCAB),
+        initial_alphabet=[],
+        show_progress=False,
+    )
+    trainee.train_from_iterator(lines, trainer)
+    trained = json.loads(trainee.to_str())["model"]
+    vocab: dict[str, int] = trained["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    if len(vocab) != vocab_size:
+        raise ValueError(
+            f"the corpus yields only {len(vocab)} tokens, fewer than vocab_size {vocab_size}: "
+            "give a larger corpus or a smaller vocab_size"
+        )
+
+    # The final tokenizer: only <unk> <s> </s> are added (special) tokens; bytes live in the vocab.
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    _llama_pipeline(tokenizer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
+    )
+    config: dict[str, Any] = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MODEL_MAX_LENGTH,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / TOKENIZER_FILE), pretty=True)
+    _write_json(out / TOKENIZER_CONFIG_FILE, config)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _load_sentencepiece(model_file: Path):
+    """transformers' LlamaTokenizer built from a sentencepiece model (and its sibling config, if any)."""
+    from transformers import LlamaTokenizer
+
+    import sentencepiece
+
+    if not model_file.is_file():
+        raise SourceError(f"{model_file} does not exist (expected a sentencepiece tokenizer.model)")
+    try:  # checked first: transformers would fall back to tiktoken and fail with a confusing message
+        sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    except Exception as err:
+        raise SourceError(f"{model_file} is not a sentencepiece model ({_one_line(err)})") from None
+    with tempfile.TemporaryDirectory(prefix="llava-spm-") as tmp:
+        shutil.copyfile(model_file, Path(tmp) / SPM_FILE)
+        # The sibling config carries legacy / add_bos_token / chat_template / special tokens.
+        for name in (TOKENIZER_CONFIG_FILE, "special_tokens_map.json"):
+            if (model_file.parent / name).is_file():
+                shutil.copyfile(model_file.parent / name, Path(tmp) / name)
+        config = _read_config(Path(tmp))
+        config.pop("auto_map", None)
+        config.pop("tokenizer_class", None)
+        # Transformers 5 defaults add_bos_token to False when nothing says so; Llama adds BOS.
+        config.setdefault("add_bos_token", True)
+        config.setdefault("legacy", False)
+        config.setdefault("model_max_length", MODEL_MAX_LENGTH)
+        _write_json(Path(tmp) / TOKENIZER_CONFIG_FILE, config)
+        try:
+            return LlamaTokenizer.from_pretrained(tmp)
+        except Exception as err:  # a corrupt or non-sentencepiece file
+            raise SourceError(f"cannot convert {model_file} to tokenizer.json ({_one_line(err)})") from None
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SourceError(f"{path} is not valid JSON ({_one_line(err)})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def convert_sentencepiece(model_file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Converts an original checkpoint's sentencepiece tokenizer.model to tokenizer.json (+ config)."""
+    tokenizer = _load_sentencepiece(Path(model_file))
+    _write_tokenizer(tokenizer, Path(out_dir), chat_template=_chat_template(tokenizer))
+
+
+def _chat_template(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one is the chat template
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _adds(tokenizer) -> tuple[int | None, bool]:
+    """(the BOS id if encoding adds it, else None; whether encoding appends EOS), by probing."""
+    ids = tokenizer("a").input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return (bos if bos is not None and ids[:1] == [bos] else None), (eos is not None and ids[-1:] == [eos])
+
+
+def _write_tokenizer(tokenizer, out: Path, chat_template: str | None) -> None:
+    """Writes the backend transformers runs (tokenizer.json) and a config it reloads identically."""
+    from tokenizers import Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llava-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        config = _read_config(Path(tmp))
+    # Transformers 5 drops these from saved configs although its Llama class rebuilds the
+    # pre-tokenizer from `legacy`; the add_* flags are probed (the add_bos_token property is
+    # False for a tokenizer.json whose post-processor adds BOS).
+    bos, add_eos = _adds(tokenizer)
+    config["add_bos_token"] = bos is not None
+    config["add_eos_token"] = add_eos
+    if isinstance(getattr(tokenizer, "legacy", None), bool):
+        config["legacy"] = tokenizer.legacy
+    # Session details transformers 5 leaks into saved configs, and remote code we do not copy.
+    for key in ("is_local", "local_files_only", "name_or_path", "auto_map", "processor_class"):
+        config.pop(key, None)
+    named = {str(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        extra = [t for t in extra if str(t) not in named]
+    if extra:  # transformers 5 lists bos/eos here when converting sentencepiece: keep only real extras
+        config["extra_special_tokens"] = extra
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    if not isinstance(config.get("model_max_length"), int) or config["model_max_length"] > 10**9:
+        config.pop("model_max_length", None)  # transformers' "no limit" sentinel (1e30)
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(out / TOKENIZER_FILE), pretty=True)
+    _write_json(out / TOKENIZER_CONFIG_FILE, config)
+
+
+def _generation_eos(folder: Path) -> list[int]:
+    path = folder / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []
+    if isinstance(eos, int):
+        return [eos]
+    return [e for e in eos if isinstance(e, int)] if isinstance(eos, list) else []
+
+
+def save_tokenizer(src: str | os.PathLike | Any, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Writes the tokenizer of `src` (a model folder or a transformers tokenizer) into an artifact folder.
+
+    A folder with tokenizer.json is loaded with transformers; one with only tokenizer.model is
+    converted. Returns {"bos": id | None (None when BOS is not added), "eos": [ids], "pad": id,
+    "chat_template": str | None}; pad falls back to eos, then unk, then 0.
+    """
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    eos_extra: list[int] = []
+    if isinstance(src, (str, os.PathLike)):
+        folder = Path(src)
+        if not folder.is_dir():
+            raise SourceError(f"tokenizer source {folder} is not a folder")
+        if (folder / TOKENIZER_FILE).is_file():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            except Exception as err:
+                raise SourceError(f"cannot load the tokenizer in {folder} ({_one_line(err)})") from None
+        elif (folder / SPM_FILE).is_file():
+            tokenizer = _load_sentencepiece(folder / SPM_FILE)
+        else:
+            raise SourceError(f"{folder} has no tokenizer: expected {TOKENIZER_FILE} or {SPM_FILE}")
+        eos_extra = _generation_eos(folder)
+    elif hasattr(src, "backend_tokenizer") and hasattr(src, "save_pretrained"):
+        tokenizer = src
+    else:
+        raise SourceError(f"cannot read a tokenizer from {type(src).__name__} (give a model folder or a fast tokenizer)")
+
+    template = _chat_template(tokenizer)
+    _write_tokenizer(tokenizer, out, template)
+
+    bos, _ = _adds(tokenizer)
+    eos: list[int] = []
+    for token_id in [tokenizer.eos_token_id, *eos_extra]:
+        if token_id is not None and token_id not in eos:
+            eos.append(int(token_id))
+    pad = next((t for t in (tokenizer.pad_token_id, eos[0] if eos else None, tokenizer.unk_token_id) if t is not None), 0)
+    return {"bos": bos, "eos": eos, "pad": int(pad), "chat_template": template}
