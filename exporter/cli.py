@@ -1,0 +1,135 @@
+"""`llava-export`: thin commands that parse options and call one typed function each.
+
+User errors (runtime.errors.LlavaError) print as one line, without a traceback, exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.errors import LlavaError
+
+
+def user_errors(command):
+    """Turns LlavaError into `error: <message>` and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LlavaError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing half-written was left behind", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def source_options(command):
+    command = click.option("--vision-tower", metavar="PATH", help="CLIP tower folder for an original-format model (overrides mm_vision_tower).")(command)
+    command = click.option("--model", "model", required=True, metavar="SRC", help="Model folder or hub id (HF Llava or original LLaVA format).")(command)
+    return command
+
+
+def output_options(command):
+    command = click.option("--quiet", is_flag=True, help="Print only errors.")(command)
+    command = click.option("--force", is_flag=True, help="Replace artifacts of another model in --out.")(command)
+    command = click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to emit.")(command)
+    command = click.option("--fp16", is_flag=True, help="Write float16 graphs (TensorRT takes precision from the graph).")(command)
+    command = click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")(command)
+    return command
+
+
+def load(model: str, vision_tower: str | None, fp16: bool, progress):
+    """Loads the source in the export dtype: float16 for --fp16, so a 7B model fits in memory."""
+    import torch
+
+    from exporter.source import load_source
+
+    with progress.stage(f"loading {model}"):
+        return load_source(model, vision_tower=vision_tower, dtype=torch.float16 if fp16 else torch.float32)
+
+
+def check_template(template: str | None) -> None:
+    if template is None:
+        return
+    from runtime.prompts import TEMPLATES
+
+    if template not in TEMPLATES and template != "chat":
+        raise click.BadParameter(f"unknown template {template!r} (known: {', '.join(sorted(TEMPLATES))}, chat)", param_hint="--template")
+
+
+def template_option(command):
+    return click.option("--template", metavar="NAME", help="Prompt template recorded in the manifest (default: derived from the model).")(command)
+
+
+@click.group()
+@click.version_option(package_name="llava-export")
+def main():
+    """Export LLaVA models to ONNX / TensorRT artifacts and check them against PyTorch."""
+
+
+@main.command()
+@source_options
+@output_options
+@user_errors
+def vision(model, vision_tower, out, fp16, opset, force, quiet):
+    """CLIP tower + projector -> OUT/vision.onnx."""
+    from exporter.progress import Progress
+    from exporter.vision import export_vision
+
+    progress = Progress(quiet)
+    progress.say(f"llava-export vision: {model} -> {out}")
+    source = load(model, vision_tower, fp16, progress)
+    export_vision(source, out, fp16=fp16, opset=opset, force=force, progress=progress)
+    progress.say(f"wrote {out / 'vision.onnx'}")
+
+
+@main.command()
+@source_options
+@output_options
+@template_option
+@user_errors
+def decoder(model, vision_tower, out, fp16, opset, force, quiet, template):
+    """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
+    from exporter.decoder import export_decoder
+    from exporter.progress import Progress
+
+    check_template(template)
+    progress = Progress(quiet)
+    progress.say(f"llava-export decoder: {model} -> {out}")
+    source = load(model, vision_tower, fp16, progress)
+    export_decoder(source, out, fp16=fp16, opset=opset, force=force, template=template, progress=progress)
+    progress.say(f"wrote {out / 'decoder.onnx'}")
+
+
+@main.command(name="all")
+@source_options
+@output_options
+@template_option
+@user_errors
+def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, template):
+    """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
+    from exporter.decoder import export_decoder
+    from exporter.progress import Progress
+    from exporter.vision import export_vision
+
+    check_template(template)
+    progress = Progress(quiet)
+    progress.say(f"llava-export all: {model} -> {out}")
+    source = load(model, vision_tower, fp16, progress)
+    progress.say("[1/2] vision")
+    export_vision(source, out, fp16=fp16, opset=opset, force=force, progress=progress)
+    progress.say("[2/2] decoder")
+    export_decoder(source, out, fp16=fp16, opset=opset, template=template, progress=progress)
+    progress.say(f"wrote {out} (run it: llava-run --artifacts {out} --image IMAGE --prompt TEXT)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Writing a reference model in the original LLaVA repo's checkpoint layout.
+
+The inverse of exporter/source.py's original-format loader: used to make the original-format
+twin of a Hugging Face model (the tiny fixtures, the trained toy model), so that both
+loaders are exercised on identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporter.source import MLP2X_NAMES
+
+
+def write_clip_tower(model: nn.Module, folder: Path, preprocess) -> None:
+    """The separate CLIP checkpoint that `mm_vision_tower` names: CLIPVisionModel + processor."""
+    from transformers import CLIPVisionModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tower = model.model.vision_tower
+    clip = CLIPVisionModel(tower.config)
+    clip.load_state_dict(tower.state_dict())
+    clip.save_pretrained(folder)
+    write_processor_config(folder, preprocess, "CLIPImageProcessor")
+
+
+def write_processor_config(folder: Path, preprocess, processor_class: str) -> None:
+    """preprocessor_config.json for CLIPImageProcessor or LlavaImageProcessor (which pads)."""
+    processor = {
+        "image_processor_type": processor_class,
+        "do_resize": True,
+        "size": {"shortest_edge": preprocess.shortest_edge},
+        "do_center_crop": True,
+        "crop_size": {"height": preprocess.crop_size, "width": preprocess.crop_size},
+        "do_rescale": True,
+        "rescale_factor": preprocess.rescale_factor,
+        "do_normalize": True,
+        "image_mean": preprocess.mean,
+        "image_std": preprocess.std,
+        "do_convert_rgb": True,
+        "resample": 3,  # bicubic
+    }
+    if processor_class == "LlavaImageProcessor":
+        processor["do_pad"] = preprocess.aspect == "pad"
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's decoder + projector weights under original-format names."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.language_model."):
+            state["model." + name[len("model.language_model.") :]] = tensor
+        elif name.startswith("model.multi_modal_projector."):
+            suffix = name[len("model.multi_modal_projector.") :]
+            for index, named in MLP2X_NAMES.items():
+                if suffix.startswith(named):
+                    suffix = index + suffix[len(named) :]
+            state["model.mm_projector." + suffix] = tensor
+        elif name == "lm_head.weight" and not model.config.tie_word_embeddings:
+            state[name] = tensor
+    return {name: tensor.contiguous().clone() for name, tensor in state.items()}
+
+
+def original_config(model: nn.Module, tower: str, projector: str, aspect: str) -> dict:
+    """config.json as the original repo writes it: the text config plus mm_* fields."""
+    config = model.config
+    text = config.text_config.to_dict()
+    family = text["model_type"]
+    text.update(
+        {
+            "architectures": ["LlavaLlamaForCausalLM" if family == "llama" else f"Llava{family.title()}ForCausalLM"],
+            "model_type": {"llama": "llava_llama", "mistral": "llava_mistral", "qwen2": "llava_qwen"}[family],
+            "mm_vision_tower": tower,
+            "mm_projector_type": projector,
+            "mm_hidden_size": config.vision_config.hidden_size,
+            "mm_vision_select_layer": config.vision_feature_layer,
+            "mm_vision_select_feature": "patch" if config.vision_feature_select_strategy == "default" else "cls_patch",
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "image_aspect_ratio": aspect,
+            "tie_word_embeddings": bool(config.tie_word_embeddings),
+        }
+    )
+    return text
+
+
+def write_original(
+    model: nn.Module,
+    folder: Path,
+    tower: str,
+    projector: str,
+    aspect: str,
+    weights: str = "safetensors",
+    shards: int = 1,
+) -> None:
+    """Writes config.json and weights (`safetensors` or `bin`, in `shards` files with an index
+    when more than one), as the original repo and its LoRA merge script do."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = original_config(model, tower, projector, aspect)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = original_state_dict(model)
+    names = sorted(state)
+    groups = [names[i::shards] for i in range(shards)]
+    suffix = "safetensors" if weights == "safetensors" else "bin"
+    stem = "model" if weights == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for number, group in enumerate(groups, start=1):
+        file = f"{stem}.{suffix}" if shards == 1 else f"{stem}-{number:05d}-of-{shards:05d}.{suffix}"
+        part = {name: state[name] for name in group}
+        if weights == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(part, str(folder / file), metadata={"format": "pt"})
+        else:
+            torch.save(part, folder / file)
+        weight_map.update({name: file for name in group})
+    if shards > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / f"{stem}.{suffix}.index.json").write_text(json.dumps(index, indent=2) + "\n")

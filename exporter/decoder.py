@@ -1,0 +1,221 @@
+"""`llava-export decoder`: the language model with past-key-value I/O, plus the token
+embeddings and the tokenizer.
+
+    inputs_embeds  [B,S,hidden]                 attention_mask [B,P+S] int64 (left padding)
+    position_ids   [B,S] int64                  past_key_values.{i}.key|value [B,kv,P,hd]
+ -> logits [B,vocab] float32 (last position only), present.{i}.key|value [B,kv,P+S,hd]
+
+One graph serves prefill (P = 0) and decode (S = 1). Logits cover only the last position:
+generation needs nothing else, and every position of a 600-token prompt times a 32k vocabulary
+would be 77 MB of float32 per sequence for nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporter import onnx_io, parity
+from exporter.manifest import open_manifest
+from exporter.progress import Progress
+from exporter.source import LlavaSource
+from exporter.tokenizer import save_tokenizer
+from runtime import contract
+from runtime.contract import GraphSpec, TokenSpec
+
+DEFAULT_OPSET = 18
+
+
+class DecoderWithPast(nn.Module):
+    """The text model and LM head as one function of (embeddings, mask, positions, past)."""
+
+    def __init__(self, llava: nn.Module):
+        super().__init__()
+        self.language_model = llava.model.language_model
+        self.lm_head = llava.lm_head
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache
+
+        # A plain (non-sliding) cache: present must hold all P+S positions; a sliding window,
+        # if the config has one, is applied by the model's attention mask instead.
+        cache = DynamicCache()
+        for layer, (key, value) in enumerate(past_key_values):
+            cache.update(key, value, layer)
+        hidden = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
+        logits = self.lm_head(hidden[:, -1]).float()  # [B, vocab]
+        presents = []
+        for layer in cache.layers:
+            presents += [layer.keys, layer.values]  # each [B, kv_heads, P+S, head_dim]
+        return (logits, *presents)
+
+
+def dynamic_shapes(num_layers: int) -> dict:
+    batch = torch.export.Dim("batch")
+    sequence = torch.export.Dim("sequence")
+    past = torch.export.Dim("past_sequence")
+    total = torch.export.Dim("total_sequence")
+    return {
+        "inputs_embeds": {0: batch, 1: sequence},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: sequence},
+        "past_key_values": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(num_layers)],
+    }
+
+
+def io_spec(source: LlavaSource) -> tuple[dict, dict]:
+    text = source.text
+    kv = ["batch", text.num_kv_heads, "past_sequence", text.head_dim]
+    present = ["batch", text.num_kv_heads, "total_sequence", text.head_dim]
+    inputs = {
+        contract.INPUTS_EMBEDS: ["batch", "sequence", text.hidden_size],
+        contract.ATTENTION_MASK: ["batch", "total_sequence"],
+        contract.POSITION_IDS: ["batch", "sequence"],
+    }
+    outputs = {contract.LOGITS: ["batch", text.vocab_size]}
+    for layer in range(text.num_layers):
+        inputs[contract.past_key_name(layer)] = kv
+        inputs[contract.past_value_name(layer)] = kv
+        outputs[contract.present_key_name(layer)] = present
+        outputs[contract.present_value_name(layer)] = present
+    return inputs, outputs
+
+
+def left_padded_mask(lengths: list[int], width: int) -> torch.Tensor:
+    """[B, width] int64: zeros on the left, then `length` ones."""
+    return torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long)
+
+
+def positions_from_mask(mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Position ids of the last `new_tokens` columns: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -new_tokens:]
+
+
+def empty_past(source: LlavaSource, batch: int, dtype: torch.dtype, length: int = 0) -> list:
+    shape = (batch, source.text.num_kv_heads, length, source.text.head_dim)
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(source.text.num_layers)]
+
+
+def trace_sample(source: LlavaSource, dtype: torch.dtype):
+    """Arguments to trace with: B=2, S=3, P=2 (sizes 0 and 1 would be specialised)."""
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 3, source.text.hidden_size, generator=generator).to(dtype)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    positions = positions_from_mask(mask, 3)
+    past = [(k.normal_(generator=generator), v.normal_(generator=generator)) for k, v in empty_past(source, 2, torch.float32, 2)]
+    past = [(k.to(dtype), v.to(dtype)) for k, v in past]
+    return embeds, mask, positions, past
+
+
+def export_decoder(
+    source: LlavaSource,
+    out: Path,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    template: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Writes decoder.onnx, embed_tokens.npy and the tokenizer into `out`; updates the manifest.
+
+    The source should be loaded in the export dtype (float16 for --fp16): a float32 copy of a
+    7B decoder would not fit next to it in 24 GB.
+    """
+    progress = progress or Progress()
+    onnx_io.check_writable(out)
+    manifest = open_manifest(out, source, force, template)
+    dtype_name = "float16" if fp16 else "float32"
+    dtype = getattr(torch, dtype_name)
+    decoder = DecoderWithPast(source.model).eval()
+    if next(decoder.parameters()).dtype != dtype:
+        decoder = decoder.to(dtype)  # in place: load the source in the export dtype to avoid this
+    with onnx_io.staging(out, "decoder") as stage:
+        with progress.stage(f"tracing the decoder graph ({dtype_name}, {source.text.num_layers} layers, opset {opset})"):
+            program = onnx_io.trace_to_onnx(
+                decoder,
+                trace_sample(source, dtype),
+                dynamic_shapes=dynamic_shapes(source.text.num_layers),
+                input_names=contract.decoder_input_names(source.text.num_layers),
+                output_names=contract.decoder_output_names(source.text.num_layers),
+                opset=opset,
+            )
+        with progress.stage("saving and checking the graph"):
+            external = onnx_io.parameter_bytes(decoder) > onnx_io.EXTERNAL_DATA_BYTES
+            path = onnx_io.save_graph(program, stage, contract.DECODER_FILE, external)
+            del program
+            onnx_io.check_graph(path)
+        with progress.stage("running prefill and decode in ONNX Runtime against PyTorch"):
+            results = decoder_parity(decoder, path, source, dtype_name)
+        for result in results:
+            progress.say(f"  parity vs PyTorch ({dtype_name}): {result.line()}")
+        parity.assert_parity(results, "decoder graph; nothing was written")
+        sha = onnx_io.file_sha256(path)
+        with progress.stage("writing token embeddings and tokenizer"):
+            embeddings = write_embeddings(source, stage, dtype_name)
+            tokens = save_tokenizer(source.tokenizer_dir, stage)
+        for name in (contract.EMBEDDINGS_FILE, contract.TOKENIZER_FILE, contract.TOKENIZER_CONFIG_FILE):
+            if (stage / name).exists():
+                (stage / name).replace(out / name)
+        onnx_io.publish(stage, out, contract.DECODER_FILE)
+    inputs, outputs = io_spec(source)
+    manifest.graphs["decoder"] = GraphSpec(contract.DECODER_FILE, dtype_name, opset, inputs, outputs, sha)
+    manifest.embeddings = embeddings
+    manifest.tokens = TokenSpec(bos=tokens["bos"], eos=tokens["eos"], pad=tokens["pad"])
+    manifest.parity["decoder"] = parity.summary(results)
+    contract.write_manifest(out, manifest)
+    return manifest.parity["decoder"]
+
+
+def write_embeddings(source: LlavaSource, folder: Path, dtype_name: str) -> dict:
+    """embed_tokens.npy [vocab, hidden] in the graph dtype; the runtime memory-maps it."""
+    weight = source.model.get_input_embeddings().weight.detach()
+    array = weight.to(getattr(torch, dtype_name)).numpy()
+    np.save(folder / contract.EMBEDDINGS_FILE, array)
+    return {"file": contract.EMBEDDINGS_FILE, "dtype": dtype_name, "shape": list(array.shape)}
+
+
+def decoder_parity(decoder: nn.Module, path: Path, source: LlavaSource, dtype_name: str, steps: int = 2):
+    """Prefill a left-padded batch of 2 (lengths 6 and 4), then `steps` decode steps feeding
+    present back as past; compares logits every step and the final cache at real positions."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dtype, min_cosine = getattr(torch, dtype_name), parity.MIN_COSINE[dtype_name]
+    names = contract.decoder_output_names(source.text.num_layers)
+    generator = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, 6, source.text.hidden_size, generator=generator).to(dtype)
+    mask = left_padded_mask([6, 4], 6)
+    past = empty_past(source, 2, dtype)
+    results = []
+    for step in range(steps + 1):
+        positions = positions_from_mask(mask, embeds.shape[1])
+        with torch.no_grad():
+            expected = decoder(embeds, mask, positions, past)
+        feed = {
+            contract.INPUTS_EMBEDS: embeds.numpy(),
+            contract.ATTENTION_MASK: mask.numpy(),
+            contract.POSITION_IDS: positions.numpy(),
+        }
+        for layer, (key, value) in enumerate(past):
+            feed[contract.past_key_name(layer)] = key.numpy()
+            feed[contract.past_value_name(layer)] = value.numpy()
+        actual = session.run(names, feed)
+        results.append(parity.compare(f"logits step {step}", actual[0], expected[0].numpy(), min_cosine=min_cosine))
+        past = [(expected[1 + 2 * i], expected[2 + 2 * i]) for i in range(source.text.num_layers)]
+        next_ids = expected[0].argmax(-1)
+        embeds = source.model.get_input_embeddings()(next_ids)[:, None].to(dtype)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    real = mask[:, :-1].bool().numpy()  # the cache covers all but the last appended column
+    for name, act, exp in zip(names[1:], actual[1:], expected[1:]):
+        kept = np.moveaxis(act, 2, 1)[real], np.moveaxis(exp.numpy(), 2, 1)[real]  # [real tokens, kv, hd]
+        results.append(parity.compare(name, kept[0], kept[1], min_cosine=min_cosine))
+    return results

@@ -1,0 +1,430 @@
+"""Loading a LLaVA checkpoint: the exporter's single entry point for a source.
+
+SRC is a local folder or a hub id, in either format:
+  - "hf": transformers `LlavaForConditionalGeneration` (llava-hf/llava-1.5-7b-hf style);
+  - "original": the haotian-liu/LLaVA repo's (liuhaotian/llava-v1.5-7b style, and what its LoRA
+    merge writes): a Llama-family config with mm_* fields, weights `model.layers.*`,
+    `model.mm_projector.*`, `lm_head.*`, and a CLIP tower in a separate checkpoint named by
+    `mm_vision_tower` (or `--vision-tower PATH`).
+Both become the same reference (`LlavaForConditionalGeneration`) plus one normalized
+description (VisionSpec, TextSpec, PreprocessSpec, template) that export and runtime use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.contract import PreprocessSpec, TextSpec, VisionSpec
+from runtime.errors import SourceError
+
+# Text families we export, by the transformers model_type of the text config. The original
+# repo's config model_types map onto them.
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+ORIGINAL_MODEL_TYPES = {
+    "llava": "llama",
+    "llava_llama": "llama",
+    "llava_mistral": "mistral",
+    "llava_qwen": "qwen2",
+    "llava_qwen2": "qwen2",
+}
+DEFAULT_TEMPLATES = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml"}
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
+
+
+@dataclass
+class LlavaSource:
+    """A loaded source: the PyTorch reference and everything export and runtime need."""
+
+    path: Path
+    format: str  # "hf" | "original"
+    model: nn.Module  # transformers LlavaForConditionalGeneration, eval mode
+    vision: VisionSpec
+    text: TextSpec
+    preprocess: PreprocessSpec
+    template: str
+    tokenizer_dir: Path
+    weight_files: list[Path]
+
+    def weights_sha256(self) -> str:
+        """sha256 over the weight files' bytes, in name order (tower files included)."""
+        digest = hashlib.sha256()
+        for file in self.weight_files:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+
+def load_source(src: str, vision_tower: str | None = None, dtype: torch.dtype = torch.float32) -> LlavaSource:
+    """Loads SRC (folder or hub id) in either format; raises SourceError naming what to fix."""
+    quiet_transformers()
+    folder = resolve_folder(src, what="model", flag="--model")
+    config = read_json(folder / "config.json", what="model config")
+    kind = detect_format(config, folder)
+    loaded = load_hf(folder, config, dtype) if kind == "hf" else load_original(folder, config, vision_tower, dtype)
+    # Eager attention computes softmax in float32 even in a float16 model, and exports to
+    # plain MatMul/Softmax that every runtime (and TensorRT's fusions) understand.
+    loaded.model.set_attn_implementation("eager")
+    return loaded
+
+
+def quiet_transformers() -> None:
+    """No per-tensor progress bars or advisory logs: the exporter reports its own stages."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def resolve_folder(src: str, what: str, flag: str) -> Path:
+    """A local folder as is; otherwise a hub id fetched into (or found in) the local cache."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceError(f"{what} {src} is a file, not a folder ({flag})")
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise SourceError(f"{what} {src} does not exist ({flag} takes a folder or a hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src))
+    except Exception as err:  # offline, unknown repo, gated repo: all say the same to the user
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SourceError(f"cannot fetch {what} {src} from the hub ({reason}); pass a local folder with {flag}") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise SourceError(f"{path.parent} has no {path.name}: it is not a model folder ({what} missing)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise SourceError(f"{path} is not valid JSON ({err})") from None
+
+
+def detect_format(config: dict, folder: Path) -> str:
+    if "mm_vision_tower" in config or config.get("model_type", "") in ORIGINAL_MODEL_TYPES and "vision_config" not in config:
+        return "original"
+    if config.get("model_type") == "llava" and "vision_config" in config:
+        return "hf"
+    kind = config.get("model_type", "unknown")
+    raise SourceError(
+        f"{folder} is not a LLaVA model (model_type {kind!r}, no vision tower): expected a "
+        "LlavaForConditionalGeneration folder or an original LLaVA checkpoint with mm_vision_tower"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face format
+
+
+def load_hf(folder: Path, config: dict, dtype: torch.dtype) -> LlavaSource:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    llava_config = LlavaConfig.from_pretrained(folder)
+    family = text_family(llava_config.text_config.model_type)
+    if not isinstance(llava_config.vision_feature_layer, int):
+        raise SourceError(f"{folder}: several vision feature layers {llava_config.vision_feature_layer} are not supported")
+    if llava_config.projector_hidden_act != "gelu":
+        raise SourceError(f"{folder}: projector activation {llava_config.projector_hidden_act!r} is not supported (gelu only)")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, config=llava_config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    processor = load_processor_config(folder)
+    aspect = "pad" if processor.get("do_pad") else "crop"
+    return LlavaSource(
+        path=folder,
+        format="hf",
+        model=model,
+        vision=vision_spec(llava_config, "mlp2x_gelu"),
+        text=text_spec(llava_config.text_config, family),
+        preprocess=preprocess_spec(processor, llava_config.vision_config, aspect),
+        template=DEFAULT_TEMPLATES[family],
+        tokenizer_dir=folder,
+        weight_files=weight_files(folder),
+    )
+
+
+def load_processor_config(folder: Path) -> dict:
+    """The image processor's settings; {} when the folder has none (CLIP defaults apply)."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    processor = read_json(path, "image processor config")
+    return processor.get("image_processor", processor)  # a processor_config nests it
+
+
+# ---------------------------------------------------------------------------------------------
+# Original LLaVA format
+
+
+def load_original(folder: Path, config: dict, vision_tower: str | None, dtype: torch.dtype) -> LlavaSource:
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    family = text_family(ORIGINAL_MODEL_TYPES.get(config.get("model_type", ""), config.get("model_type", "")))
+    projector = config.get("mm_projector_type", "linear")
+    depth = projector_depth(projector, folder)
+    tower_src = vision_tower or config.get("mm_vision_tower") or config.get("vision_tower")
+    if not tower_src:
+        raise SourceError(f"{folder}/config.json names no mm_vision_tower: pass the CLIP tower with --vision-tower PATH")
+    tower = resolve_tower(tower_src, folder, explicit=vision_tower is not None)
+    select_feature = config.get("mm_vision_select_feature", "patch")
+    if select_feature not in ("patch", "cls_patch"):
+        raise SourceError(f"{folder}: mm_vision_select_feature {select_feature!r} is not supported (patch, cls_patch)")
+
+    llava_config = LlavaConfig(
+        vision_config=CLIPVisionConfig.from_pretrained(tower).to_dict(),
+        text_config=text_config_dict(config, family),
+        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if select_feature == "patch" else "full",
+        # The reference needs a placeholder id for its own splice; id 0 (<unk> in Llama
+        # tokenizers) never comes out of our prompts. The runtime does not use it.
+        image_token_index=0,
+        tie_word_embeddings=config.get("tie_word_embeddings", False),
+    )
+    model = build_empty_model(llava_config, depth, dtype)
+    files = checkpoint_files(folder)
+    load_original_weights(model, files, folder)
+    load_tower_weights(model, tower, dtype)
+    processor = load_processor_config(tower)
+    aspect = "pad" if config.get("image_aspect_ratio", "square") == "pad" else "crop"
+    return LlavaSource(
+        path=folder,
+        format="original",
+        model=model,
+        vision=vision_spec(llava_config, projector),
+        text=text_spec(llava_config.text_config, family),
+        preprocess=preprocess_spec(processor, llava_config.vision_config, aspect),
+        template=DEFAULT_TEMPLATES[family],
+        tokenizer_dir=folder,
+        weight_files=files + weight_files(tower),
+    )
+
+
+def projector_depth(projector: str, folder: Path) -> int:
+    """Number of Linear layers: linear -> 1, mlp{N}x_gelu -> N."""
+    match = PROJECTOR_PATTERN.match(projector)
+    if not match:
+        raise SourceError(
+            f"{folder}: unknown mm_projector_type {projector!r} (supported: linear, mlp2x_gelu, mlp{{N}}x_gelu)"
+        )
+    return int(match.group(2)) if match.group(2) else 1
+
+
+def resolve_tower(tower_src: str, model_folder: Path, explicit: bool) -> Path:
+    """--vision-tower as given; mm_vision_tower relative to the model folder first, so a model
+    and its tower can ship side by side (mm_vision_tower: "../clip")."""
+    beside = model_folder / tower_src
+    if not explicit and not Path(tower_src).is_absolute() and beside.is_dir():
+        tower_src = str(beside)
+    try:
+        folder = resolve_folder(tower_src, what="vision tower", flag="--vision-tower")
+    except SourceError as err:
+        if explicit:
+            raise
+        raise SourceError(f"cannot load the vision tower {tower_src} named by mm_vision_tower: pass a local CLIP folder with --vision-tower PATH") from err
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"vision tower {folder} has no config.json: pass a CLIP checkpoint folder with --vision-tower")
+    return folder
+
+
+def text_config_dict(config: dict, family: str) -> dict:
+    """The text model's config from an original-format config (a LlamaConfig with mm_* extras)."""
+    skip = {"architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"}
+    text = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in skip}
+    text["model_type"] = family
+    return text
+
+
+class SequentialProjector(nn.Sequential):
+    """The original repo's projector: Linear, then (GELU, Linear) * (depth - 1).
+
+    Indices match `model.mm_projector.{0,2,4,...}` in original checkpoints. Used for depths the
+    transformers LlavaMultiModalProjector (fixed at two layers) cannot express.
+    """
+
+    def __init__(self, in_features: int, hidden: int, depth: int):
+        layers: list[nn.Module] = [nn.Linear(in_features, hidden)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+        super().__init__(*layers)
+
+
+def build_empty_model(llava_config, depth: int, dtype: torch.dtype) -> nn.Module:
+    """An uninitialised LlavaForConditionalGeneration in `dtype` (weights are loaded after)."""
+    from transformers import LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the target dtype: no float32 copy of a 7B model
+    try:
+        with no_init_weights():
+            model = LlavaForConditionalGeneration(llava_config)
+            if depth != 2:
+                vision_hidden = llava_config.vision_config.hidden_size
+                text_hidden = llava_config.text_config.hidden_size
+                model.model.multi_modal_projector = SequentialProjector(vision_hidden, text_hidden, depth)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def original_to_hf_key(key: str) -> str | None:
+    """Maps an original-format weight name to the reference model's; None for ignored keys."""
+    if key.startswith("model.vision_tower."):
+        return None  # the tower comes from mm_vision_tower / --vision-tower, as in LLaVA itself
+    if key.startswith("model.mm_projector."):
+        return "model.multi_modal_projector." + key[len("model.mm_projector.") :]
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model.") :]
+    if key.startswith("lm_head."):
+        return key
+    return None
+
+
+# mlp2x_gelu loads into transformers' LlavaMultiModalProjector, whose layers have names.
+MLP2X_NAMES = {"0.": "linear_1.", "2.": "linear_2."}
+
+
+def load_original_weights(model: nn.Module, files: list[Path], folder: Path) -> None:
+    """Copies every tensor shard by shard into the model (peak memory: model + one shard)."""
+    params = model.state_dict(keep_vars=True)  # persistent tensors only
+    uses_mlp2x = not isinstance(model.model.multi_modal_projector, SequentialProjector)
+    expected = {name for name in params if not name.startswith("model.vision_tower.")}
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    loaded: set[str] = set()
+    for file in files:
+        for key, tensor in iter_checkpoint(file):
+            name = original_to_hf_key(key)
+            if name is None:
+                continue
+            if uses_mlp2x and name.startswith("model.multi_modal_projector."):
+                suffix = name[len("model.multi_modal_projector.") :]
+                for index, named in MLP2X_NAMES.items():
+                    if suffix.startswith(index):
+                        name = "model.multi_modal_projector." + named + suffix[len(index) :]
+            if name not in params:
+                raise SourceError(f"{file}: weight {key} has no place in the model (config and weights disagree)")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise SourceError(
+                    f"{file}: weight {key} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"
+                )
+            params[name].data.copy_(tensor)
+            loaded.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise SourceError(f"{folder}: weights missing from the checkpoint, e.g. {missing[0]} ({len(missing)} in all)")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+
+
+def load_tower_weights(model: nn.Module, tower: Path, dtype: torch.dtype) -> None:
+    from transformers import CLIPVisionModel
+
+    clip = CLIPVisionModel.from_pretrained(tower, dtype=dtype)
+    missing, unexpected = model.model.vision_tower.load_state_dict(clip.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("position_ids")]
+    if missing or unexpected:
+        raise SourceError(f"vision tower {tower} does not fit the model config (e.g. {(missing or unexpected)[0]})")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight shards of an original-format checkpoint, via its index if it has one."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = read_json(index, "weight index").get("weight_map", {})
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise SourceError(f"{folder}: shard {absent[0]} listed in {index_name} is missing")
+            return files
+    files = weight_files(folder)
+    if not files:
+        raise SourceError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
+    return files
+
+
+def weight_files(folder: Path) -> list[Path]:
+    safetensors = sorted(folder.glob("*.safetensors"))
+    return safetensors or sorted(folder.glob("pytorch_model*.bin"))
+
+
+def iter_checkpoint(file: Path):
+    """Yields (name, tensor) from one shard without unpickling code (.bin) or reading it all."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+        return
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise SourceError(f"{file} cannot be read as a weights file ({str(err).splitlines()[0]})") from None
+    yield from state.items()
+
+
+# ---------------------------------------------------------------------------------------------
+# The normalized description
+
+
+def text_family(model_type: str) -> str:
+    if model_type not in SUPPORTED_FAMILIES:
+        raise SourceError(f"decoder family {model_type!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
+    return model_type
+
+
+def vision_spec(llava_config, projector: str) -> VisionSpec:
+    vision = llava_config.vision_config
+    return VisionSpec(
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        hidden_size=vision.hidden_size,
+        num_layers=vision.num_hidden_layers,
+        select_layer=llava_config.vision_feature_layer,
+        select_strategy=llava_config.vision_feature_select_strategy,
+        projector=projector,
+    )
+
+
+def text_spec(text_config, family: str) -> TextSpec:
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return TextSpec(
+        family=family,
+        hidden_size=text_config.hidden_size,
+        num_layers=text_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=text_config.vocab_size,
+        max_positions=text_config.max_position_embeddings,
+    )
+
+
+def preprocess_spec(processor: dict, vision_config, aspect: str) -> PreprocessSpec:
+    size = processor.get("size", {}) or {}
+    crop = processor.get("crop_size", {}) or {}
+    shortest = size.get("shortest_edge", size.get("height", vision_config.image_size)) if isinstance(size, dict) else size
+    crop_size = crop.get("height", vision_config.image_size) if isinstance(crop, dict) else crop
+    return PreprocessSpec(
+        shortest_edge=int(shortest),
+        crop_size=int(crop_size),
+        mean=[float(x) for x in processor.get("image_mean", OPENAI_CLIP_MEAN)],
+        std=[float(x) for x in processor.get("image_std", OPENAI_CLIP_STD)],
+        aspect=aspect,
+        rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
+    )
