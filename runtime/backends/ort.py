@@ -1,0 +1,83 @@
+"""ONNX Runtime backend: CPU by default, the CUDA execution provider when onnxruntime-gpu is
+installed. The KV cache stays in ONNX Runtime's own buffers (OrtValues) between steps, bound
+with IO binding, so no step converts the cache to numpy and back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime import contract
+from runtime.backends.base import Backend
+from runtime.contract import Manifest
+from runtime.errors import ArtifactError
+
+
+def providers() -> tuple[list[str], str]:
+    """(execution providers, device for bound outputs): CUDA first when it is available."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+    return ["CPUExecutionProvider"], "cpu"
+
+
+def open_session(path: Path, provider_list: list[str]):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: re-export with `llava-export all`")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    threads = os.environ.get("LLAVA_THREADS")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(str(path), options, providers=provider_list)
+    except Exception as err:  # ORT raises its own exception types for parse and load errors
+        reason = str(err).strip().splitlines()[0][:200]
+        raise ArtifactError(f"{path} cannot be loaded (truncated or corrupt? {reason}); re-export it") from None
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, folder: Path, manifest: Manifest):
+        import onnxruntime as ort
+
+        self.ort = ort
+        provider_list, self.device = providers()
+        self.name = "ort-cuda" if self.device == "cuda" else "ort-cpu"
+        self.vision = open_session(folder / manifest.graphs["vision"].file, provider_list)
+        self.decoder = open_session(folder / manifest.graphs["decoder"].file, provider_list)
+        self.vision_dtype = np.dtype(manifest.graphs["vision"].dtype)
+        self.dtype = np.dtype(manifest.graphs["decoder"].dtype)
+        text = manifest.text
+        self.kv_shape = (text.num_kv_heads, text.head_dim)
+        self.past_names = contract.decoder_input_names(text.num_layers)[3:]
+        self.output_names = contract.decoder_output_names(text.num_layers)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        feed = {contract.PIXEL_VALUES: pixel_values.astype(self.vision_dtype, copy=False)}
+        return self.vision.run(None, feed)[0].astype(self.dtype, copy=False)
+
+    def empty_cache(self, batch: int) -> list:
+        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.dtype)
+        value = self.ort.OrtValue.ortvalue_from_numpy(empty, self.device)
+        return [value] * len(self.past_names)
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache):
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input(contract.INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
+        binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.past_names, cache):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(contract.LOGITS, "cpu")  # logits go to the host for sampling
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.device)  # presents stay where ORT made them
+        self.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[1:]

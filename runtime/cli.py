@@ -1,0 +1,67 @@
+"""`llava-run`: answer a question about images from an artifact folder, streaming the answer.
+
+Imports only the runtime (numpy, onnxruntime, tokenizers, pillow): never torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from runtime.errors import LlavaError
+
+PROCESS_START = time.perf_counter()
+
+
+@click.command()
+@click.option("--artifacts", required=True, type=click.Path(), help="Artifact folder written by `llava-export all`.")
+@click.option("--image", "images", multiple=True, type=click.Path(), help="Image file; repeat for several images.")
+@click.option("--prompt", required=True, help="The question. <image> marks where each image goes (default: in front).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1), help="Most tokens to generate.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime (CPU, or CUDA when installed) or TensorRT.")
+@click.option("--template", metavar="NAME", help="Prompt template (default: the manifest's).")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass.")
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer and timings as JSON instead of streaming.")
+def main(artifacts, images, prompt, max_new_tokens, backend, template, temperature, top_p, seed, as_json):
+    """Answer PROMPT about the images with the exported model."""
+    try:
+        run(artifacts, images, prompt, max_new_tokens, backend, template, temperature, top_p, seed, as_json)
+    except LlavaError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run(artifacts, images, prompt, max_new_tokens, backend, template, temperature, top_p, seed, as_json):
+    from runtime.generate import Sampling
+    from runtime.pipeline import Pipeline, Timings
+
+    pipe = Pipeline.load(artifacts, backend=backend)
+    loaded_ms = (time.perf_counter() - PROCESS_START) * 1000
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    timings = Timings()
+    pieces = []
+    first_token_ms = None
+    for piece in pipe.stream(prompt, list(images), max_new_tokens, template, sampling, timings):
+        if first_token_ms is None:
+            first_token_ms = (time.perf_counter() - PROCESS_START) * 1000
+        pieces.append(piece)
+        if not as_json:
+            click.echo(piece, nl=False)
+    if as_json:
+        report = {"answer": "".join(pieces), "backend": pipe.backend.name, **timings.as_dict()}
+        report["load_ms"] = round(loaded_ms, 3)
+        report["process_start_to_first_token_ms"] = round(first_token_ms or 0.0, 3)
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo()
+
+
+if __name__ == "__main__":
+    main()
