@@ -170,9 +170,8 @@ def _one_line(err: BaseException) -> str:
 
 def _load_sentencepiece(model_file: Path):
     """transformers' LlamaTokenizer built from a sentencepiece model (and its sibling config, if any)."""
-    from transformers import LlamaTokenizer
-
     import sentencepiece
+    from transformers import LlamaTokenizer
 
     if not model_file.is_file():
         raise SourceError(f"{model_file} does not exist (expected a sentencepiece tokenizer.model)")
@@ -221,6 +220,16 @@ def _chat_template(tokenizer) -> str | None:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one is the chat template
         template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _processor_chat_template(folder: Path) -> str | None:
+    """A processor's template (llava-hf keeps its chat template in chat_template.json, not the tokenizer's)."""
+    path = folder / "chat_template.json"
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
     return template if isinstance(template, str) else None
 
 
@@ -303,12 +312,13 @@ def save_tokenizer(src: str | os.PathLike | Any, out_dir: str | os.PathLike) -> 
         else:
             raise SourceError(f"{folder} has no tokenizer: expected {TOKENIZER_FILE} or {SPM_FILE}")
         eos_extra = _generation_eos(folder)
+        template = _chat_template(tokenizer) or _processor_chat_template(folder)
     elif hasattr(src, "backend_tokenizer") and hasattr(src, "save_pretrained"):
         tokenizer = src
+        template = _chat_template(tokenizer)
     else:
         raise SourceError(f"cannot read a tokenizer from {type(src).__name__} (give a model folder or a fast tokenizer)")
 
-    template = _chat_template(tokenizer)
     _write_tokenizer(tokenizer, out, template)
 
     bos, _ = _adds(tokenizer)
