@@ -38,6 +38,7 @@ def source_options(command):
 
 
 def output_options(command):
+    command = click.option("--no-verify", "verify", is_flag=True, flag_value=False, default=True, help="Skip the ONNX Runtime run against PyTorch (for graphs too big to run here; `llava-export verify` runs it later).")(command)
     command = click.option("--quiet", is_flag=True, help="Print only errors.")(command)
     command = click.option("--force", is_flag=True, help="Replace artifacts of another model in --out.")(command)
     command = click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to emit.")(command)
@@ -79,7 +80,7 @@ def main():
 @source_options
 @output_options
 @user_errors
-def vision(model, vision_tower, out, fp16, opset, force, quiet):
+def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
     """CLIP tower + projector -> OUT/vision.onnx."""
     from exporter.progress import Progress
     from exporter.vision import export_vision
@@ -87,7 +88,7 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet):
     progress = Progress(quiet)
     progress.say(f"llava-export vision: {model} -> {out}")
     source = load(model, vision_tower, fp16, progress)
-    export_vision(source, out, fp16=fp16, opset=opset, force=force, progress=progress)
+    export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
     progress.say(f"wrote {out / 'vision.onnx'}")
 
 
@@ -96,7 +97,7 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet):
 @output_options
 @template_option
 @user_errors
-def decoder(model, vision_tower, out, fp16, opset, force, quiet, template):
+def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
     from exporter.decoder import export_decoder
     from exporter.progress import Progress
@@ -105,7 +106,7 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, template):
     progress = Progress(quiet)
     progress.say(f"llava-export decoder: {model} -> {out}")
     source = load(model, vision_tower, fp16, progress)
-    export_decoder(source, out, fp16=fp16, opset=opset, force=force, template=template, progress=progress)
+    export_decoder(source, out, fp16=fp16, opset=opset, force=force, template=template, verify=verify, progress=progress)
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
 
@@ -114,7 +115,7 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, template):
 @output_options
 @template_option
 @user_errors
-def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, template):
+def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
     from exporter.decoder import export_decoder
     from exporter.progress import Progress
@@ -125,10 +126,32 @@ def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, template):
     progress.say(f"llava-export all: {model} -> {out}")
     source = load(model, vision_tower, fp16, progress)
     progress.say("[1/2] vision")
-    export_vision(source, out, fp16=fp16, opset=opset, force=force, progress=progress)
+    export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
     progress.say("[2/2] decoder")
-    export_decoder(source, out, fp16=fp16, opset=opset, template=template, progress=progress)
+    export_decoder(source, out, fp16=fp16, opset=opset, template=template, verify=verify, progress=progress)
     progress.say(f"wrote {out} (run it: llava-run --artifacts {out} --image IMAGE --prompt TEXT)")
+
+
+
+@main.command()
+@source_options
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Artifact folder to check.")
+@user_errors
+def verify(model, vision_tower, artifacts):
+    """Parity report: every graph in ARTIFACTS against the PyTorch model."""
+    from exporter.parity import ParityError
+    from exporter.progress import Progress
+    from exporter.verify import verify_artifacts
+
+    progress = Progress()
+    progress.say(f"llava-export verify: {artifacts} against {model}")
+    source = load(model, vision_tower, False, progress)
+    try:
+        verify_artifacts(source, artifacts, progress)
+    except ParityError as err:
+        click.echo(str(err), err=True)
+        sys.exit(1)
+    progress.say("all outputs within tolerance")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,22 @@ def assert_parity(results: list[OutputParity], context: str = "") -> None:
 
 def summary(results: list[OutputParity]) -> dict[str, float]:
     """The figures the manifest records: worst error and worst cosine over all outputs."""
+    if not results:
+        return {}
     return {
         "max_abs_err": max(r.max_abs_err for r in results),
         "min_cosine": min(r.min_cosine for r in results),
     }
+
+
+def report(progress, graph: str, results: list[OutputParity]) -> None:
+    """One line per graph (the worst output), plus every output that failed."""
+    worst = summary(results)
+    status = "ok" if all(r.ok for r in results) else "FAILED"
+    progress.say(
+        f"  parity {graph} vs PyTorch: max abs err {worst['max_abs_err']:.3g}, "
+        f"min cosine {worst['min_cosine']:.6f} over {len(results)} outputs [{status}]"
+    )
+    for result in results:
+        if not result.ok:
+            progress.say("    " + result.line())
