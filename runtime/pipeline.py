@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from runtime import contract, generate, preprocess, prompts
 from runtime.backends import load_backend
 from runtime.errors import ArtifactError, PromptError
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama / sentencepiece vocabularies)
 
 
 @dataclass
@@ -64,7 +66,14 @@ class Request:
 
 
 class TextStream:
-    """Turns token ids into text pieces as they come, never splitting a UTF-8 character."""
+    """Turns token ids into text pieces as they come, never splitting a UTF-8 character.
+
+    The pieces join to exactly `tokenizer.decode(ids)`. Two things make a piece premature:
+    a trailing incomplete character (the text ends in U+FFFD), and a trailing run of
+    byte-fallback tokens (<0xNN>): tokenizers' ByteFallback decodes such a run as a whole,
+    so one more byte can turn text already shown into U+FFFD. Both wait for the next token;
+    `flush()` gives what is left when the stream ends.
+    """
 
     def __init__(self, tokenizer, eos_ids: list[int]):
         self.tokenizer = tokenizer
@@ -76,8 +85,16 @@ class TextStream:
         if token in self.eos_ids:
             return ""
         self.ids.append(token)
+        if BYTE_TOKEN.fullmatch(self.tokenizer.id_to_token(token) or ""):
+            return ""  # the byte run may go on: its text is not final yet
+        return self.take(final=False)
+
+    def flush(self) -> str:
+        return self.take(final=True)
+
+    def take(self, final: bool) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete byte sequence: wait for the next token
+        if not final and text.endswith("\ufffd"):  # an incomplete byte sequence: wait for the next token
             return ""
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
@@ -202,6 +219,9 @@ class Pipeline:
                 piece = text.add(token)
                 if piece:
                     yield piece
+        piece = text.flush()
+        if piece:
+            yield piece
 
     def generate(
         self,
