@@ -28,6 +28,20 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def softmax_in_dtype(self, dim: int, dtype: int = -1):
+    """aten::softmax.int with its dtype applied to the INPUT, as PyTorch computes it.
+
+    onnxscript's translation runs Softmax in the input dtype and casts the result, so the
+    float32 softmax of a float16 model's attention (softmax(x, dtype=float32)) became a float16
+    Softmax once the optimizer folded the casts. Cast -> Softmax keeps it in float32.
+    """
+    from onnxscript import opset18 as op
+
+    if dtype != -1 and dtype is not None:
+        self = op.Cast(self, to=dtype)
+    return op.Softmax(self, axis=dim)
+
+
 def trace_to_onnx(module, args, dynamic_shapes, input_names, output_names, opset: int):
     """torch.onnx.export(dynamo=True), with the exporter's chatter kept off the terminal."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
@@ -43,6 +57,7 @@ def trace_to_onnx(module, args, dynamic_shapes, input_names, output_names, opset
             opset_version=opset,
             optimize=True,
             verbose=False,
+            custom_translation_table={torch.ops.aten.softmax.int: softmax_in_dtype},
         )
 
 
