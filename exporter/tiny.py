@@ -43,6 +43,7 @@ class TinyConfig:
     weights: str = "safetensors"  # original format: safetensors | bin
     shards: int = 1
     seed: int = 0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "linear", "factor": 2.0}
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -73,6 +74,8 @@ def text_config(tiny: TinyConfig, vocab_size: int) -> dict:
     }
     if tiny.family == "mistral":
         config["sliding_window"] = None
+    if tiny.rope_scaling:
+        config["rope_scaling"] = dict(tiny.rope_scaling)
     return config
 
 
