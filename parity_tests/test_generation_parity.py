@@ -1,0 +1,160 @@
+"""End to end: the runtime's greedy tokens equal `LlavaForConditionalGeneration.generate`.
+
+Both sides get the same input. The token ids come from OUR tokenization (render_prompt +
+tokenize_prompt with the exported tokenizer.json); for the reference each image's place
+holds `config.image_token_index` repeated num_image_tokens times (transformers' Llava
+splices its image features there; for the original format that index is 0, which our
+prompts never produce). pixel_values come from runtime.preprocess, so both see the same
+pixels. Batches of two prompts of different lengths are left-padded on both sides (pad id
+from the manifest, attention_mask 0 on padding, positions counting real tokens).
+
+EOS: the tiny model has random weights and may emit EOS (id 2) at any step. Stopping is
+control flow, not arithmetic, so it is switched off on BOTH sides: the reference gets
+`eos_token_id=None` (it then runs exactly max_new_tokens steps; no logits processor touches
+the scores, so its tokens are the plain argmax of its logits), and the runtime's pipeline gets
+an empty EOS list (`pipe.manifest.tokens.eos = []`, on a Pipeline loaded for this test only).
+Every step's token, EOS or not, is then compared.
+
+Near ties: random weights give near-tied logits, where float round-off may legitimately flip
+the argmax. At every step we take the reference's top-2 logit margin (`output_logits`) and
+compare tokens up to (not including) the first step whose margin is below MARGIN_TOL; a
+difference before that step fails the test. MARGIN_TOL (1e-3) is far above the float32
+export's logit error (~1e-5, see the manifest's parity figures). Each case must compare at
+least MIN_STEPS steps; the prompts and images below give confident enough logits without
+rescaling the tiny model's lm_head. The number of compared steps is printed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime import preprocess, prompts
+from runtime.pipeline import Pipeline, Request
+from tests.runtime_fixtures import export_tiny, images, tiny_sources  # noqa: F401 (images: a fixture)
+
+NEW_TOKENS = 32
+MIN_STEPS = 16
+MARGIN_TOL = 1e-3
+
+# (prompt, image) per row; the two rows' prompts have different lengths (191 and 196 tokens with
+# the vicuna_v1 template and 16 image tokens: room for NEW_TOKENS within the 256 positions).
+ROWS = [
+    ("What is shown in the image?", "a"),
+    ("Describe the image in detail.", "b"),
+]
+
+
+@pytest.fixture(scope="module", params=["hf", "original"])
+def fmt(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def artifacts(fmt, tmp_path_factory):
+    return export_tiny(tmp_path_factory, fmt)
+
+
+@pytest.fixture(scope="module")
+def reference(fmt, tmp_path_factory):
+    """The PyTorch reference (float32 LlavaForConditionalGeneration) for this source format."""
+    from exporter.source import load_source
+
+    return load_source(str(tiny_sources(tmp_path_factory)[fmt])).model
+
+
+def reference_ids(pipe: Pipeline, prompt: str, num_images: int, image_token_index: int) -> list[int]:
+    """Our tokenization, with the reference's image token standing for each image's embeddings."""
+    text = prompts.render_prompt(pipe.manifest.template, prompt, num_images)
+    chunks = prompts.tokenize_prompt(pipe.tokenizer, text, pipe.manifest.tokens.bos)
+    ids: list[int] = []
+    for index, chunk in enumerate(chunks):
+        ids += chunk
+        if index < len(chunks) - 1:
+            ids += [image_token_index] * pipe.manifest.vision.num_image_tokens
+    return ids
+
+
+def reference_generate(model, pipe: Pipeline, rows, image_paths):
+    """Greedy tokens [B, NEW_TOKENS] and top-2 margins [B, NEW_TOKENS] from transformers' generate."""
+    import torch
+
+    pad = pipe.manifest.tokens.pad
+    assert pad != model.config.image_token_index  # padding must not count as image tokens
+    sequences = [reference_ids(pipe, prompt, 1, model.config.image_token_index) for prompt, _ in rows]
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):  # left padding
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    pixels = preprocess.preprocess([preprocess.load_image(path) for path in image_paths], pipe.manifest.preprocess)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=torch.from_numpy(pixels),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,  # no stopping: see the module docstring
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    tokens = out.sequences[:, width:].numpy()
+    logits = torch.stack(out.logits, dim=1).float()  # [B, steps, vocab], before any processor
+    top2 = logits.topk(2, dim=-1).values
+    margins = (top2[..., 0] - top2[..., 1]).numpy()
+    # greedy picked the argmax of these very logits (no processors): a check on the check
+    np.testing.assert_array_equal(tokens, logits.argmax(-1).numpy())
+    return tokens, margins
+
+
+def compare(label: str, artifacts, model, images, batch: int, capsys) -> None:
+    rows = ROWS[:batch]
+    image_paths = [images[name] for _, name in rows]
+    pipe = Pipeline.load(artifacts)
+    pipe.manifest.tokens.eos = []  # no stopping: see the module docstring
+    answers = pipe.generate_batch(
+        [Request(prompt, [path]) for (prompt, _), path in zip(rows, image_paths)], max_new_tokens=NEW_TOKENS
+    )
+    ref_tokens, margins = reference_generate(model, pipe, rows, image_paths)
+    assert ref_tokens.shape == (batch, NEW_TOKENS)
+
+    report, failures = [], []
+    for row, answer in enumerate(answers):
+        assert len(answer.token_ids) == NEW_TOKENS
+        low = np.flatnonzero(margins[row] < MARGIN_TOL)
+        compared = int(low[0]) if len(low) else NEW_TOKENS
+        ours, theirs = answer.token_ids[:compared], ref_tokens[row, :compared].tolist()
+        report.append(f"row {row}: {compared}/{NEW_TOKENS} steps compared (min margin {margins[row, :compared].min():.2e})")
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            failures.append(
+                f"row {row}: tokens differ at step {first} (reference margin {margins[row, first]:.2e}): "
+                f"runtime {ours} vs reference {theirs}"
+            )
+        elif compared < MIN_STEPS:
+            failures.append(f"row {row}: only {compared} steps before a near tie; pick other prompts or seeds")
+    with capsys.disabled():
+        print(f"\n[{label}, batch {batch}] " + "; ".join(report))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_greedy_tokens_match_transformers_generate(fmt, artifacts, reference, images, batch, capsys):
+    """Artifacts exported from `fmt` against that format's reference (exporter.source)."""
+    compare(f"{fmt} artifacts vs {fmt} reference", artifacts, reference, images, batch, capsys)
+
+
+def test_original_format_artifacts_match_the_hf_reference(tmp_path_factory, images, capsys):
+    """The original-format reference is built by exporter.source's own weight mapping, the code
+    that also feeds the export: a mapping bug would sit on both sides of the test above. The
+    tiny hf and original folders hold the same weights, so the original-format artifacts must
+    also match transformers' own from_pretrained of the hf folder."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    hf_folder = tiny_sources(tmp_path_factory)["hf"]
+    model = LlavaForConditionalGeneration.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    compare("original artifacts vs hf from_pretrained", export_tiny(tmp_path_factory, "original"), model, images, 2, capsys)

@@ -1,0 +1,246 @@
+"""runtime/generate.py (left padding, positions, sampling, the decode loop) and the
+TextStream of runtime/pipeline.py, against a scripted fake backend: no model needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from runtime.backends.base import Backend
+from runtime.generate import Sampling, decode_one_token, generate, left_pad, positions, prefill
+from runtime.pipeline import TextStream
+
+VOCAB, HIDDEN, EOS = 12, 4, 2
+
+
+class ScriptedBackend(Backend):
+    """Returns logits that make `script[row][step]` the argmax; records every decode call.
+
+    The "cache" is the number of positions it holds, so each call can check that the
+    generator grew the mask and the cache in step.
+    """
+
+    name = "fake"
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, script: list[list[int]]):
+        self.script = script
+        self.calls: list[dict] = []
+
+    def encode_images(self, pixel_values):
+        raise AssertionError("no images in these tests")
+
+    def empty_cache(self, batch):
+        return 0
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache):
+        batch, new, _ = inputs_embeds.shape
+        assert attention_mask.shape == (batch, cache + new)
+        assert position_ids.shape == (batch, new)
+        step = len(self.calls)
+        self.calls.append(
+            {"embeds": inputs_embeds.copy(), "mask": attention_mask.copy(), "positions": position_ids.copy()}
+        )
+        logits = np.zeros((batch, VOCAB), dtype=np.float32)
+        for row in range(batch):
+            script = self.script[row]
+            logits[row, script[min(step, len(script) - 1)]] = 5.0
+        return logits, cache + new
+
+
+# Token t's embedding is (t, t, t, t): easy to recognise in what the backend receives.
+EMBED_TABLE = np.repeat(np.arange(VOCAB, dtype=np.float32)[:, None], HIDDEN, axis=1)
+
+
+def sequence(length: int, fill: float) -> np.ndarray:
+    return np.full((length, HIDDEN), fill, dtype=np.float32)
+
+
+# -- left padding and positions -------------------------------------------------------------
+
+
+def test_left_pad_puts_padding_on_the_left():
+    embeds, mask = left_pad([sequence(3, 7.0), sequence(5, 9.0)])
+    assert embeds.shape == (2, 5, HIDDEN) and embeds.dtype == np.float32
+    assert mask.dtype == np.int64
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(embeds[0, :2], 0.0)
+    np.testing.assert_array_equal(embeds[0, 2:], 7.0)
+    np.testing.assert_array_equal(embeds[1], 9.0)
+
+
+def test_left_pad_keeps_the_dtype():
+    embeds, _ = left_pad([sequence(2, 1.0).astype(np.float16)])
+    assert embeds.dtype == np.float16
+
+
+def test_positions_count_only_real_tokens():
+    _, mask = left_pad([sequence(3, 1.0), sequence(5, 1.0)])
+    # padding gets 0 (its value does not matter: the mask hides it); real tokens count from 0
+    np.testing.assert_array_equal(positions(mask, 5), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    grown = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    np.testing.assert_array_equal(positions(grown, 1), [[3], [5]])
+
+
+def test_prefill_then_decode_feed_the_backend_consistently():
+    backend = ScriptedBackend([[4, 5], [6, 7]])
+    state = prefill(backend, [sequence(3, 1.0), sequence(5, 2.0)])
+    np.testing.assert_array_equal(state.logits.argmax(-1), [4, 6])
+    first = backend.calls[0]
+    assert first["embeds"].shape == (2, 5, HIDDEN)
+    np.testing.assert_array_equal(first["positions"], [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+
+    state = decode_one_token(backend, EMBED_TABLE, np.array([4, 6]), state)
+    second = backend.calls[1]
+    assert second["embeds"].shape == (2, 1, HIDDEN)
+    np.testing.assert_array_equal(second["embeds"][:, 0, 0], [4.0, 6.0])  # the tokens' own embeddings
+    np.testing.assert_array_equal(second["mask"], [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(second["positions"], [[3], [5]])
+    assert state.cache == 6
+    np.testing.assert_array_equal(state.logits.argmax(-1), [5, 7])
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def test_greedy_is_argmax():
+    logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32)
+    np.testing.assert_array_equal(Sampling().pick(logits), logits.argmax(-1))
+    np.testing.assert_array_equal(Sampling(temperature=0.0, seed=3).pick(logits), logits.argmax(-1))
+
+
+def draws(sampling: Sampling, logits: np.ndarray, n: int = 200) -> list[int]:
+    return [int(sampling.pick(logits[None])[0]) for _ in range(n)]
+
+
+FLAT = np.random.default_rng(1).normal(scale=0.5, size=50).astype(np.float32)
+
+
+def test_seeded_sampling_is_reproducible():
+    a = draws(Sampling(temperature=1.0, top_p=0.9, seed=7), FLAT)
+    b = draws(Sampling(temperature=1.0, top_p=0.9, seed=7), FLAT)
+    assert a == b
+    assert len(set(a)) > 5  # it really sampled, not just took the argmax
+
+
+def test_different_seeds_sample_differently():
+    a = draws(Sampling(temperature=1.0, top_p=0.9, seed=7), FLAT)
+    b = draws(Sampling(temperature=1.0, top_p=0.9, seed=8), FLAT)
+    assert a != b
+
+
+def test_tiny_top_p_always_takes_the_argmax():
+    logits = np.random.default_rng(2).normal(size=(3, 50)).astype(np.float32)
+    sampling = Sampling(temperature=5.0, top_p=1e-6, seed=0)  # a hot temperature, but a tiny nucleus
+    for _ in range(100):
+        np.testing.assert_array_equal(sampling.pick(logits), logits.argmax(-1))
+
+
+def test_top_p_keeps_the_smallest_set_with_that_mass():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.8 >= 0.7), never the tail
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    seen = set(draws(Sampling(temperature=1.0, top_p=0.7, seed=0), logits, 500))
+    assert seen == {0, 1}
+    seen = set(draws(Sampling(temperature=1.0, top_p=1.0, seed=0), logits, 500))
+    assert seen == {0, 1, 2, 3}
+
+
+# -- the decode loop ------------------------------------------------------------------------
+
+
+def run(backend: ScriptedBackend, lengths: list[int], max_new_tokens: int, max_positions: int | None = None):
+    sequences = [sequence(n, 1.0) for n in lengths]
+    return list(generate(backend, EMBED_TABLE, sequences, max_new_tokens, [EOS], Sampling(), max_positions))
+
+
+def test_generate_stops_at_eos():
+    k = 3
+    backend = ScriptedBackend([[5, 6, 7, EOS, 8, 9]])
+    steps = run(backend, [4], max_new_tokens=20)
+    assert steps == [[5], [6], [7], [EOS]]  # the EOS is yielded, then nothing
+    assert len(backend.calls) == k + 1  # prefill + k decodes: the EOS is never fed back
+
+
+def test_a_finished_row_yields_none_while_the_other_runs_on():
+    backend = ScriptedBackend([[5, EOS, 9], [6, 7, 8, EOS]])
+    steps = run(backend, [3, 5], max_new_tokens=20)
+    assert steps == [[5, 6], [EOS, 7], [None, 8], [None, EOS]]
+
+
+def test_generate_respects_max_new_tokens():
+    backend = ScriptedBackend([[5, 6, 7, 8, 9, 10, 11]])
+    steps = run(backend, [4], max_new_tokens=4)
+    assert steps == [[5], [6], [7], [8]]
+    assert len(backend.calls) == 4  # the last token is never fed
+
+
+def test_generate_respects_max_positions():
+    backend = ScriptedBackend([[5]])
+    steps = run(backend, [10], max_new_tokens=50, max_positions=12)
+    # positions 0..9 hold the prompt; tokens 1 and 2 are fed at positions 10 and 11; token 3 is
+    # the last one the model can produce (it would need position 12)
+    assert len(steps) == 3
+    fed = max(int(call["positions"].max()) for call in backend.calls)
+    assert fed == 11
+
+
+def test_a_prompt_filling_every_position_still_gets_one_token():
+    backend = ScriptedBackend([[5]])
+    assert run(backend, [12], max_new_tokens=50, max_positions=12) == [[5]]
+    assert len(backend.calls) == 1
+
+
+# -- streaming text -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    from exporter.tokenizer import build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    build_tiny_tokenizer(folder)
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def is_byte_token(tokenizer: Tokenizer, token: int) -> bool:
+    piece = tokenizer.id_to_token(token)
+    return piece.startswith("<0x") and piece.endswith(">")
+
+
+def stream_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    stream = TextStream(tokenizer, [EOS])
+    pieces = [stream.add(token) for token in ids]
+    pieces.append(stream.flush())
+    return [piece for piece in pieces if piece]
+
+
+def test_stream_never_splits_a_multibyte_character(tokenizer):
+    text = "héllo wörld ✓"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    # é, ö (2 bytes) and ✓ (3 bytes) are not in the tiny vocabulary: they are byte tokens
+    assert sum(is_byte_token(tokenizer, t) for t in ids) >= 7
+    pieces = stream_pieces(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in piece for piece in pieces), pieces
+    assert len(pieces) > 1  # it did stream
+
+
+def test_stream_skips_eos(tokenizer):
+    ids = tokenizer.encode("red ball", add_special_tokens=False).ids
+    assert "".join(stream_pieces(tokenizer, [*ids, EOS])) == "red ball"
+
+
+def test_stream_of_invalid_bytes_joins_to_the_full_decode(tokenizer):
+    """What a random model emits: byte tokens that are no valid UTF-8 as a run. tokenizers'
+    ByteFallback turns the whole run into U+FFFD, including bytes that were valid alone, so
+    text streamed early would disagree with the final answer; and a run left incomplete at
+    the end must still come out."""
+    byte = {b: tokenizer.token_to_id(f"<0x{b:02X}>") for b in (0x41, 0xE2, 0x42, 0x9C)}
+    word = tokenizer.encode("red", add_special_tokens=False).ids
+    for ids in (
+        [byte[0x41], byte[0xE2], byte[0x42], *word],  # valid "A", then a run that goes bad
+        [*word, byte[0x41], byte[0xE2], byte[0x9C]],  # ends mid-character
+        [byte[0xE2], *word, byte[0xE2], byte[0x42]],
+    ):
+        assert "".join(stream_pieces(tokenizer, ids)) == tokenizer.decode(ids)
