@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import LlavaError
+
 # The export-time gate, per graph dtype: min cosine of every row (image token, logits row, ...).
 MIN_COSINE = {"float32": 0.9999, "float16": 0.999}
 
 
-class ParityError(AssertionError):
-    """One or more outputs differ from the reference beyond tolerance."""
+class ParityError(LlavaError, AssertionError):
+    """One or more outputs differ from the reference beyond tolerance. A LlavaError, so the
+    CLI prints the report without a traceback; an AssertionError, so tests read naturally."""
 
 
 @dataclass

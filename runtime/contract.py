@@ -185,7 +185,12 @@ class Manifest:
         )
 
     def same_model(self, other: "Manifest") -> bool:
-        return self.source.get("weights_sha256") == other.source.get("weights_sha256")
+        """Same weights and the same reading of them (a select layer or aspect changed by
+        a config edit makes a different model)."""
+        return (
+            self.source.get("weights_sha256") == other.source.get("weights_sha256")
+            and (self.vision, self.text, self.preprocess) == (other.vision, other.text, other.preprocess)
+        )
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:

@@ -186,6 +186,24 @@ def test_failed_parity_leaves_nothing(workshop, tmp_path, monkeypatch, graph):
     assert not (tmp_path / "out" / contract.EMBEDDINGS_FILE).exists()
 
 
+def test_failed_parity_through_the_cli_is_a_report_not_a_traceback(workshop, tmp_path, monkeypatch):
+    monkeypatch.setattr(parity, "compare", failing_compare)
+    result = invoke("vision", "--model", workshop.tiny(DEFAULT)["hf"], "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.startswith("error: parity failed") and "image_embeds" in result.stderr
+    assert "Traceback" not in result.output
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_same_weights_read_differently_is_another_model(workshop, tmp_path):
+    """A config edit (another select layer) on the same weights must not merge into the folder."""
+    folders = workshop.tiny(DEFAULT)
+    out = tmp_path / "out"
+    assert invoke("vision", "--model", folders["original"], "--out", out, "--quiet").exit_code == 0
+    edited = copy_with_config(folders["original"], tmp_path / "edited", mm_vision_select_layer=-1)
+    assert_user_error(invoke("vision", "--model", edited, "--out", out, "--quiet"), "another model", "--force")
+
+
 @pytest.mark.parametrize("command", ["vision", "decoder"])
 def test_interrupted_export_leaves_nothing(workshop, tmp_path, monkeypatch, command):
     def interrupt(path):
