@@ -1,0 +1,215 @@
+"""llava-bench: the roofline arithmetic against hand-computed numbers, the command end to end on
+the tiny model (a real subprocess: it sets process-wide thread counts), and its user errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter import roofline as rl
+from tests.runtime_fixtures import tiny_artifacts, tiny_sources  # noqa: F401 (tiny_artifacts is a fixture)
+
+LLAVA_BENCH = Path(sys.executable).with_name("llava-bench")
+QUICK = ["--prompt-len", "8", "--new-tokens", "4", "--warmup", "1", "--repeats", "2", "--bandwidth-mib", "8", "--gemm-size", "128"]
+
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    """The tiny model's Hugging Face folder, the one tiny_artifacts was exported from."""
+    return tiny_sources(tmp_path_factory)["hf"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline arithmetic
+
+# A LLaVA-7B-like decoder in round numbers: 4e9 weights in the layers, 1e9 in lm_head, float16.
+DECODER = rl.DecoderCost(layer_params=4_000_000_000, lm_head_params=1_000_000_000, num_layers=32, num_heads=32, head_dim=128, dtype="float16")
+MACHINE = rl.MachineRates(read_gb_s=20.0, copy_gb_s=15.0, gemm_gflop_s=1000.0, threads=8, buffer_mib=1024, gemm_size=2048)
+
+
+def test_decode_reads_every_decoder_weight_once_per_step():
+    assert DECODER.weight_bytes == 10_000_000_000  # 5e9 weights * 2 bytes
+    assert rl.DecoderCost(10, 5, 1, 1, 4, "float32").weight_bytes == 60
+
+
+def test_prefill_flops_by_hand():
+    # 100 tokens: layers 2 * 4e9 * 100 = 8e11; lm_head at the last position 2 * 1e9 = 2e9;
+    # causal attention 2 (QK, AV) * 2 * 128 * (100 * 101 / 2 = 5050 pairs) * 32 heads * 32 layers
+    attention = 2 * 2 * 128 * 5050 * 32 * 32
+    assert attention == 2_647_654_400
+    assert DECODER.attention_flops(100) == attention
+    assert DECODER.prefill_flops(100) == 8e11 + 2e9 + attention
+    assert DECODER.prefill_flops(100, batch=3) == 3 * (8e11 + 2e9 + attention)
+
+
+def test_vision_flops_by_hand():
+    cost = rl.VisionCost(patch_params=100, layer_params=1000, projector_params=50, num_layers=2, num_heads=2, head_dim=4, tower_tokens=5, image_tokens=4)
+    # patches 2*100*4 = 800; layers 2*1000*5 = 10000; attention 2*2*4*25*2*2 = 1600; projector 2*50*4 = 400
+    assert cost.flops() == 12_800
+    assert cost.flops(batch=2) == 25_600
+
+
+def test_roofline_bounds_by_hand():
+    vision = rl.VisionCost(patch_params=0, layer_params=300_000_000, projector_params=0, num_layers=24, num_heads=16, head_dim=64, tower_tokens=577, image_tokens=576)
+    bound = rl.roofline(MACHINE, DECODER, vision, batch=1, prompt_tokens=100, new_tokens=10, vision_dtype="float16")
+    # decode: 1e10 bytes at 20 GB/s = 500 ms; its compute (~1e10 FLOPs at 1 TFLOP/s, ~10 ms) is smaller
+    assert bound.decode_step.memory_ms == pytest.approx(500.0)
+    assert bound.decode_step.bound_by == "memory"
+    assert bound.decode_step.ms == pytest.approx(500.0)
+    assert bound.decode_tokens_per_s == pytest.approx(2.0)
+    # prefill: (8e11 + 2e9 + 2.6476544e9) FLOPs at 1e12 FLOP/s
+    assert bound.prefill.compute_ms == pytest.approx(804.6476544)
+    assert bound.prefill.bound_by == "compute"
+    assert bound.prefill.ms == pytest.approx(804.6476544)
+    # image: 2 * 3e8 * 577 + 2*2*64*577^2*16*24 FLOPs at 1e12 FLOP/s; 6e8 bytes at 20 GB/s = 30 ms
+    vision_flops = 2 * 3e8 * 577 + 2 * 2 * 64 * 577**2 * 16 * 24
+    assert bound.image_encode.compute_ms == pytest.approx(vision_flops / 1e9)
+    assert bound.image_encode.memory_ms == pytest.approx(30.0)
+    assert bound.end_to_end_ms == pytest.approx(bound.image_encode.ms + bound.prefill.ms + 10 * 500.0, rel=1e-3)
+    # batch 4: the same weights serve four sequences per step
+    assert rl.roofline(MACHINE, DECODER, vision, 4, 100, 10).decode_tokens_per_s == pytest.approx(8.0, rel=1e-2)
+
+
+def test_machine_measurements_are_rates():
+    read, copy = rl.measure_bandwidth(buffer_mib=4, repeats=1)
+    assert read > 0.1 and copy > 0.1  # GB/s
+    assert rl.measure_gemm(size=64, repeats=1) > 0.01  # GFLOP/s
+    assert rl.gemm_flops(2048) == 2 * 2048**3
+
+
+def test_decoder_cost_counts_the_tiny_model(tiny_hf):
+    from exporter.bench import decoder_cost, vision_cost
+    from exporter.source import load_source
+
+    source = load_source(str(tiny_hf))
+    cost = decoder_cost(source, "float32")
+    # Tiny llama: hidden 64, intermediate 128, 4 heads, 2 kv heads (head_dim 16), vocab 320.
+    # A layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 + mlp 3*64*128 + two norms 2*64 = 36992.
+    assert cost.layer_params == 2 * 36_992 + 64  # + the final norm
+    assert cost.lm_head_params == 320 * 64
+    assert cost.weight_bytes == 4 * (2 * 36_992 + 64 + 320 * 64)
+    vision = vision_cost(source)
+    assert (vision.num_layers, vision.tower_tokens, vision.image_tokens) == (2, 17, 16)  # 3 layers, select -2
+
+
+# ---------------------------------------------------------------------------------------------
+# The command end to end
+
+
+def llava_bench(*args, timeout=180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([str(LLAVA_BENCH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_path):
+    out = tmp_path / "bench.json"
+    result = llava_bench("--model", tiny_hf, "--artifacts", tiny_artifacts, *QUICK, "--threads", "1", "--json", out)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout
+    for label in ("image encode ms", "prefill ms (24 tok)", "decode tok/s", "end-to-end ms", "peak RSS MiB"):
+        assert label in table, table
+    assert "ort-cpu" in table and "ratio (ort/pt)" in table and "roofline" in table
+    assert "threads: torch 1, onnxruntime intra-op 1" in table
+
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert (settings["text_tokens"], settings["image_tokens"], settings["prompt_tokens"]) == (8, 16, 24)
+    assert (settings["torch_threads"], settings["ort_intra_op_threads"], settings["repeats"]) == (1, 1, 2)
+    pytorch, ort = report["results"]["pytorch"], report["results"]["ort-cpu"]
+    for side in (pytorch, ort):
+        assert len(side["runs"]) == 2
+        for key in ("image_encode_ms", "prefill_ms", "decode_tokens_per_s", "end_to_end_ms", "time_to_first_token_ms"):
+            assert side[key] > 0, key
+        assert side["peak_rss_mib"] >= 0
+        assert side["end_to_end_ms"] >= side["prefill_ms"]
+    for key in ("image_encode_ms", "prefill_ms", "decode_tokens_per_s", "end_to_end_ms"):
+        assert report["ratios"][key] == pytest.approx(ort[key] / pytorch[key], rel=1e-2)
+    roof = report["roofline"]
+    assert roof["decode_step"]["bytes"] == report["model"]["decoder_weight_bytes"] == 4 * 94_528
+    assert roof["decode_tokens_per_s"] > 0 and roof["prefill_ms"] > 0
+    assert 0 < report["efficiency"]["ort-cpu"]["decode_tokens_per_s"]
+    assert report["machine"]["read_gb_s"] > 0 and report["machine"]["gemm_gflop_s"] > 0
+    # The exported float32 graphs reproduce the reference: greedy tokens agree (the tiny model's
+    # top-2 margins are far above float32 noise, as the generation parity tests show).
+    assert report["greedy_tokens_matching"] == {"leading": 5, "of": 5}
+
+
+# ---------------------------------------------------------------------------------------------
+# User errors: one `error:` line, exit 2, before any long work
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from exporter.bench_cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error[0], error[0]
+    assert "Traceback" not in result.output
+
+
+def test_trt_without_engine_is_an_engine_error(tiny_hf, tiny_artifacts):
+    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--backend", "trt"), "TensorRT engine", "llava-export engine")
+
+
+def test_missing_artifacts(tiny_hf, tmp_path):
+    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tmp_path / "nowhere"), "does not exist")
+
+
+def test_prompt_too_long_for_the_model(tiny_hf, tiny_artifacts):
+    # 250 text + 16 image + 4 new tokens > 256 positions
+    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--prompt-len", 250, "--new-tokens", 4), "--prompt-len 250", "at most 256")
+
+
+def test_json_into_a_missing_folder(tiny_hf, tiny_artifacts, tmp_path):
+    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--json", tmp_path / "no" / "x.json"), "--json", "does not exist")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_without_matplotlib_says_how_to_install(tiny_hf, tiny_artifacts, tmp_path):
+    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--plot", tmp_path / "p.png"), "pip install matplotlib")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="--plot needs matplotlib")
+def test_plot_sweeps_prompt_lengths(tiny_hf, tiny_artifacts, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = llava_bench("--model", tiny_hf, "--artifacts", tiny_artifacts, *QUICK, "--threads", "1", "--json", out, "--plot", png)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = json.loads(out.read_text())["sweep"]
+    assert [point["text_tokens"] for point in sweep] == [1, 2, 4, 8]  # 1/8, 1/4, 1/2, all of --prompt-len
+    assert all(point["decode_tokens_per_s"]["ort-cpu"] > 0 for point in sweep)
+
+
+def test_bad_numbers_are_usage_errors(tiny_hf, tiny_artifacts):
+    for flag in ("--batch", "--repeats", "--new-tokens", "--prompt-len"):
+        result = invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, flag, 0)
+        assert result.exit_code == 2 and flag in result.output, result.output
+
+
+def test_artifacts_of_another_model(tiny_hf, tiny_artifacts, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # in-process: keep pytest's threads
+    other = tmp_path / "other"
+    shutil.copytree(tiny_hf, other)
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 512
+    (other / "config.json").write_text(json.dumps(config))
+    result = invoke("--model", other, "--artifacts", tiny_artifacts, *QUICK)
+    assert_user_error(result, "were not exported from --model", "max_positions is 256 there and 512")
