@@ -149,5 +149,33 @@ def verify(model, vision_tower, artifacts):
     progress.say("all outputs within tolerance")
 
 
+
+@main.command()
+@click.option("--artifacts", "--onnx", "artifacts", required=True, type=click.Path(path_type=Path), help="Artifact folder (from `llava-export all`) to build engines for.")
+@click.option("--max-batch", type=click.IntRange(min=1), metavar="B", help="Most sequences (and images) per run.  [default: 1]")
+@click.option("--max-input-len", type=click.IntRange(min=1), metavar="N", help="Longest prompt in tokens, image tokens included.  [default: one image + 1024]")
+@click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N", help="Longest prompt + answer (the KV cache's size).  [default: the model's positions, at most 4096]")
+@click.option("--timing-cache", type=click.Path(path_type=Path), metavar="PATH", help="TensorRT timing cache to reuse and update.  [default: ~/.cache/llava-export/timing-<gpu>.cache]")
+@click.option("--workspace", type=click.FloatRange(min=0, min_open=True), metavar="GB", help="Most GPU memory TensorRT may use for scratch while building.  [default: TensorRT's]")
+@click.option("--dry-run", is_flag=True, help="Check the graphs and print the profiles; build nothing (needs no GPU).")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+@user_errors
+def engine(artifacts, max_batch, max_input_len, max_seq_len, timing_cache, workspace, dry_run, quiet):
+    """TensorRT engines for this GPU -> ARTIFACTS/engines/<gpu>-sm<cc>-trt<version>/."""
+    from exporter.engine import build_engines, plan_engines
+    from exporter.progress import Progress
+
+    progress = Progress(quiet)
+    progress.say(f"llava-export engine: {artifacts}")
+    if dry_run:
+        plan = plan_engines(artifacts, max_batch, max_input_len, max_seq_len, progress=progress)
+        for line in plan.describe():
+            progress.say(f"  {line}")
+        progress.say("dry run: the graphs and profiles are fine; nothing was built")
+        return
+    folder = build_engines(artifacts, max_batch, max_input_len, max_seq_len, timing_cache, workspace, progress)
+    progress.say(f"wrote {folder} (run it: llava-run --artifacts {artifacts} --backend trt --image IMAGE --prompt TEXT)")
+
+
 if __name__ == "__main__":
     main()
