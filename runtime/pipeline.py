@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime import contract, generate, preprocess, prompts
 from runtime.backends import load_backend
-from runtime.errors import ArtifactError, PromptError
+from runtime.errors import ArtifactError, EngineError, PromptError
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama / sentencepiece vocabularies)
 
@@ -147,7 +147,18 @@ class Pipeline:
             raise PromptError(
                 f"prompt is {length} tokens with its images; the model takes at most {self.manifest.text.max_positions}"
             )
+        engine_limit = getattr(self.backend, "max_input_len", None)  # a TensorRT engine's prefill profile
+        if engine_limit is not None and length > engine_limit:
+            raise PromptError(
+                f"prompt is {length} tokens with its images; the TensorRT engine takes at most {engine_limit} "
+                f"(rebuild it with `llava-export engine --artifacts {self.folder} --max-input-len {length}`)"
+            )
         return chunks
+
+    @property
+    def max_positions(self) -> int:
+        """Prompt + answer positions: the model's, or fewer where the backend's cache is smaller."""
+        return min(self.manifest.text.max_positions, getattr(self.backend, "max_positions", self.manifest.text.max_positions))
 
     def pixel_values(self, images: Sequence) -> np.ndarray:
         """Paths or PIL images -> [N,3,H,W] float32."""
@@ -169,6 +180,12 @@ class Pipeline:
         """Per step, each request's new token (None once finished). Fills `timings` as it goes."""
         start = time.perf_counter()
         all_chunks = [self.tokenize(request) for request in requests]  # every check before any compute
+        max_batch = getattr(self.backend, "max_batch", None)  # a TensorRT engine's profiles
+        if max_batch is not None and len(requests) > max_batch:
+            raise EngineError(
+                f"{len(requests)} requests in one batch; the TensorRT engine takes at most {max_batch} "
+                f"(rebuild it with `llava-export engine --artifacts {self.folder} --max-batch {len(requests)}`)"
+            )
         images = [image for request in requests for image in request.images]
         embeds = np.zeros((0, self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size), self.backend.dtype)
         if images:
@@ -189,7 +206,7 @@ class Pipeline:
             max_new_tokens,
             self.manifest.tokens.eos,
             sampling,
-            self.manifest.text.max_positions,
+            self.max_positions,
         )
         step_start = prefill_start
         for step in tokens:
