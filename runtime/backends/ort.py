@@ -49,9 +49,13 @@ class OrtBackend(Backend):
 
         self.ort = ort
         provider_list, self.device = providers()
-        self.name = "ort-cuda" if self.device == "cuda" else "ort-cpu"
         self.vision = open_session(folder / manifest.graphs["vision"].file, provider_list)
         self.decoder = open_session(folder / manifest.graphs["decoder"].file, provider_list)
+        if "CUDAExecutionProvider" not in self.decoder.get_providers():
+            # onnxruntime-gpu without a usable GPU or CUDA libraries falls back to the CPU (quietly,
+            # at this log level): binding outputs to "cuda" would then fail on every call
+            self.device = "cpu"
+        self.name = "ort-cuda" if self.device == "cuda" else "ort-cpu"
         self.vision_dtype = np.dtype(manifest.graphs["vision"].dtype)
         self.dtype = np.dtype(manifest.graphs["decoder"].dtype)
         text = manifest.text
