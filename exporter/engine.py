@@ -89,18 +89,18 @@ def plan_engines(
         if problems:
             raise EngineError(f"the {graph} profiles derived from {artifacts} are invalid: {'; '.join(problems)}")
     sources = {}
-    with progress.stage("checking operators against the TensorRT ONNX parser"):
-        for graph in engines.GRAPHS:
-            path = artifacts / manifest.graphs[graph].file
-            unsupported = trt_ops.unsupported_ops(path, tensorrt_version)
-            if unsupported:
-                raise EngineError(trt_ops.describe_unsupported(path, unsupported))
     with progress.stage("checking the ONNX files against the manifest"):
         for graph in engines.GRAPHS:
             path = artifacts / manifest.graphs[graph].file
             sources[graph] = file_sha256(path)
             if sources[graph] != manifest.graphs[graph].sha256:
                 raise ArtifactError(f"{path} is not the graph its manifest describes (sha256 differs): re-export with `llava-export all --out {artifacts}`")
+    with progress.stage("checking operators against the TensorRT ONNX parser"):
+        for graph in engines.GRAPHS:
+            path = artifacts / manifest.graphs[graph].file
+            unsupported = trt_ops.unsupported_ops(path, tensorrt_version)
+            if unsupported:
+                raise EngineError(trt_ops.describe_unsupported(path, unsupported))
     return EnginePlan(artifacts, manifest, limits, profiles, sources)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from runtime.errors import ArtifactError
+
 TENSORRT_DOCS = "onnx-tensorrt docs/operators.md, TensorRT 10.15"
 MIN_OPSET, MAX_OPSET = 9, 24
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -81,7 +83,10 @@ def unsupported_ops(model_path: str | os.PathLike, tensorrt_version: str | None 
     """
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError, OSError, ...
+        raise ArtifactError(f"{model_path} is not a readable ONNX graph ({str(err)[:120]}): re-export it") from None
     problems: list[tuple[str, str]] = []
     for opset in model.opset_import:
         if opset.domain in ONNX_DOMAINS and not MIN_OPSET <= opset.version <= MAX_OPSET:

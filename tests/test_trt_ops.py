@@ -117,6 +117,7 @@ def test_describe_names_nodes_ops_and_the_source(tmp_path):
 
 def test_engine_command_reports_an_unsupported_node_before_anything_else(workshop, tmp_path):
     """`llava-export engine` runs the op check first, with or without TensorRT installed."""
+    from exporter import onnx_io
     from exporter.cli import main
     from exporter.tiny import TinyConfig
 
@@ -125,9 +126,21 @@ def test_engine_command_reports_an_unsupported_node_before_anything_else(worksho
     first = model.graph.node[0]
     model.graph.node.insert(1, helper.make_node("Unique", [first.output[0]], ["unused_unique"], name="sneaky_unique"))
     onnx.save(model, str(folder / contract.VISION_FILE))
+    manifest = contract.read_manifest(folder)  # the manifest agrees: only the op check can object
+    manifest.graphs["vision"].sha256 = onnx_io.file_sha256(folder / contract.VISION_FILE)
+    contract.write_manifest(folder, manifest)
     for extra in (["--dry-run"], []):
         result = CliRunner().invoke(main, ["engine", "--artifacts", str(folder), *extra])
         assert result.exit_code == 2, result.output
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and "sneaky_unique (Unique)" in last and "vision.onnx" in last
         assert "Traceback" not in result.output
+
+
+def test_unreadable_graph_is_an_artifact_error(tmp_path):
+    from runtime.errors import ArtifactError
+
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\x08\x07garbage\xff\xff")
+    with pytest.raises(ArtifactError, match="broken.onnx is not a readable ONNX graph"):
+        trt_ops.unsupported_ops(path)

@@ -1,0 +1,911 @@
+"""TensorRT engines without a GPU.
+
+1. Profiles derived from the manifest (runtime/engines.py): valid ranges that cover an image
+   plus the longest prompt in prefill and the whole cache in decode, limits checked with the
+   flag named.
+2. Engine folders: naming, selection, and the errors for another GPU, another TensorRT
+   version, a missing or malformed engine.json, a stale engine, a truncated plan.
+3. `llava-export engine` and the TensorRT backend end to end against a fake `tensorrt` and a
+   fake `cuda.bindings.runtime` (below): "device memory" is host memory, an "engine" runs its
+   ONNX graph in ONNX Runtime, and both check what the real ones would refuse (shapes outside
+   the active profile, unset inputs, outputs aliasing inputs, copies in the wrong direction).
+   This proves the plumbing (staging, profiles, the ping-pong KV cache, no cache traffic to
+   the host, errors) but not TensorRT itself: parity_tests/test_tensorrt.py does that on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import importlib.machinery
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from runtime import contract, engines
+from runtime.contract import GraphSpec, Manifest, PreprocessSpec, TextSpec, TokenSpec, VisionSpec
+from runtime.engines import EngineLimits, GpuIdentity, ShapeRange
+from runtime.errors import EngineError, PromptError
+
+H200 = GpuIdentity("NVIDIA H200", 9, 0, "10.13.3.9")
+
+
+def make_manifest(
+    image_size=336, patch=14, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, vocab=32064, positions=4096, strategy="default"
+) -> Manifest:
+    """A manifest without an export: LLaVA-1.5-7B-shaped by default."""
+    vision = VisionSpec(image_size, patch, 1024, 24, -2, strategy, "mlp2x_gelu")
+    text = TextSpec("llama", hidden, layers, heads, kv_heads, head_dim, vocab, positions)
+    manifest = Manifest(
+        source={"path": "x", "format": "hf", "weights_sha256": "w" * 64},
+        vision=vision,
+        text=text,
+        preprocess=PreprocessSpec(image_size, image_size, [0.5] * 3, [0.5] * 3, "pad"),
+        tokens=TokenSpec(1, [2], 0),
+        template="vicuna_v1",
+    )
+    kv = ["batch", kv_heads, "past_sequence", head_dim]
+    inputs = {contract.INPUTS_EMBEDS: ["batch", "sequence", hidden], contract.ATTENTION_MASK: ["batch", "total_sequence"], contract.POSITION_IDS: ["batch", "sequence"]}
+    inputs.update({name: kv for name in contract.decoder_input_names(layers)[3:]})
+    outputs = {contract.LOGITS: ["batch", vocab]}
+    manifest.graphs["vision"] = GraphSpec("vision.onnx", "float16", 18, {contract.PIXEL_VALUES: ["batch", 3, image_size, image_size]}, {contract.IMAGE_EMBEDS: ["batch", vision.num_image_tokens, hidden]}, "v" * 64)
+    manifest.graphs["decoder"] = GraphSpec("decoder.onnx", "float16", 18, inputs, outputs, "d" * 64)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Limits and profiles
+
+
+def test_default_limits_for_llava_7b():
+    manifest = make_manifest()
+    assert manifest.vision.num_image_tokens == 576
+    limits = engines.derive_limits(manifest)
+    assert limits == EngineLimits(max_batch=1, max_input_len=576 + 1024, max_seq_len=4096)
+
+
+def test_default_limits_follow_a_small_model():
+    manifest = make_manifest(image_size=32, patch=8, positions=256)
+    assert engines.derive_limits(manifest) == EngineLimits(1, 256, 256)
+    assert engines.derive_limits(manifest, max_seq_len=100) == EngineLimits(1, 100, 100)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"max_batch": 0}, "--max-batch"),
+        ({"max_seq_len": 5000}, "--max-seq-len"),
+        ({"max_seq_len": 1}, "--max-seq-len"),
+        ({"max_input_len": 3000, "max_seq_len": 2048}, "--max-input-len"),
+        ({"max_input_len": 576}, "--max-input-len"),
+    ],
+)
+def test_bad_limits_name_the_flag(kwargs, flag):
+    with pytest.raises(EngineError, match=flag):
+        engines.derive_limits(make_manifest(), **kwargs)
+
+
+LIMIT_GRID = [(1, None, None), (4, None, None), (2, 600, 700), (8, 600, 600), (1, 4096, 4096)]
+SHAPES = [{}, {"kv_heads": 8}, {"kv_heads": 1, "layers": 2}, {"strategy": "full"}, {"image_size": 224, "patch": 16}]
+
+
+@pytest.mark.parametrize("limit_args", LIMIT_GRID)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_derived_profiles_are_valid_and_cover_what_the_runtime_sends(limit_args, shape):
+    manifest = make_manifest(**shape)
+    limits = engines.derive_limits(manifest, *limit_args)
+    image_tokens, text = manifest.vision.num_image_tokens, manifest.text
+    vision = engines.vision_profiles(manifest, limits)
+    decoder = engines.decoder_profiles(manifest, limits)
+    assert engines.profile_problems(manifest, limits, "vision", vision) == []
+    assert engines.profile_problems(manifest, limits, "decoder", decoder) == []
+    assert [p.name for p in decoder] == [engines.PREFILL, engines.DECODE]
+
+    def call(batch, sequence, past):
+        kv = (batch, text.num_kv_heads, past, text.head_dim)
+        shapes = {contract.INPUTS_EMBEDS: (batch, sequence, text.hidden_size), contract.ATTENTION_MASK: (batch, past + sequence), contract.POSITION_IDS: (batch, sequence)}
+        return {**shapes, **{name: kv for name in contract.decoder_input_names(text.num_layers)[3:]}}
+
+    top = limits.max_batch
+    # prefill: an image plus the longest prompt, any batch, an empty cache
+    assert limits.max_input_len >= image_tokens + 1
+    for batch in (1, top):
+        assert engines.find_profile(decoder, call(batch, limits.max_input_len, 0)) == 0
+        assert engines.find_profile(decoder, call(batch, image_tokens + 1, 0)) == 0
+        assert engines.find_profile(decoder, call(batch, 1, 0)) == 0
+        # decode: one token after 1 .. max_seq_len - 1 cached positions
+        assert engines.find_profile(decoder, call(batch, 1, 1)) == 1
+        assert engines.find_profile(decoder, call(batch, 1, limits.max_seq_len - 1)) == 1
+    # nothing beyond the limits, no chunked prefill
+    assert engines.find_profile(decoder, call(1, limits.max_input_len + 1, 0)) is None
+    assert engines.find_profile(decoder, call(1, 1, limits.max_seq_len)) is None
+    assert engines.find_profile(decoder, call(top + 1, 1, 1)) is None
+    assert engines.find_profile(decoder, call(1, 2, 1)) is None
+    prefill, decode = decoder
+    assert decode.shapes[contract.past_key_name(0)].max[2] == limits.max_seq_len - 1
+    assert decode.shapes[contract.ATTENTION_MASK].max[1] == limits.max_seq_len
+    assert prefill.shapes[contract.past_value_name(text.num_layers - 1)].max[2] == 0
+    pixels = vision[0].shapes[contract.PIXEL_VALUES]
+    size = manifest.preprocess.crop_size
+    assert (pixels.min, pixels.opt, pixels.max) == ((1, 3, size, size), (1, 3, size, size), (top, 3, size, size))
+
+
+def test_opt_shapes_are_a_typical_request():
+    manifest = make_manifest()
+    limits = engines.derive_limits(manifest)
+    prefill, decode = engines.decoder_profiles(manifest, limits)
+    assert prefill.shapes[contract.INPUTS_EMBEDS].opt == (1, 576 + engines.OPT_TEXT_TOKENS, 4096)
+    assert decode.shapes[contract.past_key_name(0)].opt == (1, 32, 576 + engines.OPT_TEXT_TOKENS + engines.OPT_ANSWER_TOKENS, 128)
+
+
+def test_profile_problems_are_found():
+    manifest = make_manifest(layers=1)
+    limits = engines.derive_limits(manifest)
+    prefill, decode = engines.decoder_profiles(manifest, limits)
+    broken = dict(decode.shapes)
+    broken[contract.POSITION_IDS] = ShapeRange((1, 2), (1, 1), (1, 3))
+    del broken[contract.past_value_name(0)]
+    broken[contract.INPUTS_EMBEDS] = ShapeRange((1, 1, 64), (1, 1, 64), (1, 1, 64))
+    problems = engines.profile_problems(manifest, limits, "decoder", [engines.Profile("bad", broken)])
+    assert any("position_ids: axis 1" in p for p in problems)
+    assert any("no range for input past_key_values.0.value" in p for p in problems)
+    assert any("fixed at 4096" in p for p in problems)
+    assert ShapeRange((1,), (1, 2), (1,)).problems()
+
+
+def test_profiles_round_trip_through_json():
+    manifest = make_manifest(layers=2)
+    profiles = engines.decoder_profiles(manifest, engines.derive_limits(manifest))
+    again = [engines.Profile.from_dict(json.loads(json.dumps(p.as_dict()))) for p in profiles]
+    assert again == profiles
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Engine folders
+
+
+def test_folder_names():
+    assert H200.folder_name == "nvidia-h200-sm90-trt10.13.3.9"
+    assert GpuIdentity("NVIDIA GeForce RTX 4090", 8, 9, "10.0.1").folder_name == "nvidia-geforce-rtx-4090-sm89-trt10.0.1"
+    assert GpuIdentity("NVIDIA A100-SXM4-80GB", 8, 0, "11.1.0").folder_name == "nvidia-a100-sxm4-80gb-sm80-trt11.1.0"
+    assert engines.slug("  /weird  name!/ ") == "weird-name"
+    assert engines.slug("???") == "gpu"
+
+
+def write_engine_folder(artifacts: Path, manifest: Manifest, identity: GpuIdentity = H200, **changes) -> Path:
+    """A fake engine folder, as `llava-export engine` would leave it (plans are dummy bytes)."""
+    folder = artifacts / contract.ENGINES_DIR / identity.folder_name
+    folder.mkdir(parents=True)
+    limits = engines.derive_limits(manifest)
+    profiles = {"vision": engines.vision_profiles(manifest, limits), "decoder": engines.decoder_profiles(manifest, limits)}
+    for graph in engines.GRAPHS:
+        (folder / engines.PLANS[graph]).write_bytes(b"plan" * 10)
+    sources = {g: manifest.graphs[g].sha256 for g in engines.GRAPHS}
+    record = engines.engine_record(identity, manifest, limits, profiles, sources, {g: 40 for g in engines.GRAPHS})
+    record.update(changes)
+    engines.write_engine_json(folder, record)
+    return folder
+
+
+@pytest.fixture
+def fake_artifacts(tmp_path):
+    manifest = make_manifest(layers=2)
+    return tmp_path / "artifacts", manifest
+
+
+def test_selects_the_folder_for_this_gpu(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    write_engine_folder(artifacts, manifest, GpuIdentity("NVIDIA A100-SXM4-80GB", 8, 0, "10.13.3.9"))
+    folder = write_engine_folder(artifacts, manifest)
+    (artifacts / "engines" / f".staging-{H200.folder_name}-123").mkdir()  # an interrupted build
+    selected = engines.select_engine(artifacts, manifest, H200)
+    assert selected.path == folder
+    assert selected.limits == engines.derive_limits(manifest)
+    assert [p.name for p in selected.profiles("decoder")] == ["prefill", "decode"]
+    assert selected.plan("decoder") == folder / "decoder.plan"
+    record = json.loads((folder / "engine.json").read_text())
+    assert record["gpu"] == {"name": "NVIDIA H200", "compute_capability": "9.0"}
+    assert record["tensorrt_version"] == "10.13.3.9" and record["strongly_typed"] is True
+    assert record["source"]["decoder"]["sha256"] == manifest.graphs["decoder"].sha256
+
+
+def assert_engine_error(artifacts, manifest, *fragments, identity=H200):
+    with pytest.raises(EngineError) as caught:
+        engines.select_engine(artifacts, manifest, identity)
+    message = str(caught.value)
+    assert f"llava-export engine --artifacts {artifacts}" in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_no_engines(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    assert_engine_error(artifacts, manifest, "no TensorRT engines", "NVIDIA H200 (sm90)")
+    with pytest.raises(EngineError, match="llava-export engine"):
+        engines.require_engines(artifacts)
+    (artifacts / "engines" / ".staging-x").mkdir(parents=True)  # only a staging folder: still none
+    with pytest.raises(EngineError, match="TensorRT engine"):
+        engines.require_engines(artifacts)
+
+
+def test_engines_for_another_gpu(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    write_engine_folder(artifacts, manifest, GpuIdentity("NVIDIA A100-SXM4-80GB", 8, 0, "10.13.3.9"))
+    assert_engine_error(artifacts, manifest, "NVIDIA A100-SXM4-80GB (sm80)", "this machine is NVIDIA H200 (sm90)")
+
+
+def test_engines_for_another_tensorrt_version(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    write_engine_folder(artifacts, manifest, GpuIdentity("NVIDIA H200", 9, 0, "10.8.0.43"))
+    assert_engine_error(artifacts, manifest, "built with TensorRT 10.8.0.43", "this machine has TensorRT 10.13.3.9")
+
+
+def test_missing_or_malformed_engine_json(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    folder = write_engine_folder(artifacts, manifest)
+    (folder / "engine.json").unlink()
+    assert_engine_error(artifacts, manifest, "engine.json is missing")
+    (folder / "engine.json").write_text("{not json")
+    assert_engine_error(artifacts, manifest, "unreadable")
+    (folder / "engine.json").write_text(json.dumps({"format": "something else"}))
+    assert_engine_error(artifacts, manifest, "not a llava-export-engine record")
+    (folder / "engine.json").write_text(json.dumps({"format": engines.ENGINE_FORMAT, "format_version": 99}))
+    assert_engine_error(artifacts, manifest, "format version 99")
+    (folder / "engine.json").write_text(json.dumps({"format": engines.ENGINE_FORMAT, "format_version": 1, "gpu": {}}))
+    assert_engine_error(artifacts, manifest, "incomplete")
+
+
+def test_engine_json_that_disagrees_with_its_folder_name(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    write_engine_folder(artifacts, manifest, tensorrt_version="10.0.1")
+    assert_engine_error(artifacts, manifest, "says it was built for NVIDIA H200 (sm90) with TensorRT 10.0.1")
+
+
+def test_stale_engines_after_a_re_export(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    write_engine_folder(artifacts, manifest)
+    manifest.graphs["decoder"].sha256 = "e" * 64  # decoder.onnx re-exported
+    assert_engine_error(artifacts, manifest, "stale", "decoder.onnx changed")
+    manifest.graphs["decoder"].sha256 = "d" * 64
+    manifest.source["weights_sha256"] = "x" * 64  # other weights, same graph file
+    assert_engine_error(artifacts, manifest, "stale", "other weights")
+
+
+def test_missing_or_truncated_plan(fake_artifacts):
+    artifacts, manifest = fake_artifacts
+    folder = write_engine_folder(artifacts, manifest)
+    (folder / "vision.plan").write_bytes(b"pl")
+    assert_engine_error(artifacts, manifest, "vision.plan is truncated (2 of 40 bytes)")
+    (folder / "vision.plan").unlink()
+    assert_engine_error(artifacts, manifest, "vision.plan is missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A fake TensorRT and CUDA runtime
+
+
+class FakeCudart(types.ModuleType):
+    """cuda.bindings.runtime over host memory: every call returns (error, value...) like cuda-python."""
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+
+    class cudaMemcpyKind(enum.IntEnum):
+        cudaMemcpyHostToHost = 0
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+        cudaMemcpyDeviceToDevice = 3
+
+    class Stream:
+        def __int__(self):
+            return 0x5EED
+
+    def __init__(self, name=b"NVIDIA Fake 100", major=9, minor=0):
+        super().__init__("cuda.bindings.runtime")
+        self.props = SimpleNamespace(name=name + b"\0\0\0", major=major, minor=minor)
+        self.blocks: dict[int, tuple[ctypes.Array, str]] = {}  # address -> (buffer, "device" | "host")
+        self.copies: list[tuple[str, int]] = []  # ("h2d" | "d2h", bytes)
+        self.device_limit: int | None = None
+
+    def _alloc(self, nbytes, kind):
+        ok = self.cudaError_t.cudaSuccess
+        if kind == "device" and self.device_limit is not None:
+            used = sum(len(b) for b, k in self.blocks.values() if k == "device")
+            if used + nbytes > self.device_limit:
+                return (self.cudaError_t.cudaErrorMemoryAllocation, 0)
+        buffer = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(buffer)] = (buffer, kind)
+        return (ok, ctypes.addressof(buffer))
+
+    def _kind_of(self, address, nbytes):
+        for base, (buffer, kind) in self.blocks.items():
+            if base <= address and address + nbytes <= base + len(buffer):
+                return kind
+        return "host"  # ordinary (pageable) host memory
+
+    def cudaMalloc(self, nbytes):
+        return self._alloc(nbytes, "device")
+
+    def cudaMallocHost(self, nbytes):
+        return self._alloc(nbytes, "pinned")
+
+    def cudaFree(self, address):
+        assert self.blocks.pop(address)[1] == "device"
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaFreeHost(self, address):
+        assert self.blocks.pop(address)[1] == "pinned"
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamCreate(self):
+        return (self.cudaError_t.cudaSuccess, self.Stream())
+
+    def cudaStreamDestroy(self, stream):
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamSynchronize(self, stream):
+        assert isinstance(stream, self.Stream)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        assert isinstance(stream, self.Stream)
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            assert self._kind_of(dst, nbytes) == "device" and self._kind_of(src, nbytes) != "device"
+            self.copies.append(("h2d", nbytes))
+        elif kind == self.cudaMemcpyKind.cudaMemcpyDeviceToHost:
+            assert self._kind_of(src, nbytes) == "device" and self._kind_of(dst, nbytes) != "device"
+            self.copies.append(("d2h", nbytes))
+        else:
+            raise AssertionError(f"unexpected copy kind {kind}")
+        ctypes.memmove(dst, src, nbytes)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaGetDevice(self):
+        return (self.cudaError_t.cudaSuccess, 0)
+
+    def cudaGetDeviceProperties(self, index):
+        return (self.cudaError_t.cudaSuccess, self.props)
+
+    def cudaGetErrorName(self, error):
+        return (self.cudaError_t.cudaSuccess, getattr(error, "name", str(error)).encode())
+
+
+ONNX_TO_NUMPY = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_}
+
+
+def make_fake_tensorrt(state: SimpleNamespace) -> types.ModuleType:
+    """The slice of the tensorrt 10 Python API that exporter/engine.py and the backend use."""
+    import onnx
+    import onnxruntime as ort
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = state.version
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level=2):
+            self.level = level
+
+    class NetworkDefinitionCreationFlag(enum.IntEnum):
+        EXPLICIT_BATCH = 0
+        STRONGLY_TYPED = 5
+
+    class MemoryPoolType(enum.IntEnum):
+        WORKSPACE = 0
+
+    class TensorIOMode(enum.Enum):
+        NONE = 0
+        INPUT = 1
+        OUTPUT = 2
+
+    def nptype(dtype):
+        return np.dtype(dtype)
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    class ParserError:
+        def __init__(self, node, name, op, desc):
+            self._node, self._name, self._op, self._desc = node, name, op, desc
+
+        def node(self):
+            return self._node
+
+        def node_name(self):
+            return self._name
+
+        def node_operator(self):
+            return self._op
+
+        def desc(self):
+            return self._desc
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.path, self.inputs, self.outputs = flags, None, [], []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, index):
+            return SimpleNamespace(name=self.inputs[index][0])
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.errors = network, []
+
+        def parse_from_file(self, path):
+            model = onnx.load(path, load_external_data=False)
+            if state.reject and Path(path).name == state.reject[0]:
+                node = next(i for i, n in enumerate(model.graph.node) if n.op_type == state.reject[1])
+                self.errors.append(ParserError(node, model.graph.node[node].name, state.reject[1], "unsupported attribute"))
+                return False
+            initializers = {t.name for t in model.graph.initializer}
+            self.network.path = path
+            self.network.inputs = [(v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type]) for v in model.graph.input if v.name not in initializers]
+            self.network.outputs = [(v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type]) for v in model.graph.output]
+            return True
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, index):
+            return self.errors[index]
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = bytes(data)
+
+        def serialize(self):
+            return self.data
+
+    class OptimizationProfile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, low, opt, high):
+            self.shapes[name] = [list(low), list(opt), list(high)]
+
+    class BuilderConfig:
+        def __init__(self):
+            self.profiles, self.cache, self.progress_monitor, self.pools = [], None, None, {}
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool] = size
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile.shapes)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data):
+            state.caches_loaded.append(bytes(data))
+            return None if bytes(data) == b"corrupt" else TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return BuilderConfig()
+
+        def create_optimization_profile(self):
+            return OptimizationProfile()
+
+        def build_serialized_network(self, network, config):
+            assert network.flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            assert config.profiles and all(set(p) == {n for n, _ in network.inputs} for p in config.profiles)
+            monitor = config.progress_monitor
+            monitor.phase_start("Building engine", None, 3)
+            for step in range(3):
+                monitor.phase_start("Tactic selection", "Building engine", 2)
+                for inner in range(2):
+                    if not monitor.step_complete("Tactic selection", inner):
+                        return None
+                monitor.phase_finish("Tactic selection")
+                if state.interrupt_at == Path(network.path).name and step == 1:
+                    raise_keyboard_interrupt_inside(monitor)
+                if not monitor.step_complete("Building engine", step):
+                    return None
+            monitor.phase_finish("Building engine")
+            if state.fail_build == Path(network.path).name:
+                return None
+            config.cache.data += b"t"  # the build learned a timing
+            plan = {"onnx": network.path, "profiles": config.profiles, "inputs": network.inputs, "outputs": network.outputs}
+            return json.dumps(plan, default=lambda t: np.dtype(t).str).encode()
+
+    class Engine:
+        def __init__(self, plan):
+            self.plan = plan
+            self.inputs = {n: np.dtype(t) for n, t in plan["inputs"]}
+            self.outputs = {n: np.dtype(t) for n, t in plan["outputs"]}
+            self.names = [*self.inputs, *self.outputs]
+            self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
+
+        @property
+        def num_io_tensors(self):
+            return len(self.names)
+
+        def get_tensor_name(self, index):
+            return self.names[index]
+
+        def get_tensor_mode(self, name):
+            return TensorIOMode.INPUT if name in self.inputs else TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return self.inputs.get(name, self.outputs.get(name))
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
+
+        def set_optimization_profile_async(self, index, stream):
+            assert stream == 0x5EED
+            if index >= len(self.engine.plan["profiles"]):
+                return False
+            self.profile, self.shapes = index, {}
+            return True
+
+        def set_input_shape(self, name, shape):
+            low, _, high = self.engine.plan["profiles"][self.profile][name]
+            if len(shape) != len(low) or not all(a <= d <= b for a, d, b in zip(low, shape, high)):
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, address):
+            self.addresses[name] = int(address)
+            return True
+
+        def execute_async_v3(self, stream):
+            assert stream == 0x5EED
+            engine = self.engine
+            assert set(self.shapes) == set(engine.inputs), "an input has no shape"
+            assert set(self.addresses) >= set(engine.names), "a tensor has no address"
+            feed = {}
+            spans = []
+            for name, dtype in engine.inputs.items():
+                shape = self.shapes[name]
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                raw = (ctypes.c_char * max(nbytes, 1)).from_address(self.addresses[name])
+                feed[name] = np.frombuffer(raw, dtype=np.uint8)[:nbytes].view(dtype).reshape(shape).copy()
+                spans.append(("in", name, self.addresses[name], nbytes))
+            results = engine.session.run(list(engine.outputs), feed)
+            for (name, dtype), value in zip(engine.outputs.items(), results):
+                value = np.ascontiguousarray(value, dtype=dtype)
+                spans.append(("out", name, self.addresses[name], value.nbytes))
+                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+            for kind, name, start, size in spans:  # no output may overwrite an input or another output
+                for other_kind, other, other_start, other_size in spans:
+                    if name != other and "out" in (kind, other_kind) and size and other_size:
+                        assert start + size <= other_start or other_start + other_size <= start, f"{name} overlaps {other}"
+            state.executions.append({"plan": Path(engine.plan["onnx"]).name, "profile": self.profile, "shapes": dict(self.shapes), "addresses": dict(self.addresses)})
+            return True
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            try:
+                return Engine(json.loads(bytes(data)))
+            except ValueError:
+                return None
+
+    for name, value in dict(locals()).items():
+        if not name.startswith("_") and name not in ("trt", "state", "onnx", "ort"):
+            setattr(trt, name, value)
+    return trt
+
+
+def raise_keyboard_interrupt_inside(monitor):
+    """Ctrl-C during a build: Python raises it in the next callback, the progress monitor's."""
+    original = monitor.__class__.say
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monitor.__class__.say = interrupted
+    try:
+        monitor.step_complete("Building engine", 99)
+    finally:
+        monitor.__class__.say = original
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Installs the fake tensorrt and cuda.bindings.runtime; yields their shared state."""
+    state = SimpleNamespace(
+        version="10.99.1", reject=None, fail_build=None, interrupt_at=None, caches_loaded=[], executions=[]
+    )
+    cudart = FakeCudart()
+    state.cudart = cudart
+    trt = make_fake_tensorrt(state)
+    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+    cuda.bindings, bindings.runtime = bindings, cudart
+    for name, module in {"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": cudart}.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # torch._dynamo probes find_spec("tensorrt")
+        monkeypatch.setitem(sys.modules, name, module)
+    return state
+
+
+FAKE_FOLDER = "nvidia-fake-100-sm90-trt10.99.1"
+
+
+@pytest.fixture
+def artifacts(workshop, tmp_path):
+    """A private copy of the tiny float32 export (engines get written into it)."""
+    from exporter.tiny import TinyConfig
+
+    return shutil.copytree(workshop.artifacts(TinyConfig(), "hf"), tmp_path / "artifacts")
+
+
+def engine_cli(*args):
+    from exporter.cli import main
+
+    return CliRunner().invoke(main, ["engine", *map(str, args)])
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    return last
+
+
+def leftovers(artifacts: Path) -> list[str]:
+    root = artifacts / "engines"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_build_writes_a_complete_engine_folder(fake_gpu, artifacts, tmp_path):
+    cache = tmp_path / "cache" / "timing.cache"
+    result = engine_cli("--artifacts", artifacts, "--timing-cache", cache, "--max-batch", 2, "--workspace", 1.5)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.stderr and "Building engine" in result.stderr and "decoder/decode" in result.stderr
+    assert leftovers(artifacts) == [FAKE_FOLDER]
+    folder = artifacts / "engines" / FAKE_FOLDER
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder.plan", "engine.json", "vision.plan"]
+    record = json.loads((folder / "engine.json").read_text())
+    manifest = contract.read_manifest(artifacts)
+    assert record["gpu"] == {"name": "NVIDIA Fake 100", "compute_capability": "9.0"}
+    assert record["tensorrt_version"] == "10.99.1"
+    assert record["limits"] == {"max_batch": 2, "max_input_len": 256, "max_seq_len": 256}
+    assert [p["name"] for p in record["profiles"]["decoder"]] == ["prefill", "decode"]
+    for graph in engines.GRAPHS:
+        assert record["source"][graph]["sha256"] == manifest.graphs[graph].sha256
+        assert record["plans"][graph]["bytes"] == (folder / engines.PLANS[graph]).stat().st_size
+    assert cache.read_bytes() == b"tt"  # both builds recorded into one cache
+    # the plans carry exactly the derived profiles
+    plan = json.loads((folder / "decoder.plan").read_text())
+    limits = engines.derive_limits(manifest, max_batch=2)
+    expected = engines.decoder_profiles(manifest, limits)
+    assert plan["profiles"] == [{n: [list(r.min), list(r.opt), list(r.max)] for n, r in p.shapes.items()} for p in expected]
+    assert engines.select_engine(artifacts, manifest, GpuIdentity("NVIDIA Fake 100", 9, 0, "10.99.1")).path == folder
+
+
+def test_rebuild_reuses_the_timing_cache_and_replaces_the_folder(fake_gpu, artifacts, tmp_path):
+    cache = tmp_path / "timing.cache"
+    assert engine_cli("--artifacts", artifacts, "--timing-cache", cache).exit_code == 0
+    before = json.loads((artifacts / "engines" / FAKE_FOLDER / "engine.json").read_text())
+    result = engine_cli("--artifacts", artifacts, "--timing-cache", cache, "--max-seq-len", 128)
+    assert result.exit_code == 0, result.output
+    assert fake_gpu.caches_loaded == [b"", b"t", b"tt", b"ttt"]
+    after = json.loads((artifacts / "engines" / FAKE_FOLDER / "engine.json").read_text())
+    assert before["limits"]["max_seq_len"] == 256 and after["limits"]["max_seq_len"] == 128
+    assert leftovers(artifacts) == [FAKE_FOLDER]
+
+
+def test_default_timing_cache_lives_outside_the_artifacts(fake_gpu, artifacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert engine_cli("--artifacts", artifacts).exit_code == 0
+    assert (tmp_path / "xdg" / "llava-export" / f"timing-{FAKE_FOLDER}.cache").read_bytes() == b"tt"
+
+
+def test_a_corrupt_timing_cache_is_replaced(fake_gpu, artifacts, tmp_path):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"corrupt")
+    result = engine_cli("--artifacts", artifacts, "--timing-cache", cache)
+    assert result.exit_code == 0, result.output
+    assert "not usable" in result.stderr and cache.read_bytes() == b"tt"
+
+
+def test_parser_rejection_names_the_node_and_op(fake_gpu, artifacts):
+    fake_gpu.reject = ("decoder.onnx", "GatherND")
+    line = error_line(engine_cli("--artifacts", artifacts))
+    assert "TensorRT's ONNX parser rejected decoder.onnx" in line and "(GatherND): unsupported attribute" in line
+    assert leftovers(artifacts) == []
+
+
+def test_failed_build_leaves_the_previous_engines_alone(fake_gpu, artifacts):
+    assert engine_cli("--artifacts", artifacts).exit_code == 0
+    plan = (artifacts / "engines" / FAKE_FOLDER / "decoder.plan").read_bytes()
+    fake_gpu.fail_build = "decoder.onnx"
+    line = error_line(engine_cli("--artifacts", artifacts, "--max-seq-len", 100))
+    assert "could not build the decoder engine" in line
+    assert leftovers(artifacts) == [FAKE_FOLDER]
+    assert (artifacts / "engines" / FAKE_FOLDER / "decoder.plan").read_bytes() == plan
+
+
+def test_interrupted_build_leaves_nothing(fake_gpu, artifacts):
+    fake_gpu.interrupt_at = "decoder.onnx"
+    result = engine_cli("--artifacts", artifacts)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert leftovers(artifacts) == []
+
+
+def test_stale_onnx_is_refused_before_building(fake_gpu, artifacts):
+    with open(artifacts / "decoder.onnx", "ab") as handle:
+        handle.write(b"\0")
+    line = error_line(engine_cli("--artifacts", artifacts))
+    assert "decoder.onnx is not the graph its manifest describes" in line
+    assert fake_gpu.executions == [] and leftovers(artifacts) == []
+
+
+def test_without_tensorrt_the_build_says_what_to_install(artifacts, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    line = error_line(engine_cli("--artifacts", artifacts))
+    assert "TensorRT is not installed" in line and "llava-export[gpu]" in line
+
+
+# -- the backend on the fake ----------------------------------------------------------------
+
+
+def build(artifacts, *args):
+    result = engine_cli("--artifacts", artifacts, *args)
+    assert result.exit_code == 0, result.output
+
+
+PROMPT = "What is shown in the image?"
+
+
+@pytest.fixture
+def image(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "image.png"
+    Image.fromarray((np.arange(40 * 48 * 3) % 251).astype(np.uint8).reshape(40, 48, 3)).save(path)
+    return path
+
+
+def test_backend_answers_like_onnx_runtime(fake_gpu, artifacts, image):
+    from runtime.pipeline import Pipeline, Request
+
+    build(artifacts, "--max-batch", 2)
+    trt_pipe, ort_pipe = Pipeline.load(artifacts, backend="trt"), Pipeline.load(artifacts, backend="ort")
+    assert trt_pipe.backend.name == "trt" and trt_pipe.backend.dtype == np.float32
+    assert trt_pipe.generate(PROMPT, [image], max_new_tokens=8).token_ids == ort_pipe.generate(PROMPT, [image], max_new_tokens=8).token_ids
+    requests = [Request(PROMPT, [image]), Request("Describe it in detail, please.", [image, image])]
+    ours = [a.token_ids for a in trt_pipe.generate_batch(requests, max_new_tokens=6)]
+    theirs = [a.token_ids for a in ort_pipe.generate_batch(requests, max_new_tokens=6)]
+    assert ours == theirs
+    trt_pipe.backend.close()
+
+
+def test_kv_cache_stays_on_the_device_and_ping_pongs(fake_gpu, artifacts, image):
+    from runtime.pipeline import Pipeline
+
+    build(artifacts)
+    pipe = Pipeline.load(artifacts, backend="trt")
+    manifest = pipe.manifest
+    fake_gpu.executions.clear()
+    fake_gpu.cudart.copies.clear()
+    pipe.generate(PROMPT, [image], max_new_tokens=6)
+    runs = [run for run in fake_gpu.executions if run["plan"] == "decoder.onnx"]
+    assert [run["profile"] for run in runs] == [0, 1, 1, 1, 1, 1]
+    layers = manifest.text.num_layers
+    for before, after in zip(runs, runs[1:]):
+        for layer in range(layers):
+            # this step's present is next step's past: no copy in between
+            assert after["addresses"][contract.past_key_name(layer)] == before["addresses"][contract.present_key_name(layer)]
+            assert after["addresses"][contract.past_value_name(layer)] == before["addresses"][contract.present_value_name(layer)]
+    assert runs[2]["addresses"][contract.past_key_name(0)] == runs[0]["addresses"][contract.past_key_name(0)]
+    # per decode step only the new token's embedding, mask and position go up, and the logits come down
+    hidden, vocab = manifest.text.hidden_size, manifest.text.vocab_size
+    copies = fake_gpu.cudart.copies
+    vision_copies = 2  # pixels up, image embeddings down
+    prefill_copies = 4  # embeds, mask, positions up; logits down
+    per_step = copies[vision_copies + prefill_copies :]
+    assert len(per_step) == 4 * 5
+    for step in range(5):
+        (k1, embeds), (k2, mask), (k3, positions), (k4, logits) = per_step[4 * step : 4 * step + 4]
+        assert (k1, k2, k3, k4) == ("h2d", "h2d", "h2d", "d2h")
+        assert embeds == hidden * 4 and positions == 8 and logits == vocab * 4
+        assert mask == 8 * runs[step + 1]["shapes"][contract.ATTENTION_MASK][1]
+    pipe.backend.close()
+    assert all(kind != "device" for _, kind in fake_gpu.cudart.blocks.values()), "device memory leaked"
+    assert not fake_gpu.cudart.blocks, "pinned memory leaked"
+
+
+def test_prompt_longer_than_the_engine_is_refused_before_any_compute(fake_gpu, artifacts, image):
+    from runtime import prompts
+    from runtime.pipeline import Pipeline, Request
+
+    ort_pipe = Pipeline.load(artifacts, backend="ort")
+    short = prompts.count_prompt_tokens(ort_pipe.tokenize(Request("Hi", [image])), ort_pipe.manifest.vision.num_image_tokens)
+    limit, capacity = short + 2, short + 12
+    build(artifacts, "--max-input-len", limit, "--max-seq-len", capacity)
+    pipe = Pipeline.load(artifacts, backend="trt")
+    fake_gpu.executions.clear()
+    with pytest.raises(PromptError, match=rf"TensorRT engine takes at most {limit} .*--max-input-len"):
+        pipe.generate("Describe this image with many many words, please, thank you.", [image])
+    assert fake_gpu.executions == []
+    # an answer stops at the engine's capacity instead of overrunning it
+    answer = pipe.generate("Hi", [image], max_new_tokens=100)
+    assert len(answer.token_ids) == capacity - short + 1 or 2 in answer.token_ids
+    widest = max(run["shapes"][contract.ATTENTION_MASK][1] for run in fake_gpu.executions if run["plan"] == "decoder.onnx")
+    assert widest <= capacity
+
+
+def test_backend_limits_and_stale_cache_handles(fake_gpu, artifacts):
+    from runtime.backends.trt import TrtBackend
+
+    build(artifacts)
+    manifest = contract.read_manifest(artifacts)
+    backend = TrtBackend(artifacts, manifest)
+    hidden = manifest.text.hidden_size
+    with pytest.raises(EngineError, match="--max-batch 2"):
+        backend.empty_cache(2)
+    cache = backend.empty_cache(1)
+    embeds = np.zeros((1, 3, hidden), np.float32)
+    mask, positions = np.ones((1, 3), np.int64), np.arange(3)[None]
+    logits, newer = backend.decode(embeds, mask, positions, cache)
+    assert logits.shape == (1, manifest.text.vocab_size) and newer.length == 3
+    with pytest.raises(EngineError, match="latest"):
+        backend.decode(embeds, mask, positions, cache)  # the old handle: its slab is being reused
+    with pytest.raises(EngineError, match="profile"):
+        backend.decode(np.zeros((1, 2, hidden), np.float32), np.ones((1, 5), np.int64), np.arange(3, 5)[None], newer)
+    with pytest.raises(PromptError, match="--max-input-len"):
+        backend.decode(np.zeros((1, 300, hidden), np.float32), np.ones((1, 300), np.int64), np.arange(300)[None], backend.empty_cache(1))
+    backend.close()
+    backend.close()  # idempotent
+
+
+def test_engines_from_another_gpu_or_tensorrt_are_refused_at_load(fake_gpu, artifacts):
+    from runtime.pipeline import Pipeline
+
+    build(artifacts)
+    fake_gpu.cudart.props.name = b"NVIDIA Other 200\0"
+    with pytest.raises(EngineError, match=rf"NVIDIA Fake 100 \(sm90\).*llava-export engine --artifacts {artifacts}"):
+        Pipeline.load(artifacts, backend="trt")
+    fake_gpu.cudart.props.name = b"NVIDIA Fake 100\0"
+    sys.modules["tensorrt"].__version__ = "10.99.2"
+    with pytest.raises(EngineError, match=r"built with TensorRT 10\.99\.1, this machine has TensorRT 10\.99\.2"):
+        Pipeline.load(artifacts, backend="trt")
+
+
+def test_not_enough_device_memory_for_the_cache(fake_gpu, artifacts):
+    from runtime.backends.trt import TrtBackend
+
+    build(artifacts)
+    backend = TrtBackend(artifacts, contract.read_manifest(artifacts))
+    fake_gpu.cudart.device_limit = 0
+    with pytest.raises(EngineError, match="not enough GPU memory for the KV cache.*--max-seq-len"):
+        backend.empty_cache(1)
+    fake_gpu.cudart.device_limit = None
+    backend.close()
