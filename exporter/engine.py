@@ -82,6 +82,12 @@ def plan_engines(
             raise ArtifactError(f"{artifacts} has no {graph} graph: export it with `llava-export all --out {artifacts}`")
         if not (artifacts / manifest.graphs[graph].file).is_file():
             raise ArtifactError(f"{artifacts / manifest.graphs[graph].file} is missing: re-export with `llava-export all --out {artifacts}`")
+    quant = getattr(manifest.graphs["decoder"], "quant", None)
+    if quant:
+        raise EngineError(
+            f"{manifest.graphs['decoder'].file} is weight-quantized for ONNX Runtime (--quant {quant}: "
+            f"com.microsoft.MatMulNBits), which TensorRT does not run: export the decoder without --quant for TensorRT"
+        )
     limits = engines.derive_limits(manifest, max_batch, max_input_len, max_seq_len)
     profiles = {"vision": engines.vision_profiles(manifest, limits), "decoder": engines.decoder_profiles(manifest, limits)}
     for graph in engines.GRAPHS:
@@ -222,7 +228,16 @@ class TimingCache:
             self.progress.say(f"  could not save the timing cache to {self.path} ({err}); builds still work")
 
 
-def build_plan(trt, graph: str, path: Path, profiles: list[Profile], out: Path, timing: TimingCache, workspace_gb: float | None, progress: Progress) -> int:
+def build_plan(
+    trt,
+    graph: str,
+    path: Path,
+    profiles: list[Profile],
+    out: Path,
+    timing: TimingCache,
+    workspace_gb: float | None,
+    progress: Progress,
+) -> int:
     """Parses `path`, builds one engine with `profiles`, writes it to `out`; returns its size."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -236,6 +251,12 @@ def build_plan(trt, graph: str, path: Path, profiles: list[Profile], out: Path, 
         if set(profile.shapes) != names:
             raise EngineError(f"{path.name}'s inputs {sorted(names)} do not match profile {profile.name}: re-export the artifacts")
     config = builder.create_builder_config()
+    tf32 = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+    if tf32 is not None:
+        # float32 in the graph means float32: TF32 (TensorRT's default) rounds matmul inputs to
+        # 10 mantissa bits, which even a float16 graph feels, in its float32 rotary angles
+        # (position x inv_freq is a float32 MatMul: 5e-4 relative error is 0.3 rad at position 600)
+        config.clear_flag(tf32)
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     for profile in profiles:
@@ -310,7 +331,7 @@ def build_engines(
             path = artifacts / plan.manifest.graphs[graph].file
             sizes[graph] = build_plan(trt, graph, path, plan.profiles[graph], stage / engines.PLANS[graph], timing, workspace_gb, progress)
             seconds[graph] = round(time.perf_counter() - start, 1)
-        extra = {"build_seconds": seconds, "timing_cache": str(timing.path), "tools": tool_versions(trt)}
+        extra = {"build_seconds": seconds, "tf32": False, "timing_cache": str(timing.path), "tools": tool_versions(trt)}
         record = engines.engine_record(identity, plan.manifest, plan.limits, plan.profiles, plan.sources, sizes, extra)
         engines.write_engine_json(stage, record)
         replace_folder(stage, final)
