@@ -374,6 +374,17 @@ class FakeCudart(types.ModuleType):
     def cudaGetDeviceProperties(self, index):
         return (self.cudaError_t.cudaSuccess, self.props)
 
+    class cudaDeviceAttr(enum.IntEnum):
+        cudaDevAttrMemoryClockRate = 36
+        cudaDevAttrGlobalMemoryBusWidth = 37
+
+    def cudaDeviceGetAttribute(self, attribute, device):
+        values = {36: 2_343_750, 37: 8192}  # kHz, bits: 4.8 TB/s, an H200's HBM3e
+        return (self.cudaError_t.cudaSuccess, values[int(attribute)])
+
+    def cudaGetDeviceCount(self):
+        return (self.cudaError_t.cudaSuccess, 1)
+
     def cudaGetErrorName(self, error):
         return (self.cudaError_t.cudaSuccess, getattr(error, "name", str(error)).encode())
 
@@ -401,6 +412,9 @@ def make_fake_tensorrt(state: SimpleNamespace) -> types.ModuleType:
 
     class MemoryPoolType(enum.IntEnum):
         WORKSPACE = 0
+
+    class BuilderFlag(enum.IntEnum):
+        TF32 = 7
 
     class TensorIOMode(enum.Enum):
         NONE = 0
@@ -481,6 +495,9 @@ def make_fake_tensorrt(state: SimpleNamespace) -> types.ModuleType:
     class BuilderConfig:
         def __init__(self):
             self.profiles, self.cache, self.progress_monitor, self.pools = [], None, None, {}
+
+        def clear_flag(self, flag):
+            state.cleared_flags.append(flag)
 
         def set_memory_pool_limit(self, pool, size):
             self.pools[pool] = size
@@ -640,7 +657,7 @@ def raise_keyboard_interrupt_inside(monitor):
 def fake_gpu(monkeypatch):
     """Installs the fake tensorrt and cuda.bindings.runtime; yields their shared state."""
     state = SimpleNamespace(
-        version="10.99.1", reject=None, fail_build=None, interrupt_at=None, caches_loaded=[], executions=[]
+        version="10.99.1", reject=None, fail_build=None, interrupt_at=None, caches_loaded=[], executions=[], cleared_flags=[]
     )
     cudart = FakeCudart()
     state.cudart = cudart
@@ -701,6 +718,7 @@ def test_build_writes_a_complete_engine_folder(fake_gpu, artifacts, tmp_path):
         assert record["source"][graph]["sha256"] == manifest.graphs[graph].sha256
         assert record["plans"][graph]["bytes"] == (folder / engines.PLANS[graph]).stat().st_size
     assert cache.read_bytes() == b"tt"  # both builds recorded into one cache
+    assert [flag.name for flag in fake_gpu.cleared_flags] == ["TF32", "TF32"]  # float32 stays float32
     # the plans carry exactly the derived profiles
     plan = json.loads((folder / "decoder.plan").read_text())
     limits = engines.derive_limits(manifest, max_batch=2)
@@ -765,6 +783,16 @@ def test_stale_onnx_is_refused_before_building(fake_gpu, artifacts):
     line = error_line(engine_cli("--artifacts", artifacts))
     assert "decoder.onnx is not the graph its manifest describes" in line
     assert fake_gpu.executions == [] and leftovers(artifacts) == []
+
+
+def test_weight_quantized_decoders_are_refused(artifacts):
+    if "quant" not in contract.GraphSpec.__dataclass_fields__:
+        pytest.skip("this checkout's manifest has no quantized decoders")
+    manifest = contract.read_manifest(artifacts)
+    manifest.graphs["decoder"].quant = "int8"
+    contract.write_manifest(artifacts, manifest)
+    line = error_line(engine_cli("--artifacts", artifacts, "--dry-run"))
+    assert "--quant int8" in line and "without --quant" in line
 
 
 def test_without_tensorrt_the_build_says_what_to_install(artifacts, monkeypatch):
@@ -909,3 +937,46 @@ def test_not_enough_device_memory_for_the_cache(fake_gpu, artifacts):
         backend.empty_cache(1)
     fake_gpu.cudart.device_limit = None
     backend.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The GPU check's plumbing, on the fakes (its GPU numbers need a GPU)
+
+
+def test_gpu_check_statuses_name_what_is_missing(monkeypatch):
+    from exporter import gpu_check
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert "tensorrt is not installed" in gpu_check.tensorrt_status()
+    assert gpu_check.torch_cuda_status() is None or "CUDA" in gpu_check.torch_cuda_status()
+
+
+def test_gpu_check_benchmark_flow_on_the_fakes(fake_gpu, artifacts, workshop, tmp_path, monkeypatch):
+    """run_benchmark with the fake TensorRT: sides measured, roofline from the nominal
+    bandwidth, greedy agreement, and the Markdown report (PyTorch CUDA is absent here)."""
+    from exporter import gpu_check
+    from exporter.source import load_source
+    from exporter.tiny import TinyConfig
+
+    build(artifacts)
+    source = load_source(str(workshop.tiny(TinyConfig())["hf"]))
+    monkeypatch.setattr(gpu_check, "prepare_model", lambda *a, **k: (artifacts, source, artifacts / "engines" / FAKE_FOLDER))
+    monkeypatch.setattr(gpu_check, "ort_cuda_status", lambda: "no CUDA here")
+    monkeypatch.setattr(gpu_check, "torch_cuda_status", lambda: "no CUDA here")
+    args = SimpleNamespace(text_layers=2, prompt_len=8, new_tokens=4, repeats=2, encode_repeats=2)
+    report = {"environment": {"stacks": {"tensorrt": None, "onnxruntime-cuda": "no", "torch-cuda": "no"}}, "errors": {}}
+    gpu_check.run_benchmark(args, tmp_path, report, gpu_check_progress())
+    bench = report["benchmark"]
+    assert bench["bandwidth_gb_s"] == {"measured_copy": None, "nominal": 4800.0}
+    assert bench["decoder_weight_bytes_per_token"] > 0 and bench["roofline_decode_tokens_per_s"] > 0
+    side = bench["sides"]["tensorrt"]
+    assert side["image_encode_ms"] > 0 and side["time_to_first_token_ms"] > 0 and side["decode_tokens_per_s"] > 0
+    assert side["fraction_of_roofline"] is not None and "tokens" not in side
+    text = gpu_check.markdown({**report, "seconds": 1.0})
+    assert "| tensorrt |" in text and "4800.0 GB/s" in text
+
+
+def gpu_check_progress():
+    from exporter.progress import Progress
+
+    return Progress(quiet=True)

@@ -1,0 +1,555 @@
+"""Every GPU check this machine allows, and a GPU benchmark, in one run with one report.
+
+    python -m exporter.gpu_check [--report gpu_check_report.md] [--text-layers 2] [--budget-s 290]
+    (scripts/gpu_check.sh runs exactly this)
+
+1. Environment: GPU, driver-visible stacks (TensorRT + cuda-python, onnxruntime-gpu's CUDA
+   provider, CUDA PyTorch), each with the reason it is unusable when it is.
+2. Parity: parity_tests/test_tensorrt.py (marked `gpu`) in a child pytest: TensorRT engines
+   and ONNX Runtime CUDA against the float32 PyTorch reference (vision cosine, decoder top-1,
+   greedy answers), and float16 ONNX against float16 PyTorch on CUDA. Each group runs where
+   its stack is installed and is reported skipped, with the reason, where it is not.
+3. Benchmark, on a LLaVA-1.5-7B-shaped float16 model with random weights (exporter.scale: CLIP
+   ViT-L/14-336, mlp2x_gelu, hidden 4096, vocab 32064) and --text-layers decoder layers (32 is
+   the real depth; the default keeps export + engine build inside the time budget): export
+   with --fp16, build engines, then per side (TensorRT, ONNX Runtime CUDA, PyTorch eager
+   float16 on CUDA), on identical inputs (one 336px image + --prompt-len text tokens):
+       image encode ms at batch 1, time to first token (encode + splice + prefill), decode
+       tokens/s over --new-tokens greedy steps, and decode against the memory roofline:
+       bound tok/s = GPU bandwidth / bytes of decoder weights read per token
+   GPU bandwidth is measured (a device-to-device copy in PyTorch, bytes read + written) or,
+   without CUDA PyTorch, the nominal memory clock x bus width.
+
+The report (Markdown, plus the same as JSON beside it) is written even when a stage fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY_FILE = "parity_tests/test_tensorrt.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# What this machine has (each None when usable, else the reason it is not)
+
+
+def cuda_runtime_status() -> str | None:
+    try:
+        from runtime.backends.trt import Cuda
+        from runtime.errors import EngineError
+    except ImportError as err:  # pragma: no cover - the runtime is this repository
+        return str(err)
+    try:
+        cuda = Cuda()
+        count = cuda.call("cudaGetDeviceCount", cuda.rt.cudaGetDeviceCount())
+    except EngineError as err:
+        return str(err)
+    except Exception as err:  # a driver that is missing or too old surfaces in many ways
+        return f"the CUDA runtime is unusable ({err})"
+    return None if count else "no CUDA GPU is visible"
+
+
+def tensorrt_status() -> str | None:
+    """Why TensorRT engines cannot be built and run here, or None."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt is not installed (pip install 'llava-export[gpu]')"
+    except Exception as err:
+        return f"tensorrt does not load ({err})"
+    return cuda_runtime_status()
+
+
+def ort_cuda_status() -> str | None:
+    """Why ONNX Runtime's CUDA provider is not usable here, or None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu instead of onnxruntime)"
+    try:  # available in the build is not the same as loadable here (CUDA/cuDNN libraries, a GPU)
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = min(model.ir_version, 10)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+        if "CUDAExecutionProvider" not in session.get_providers():
+            return "onnxruntime's CUDAExecutionProvider did not load (CUDA or cuDNN libraries missing, or no GPU)"
+    except Exception as err:
+        return f"onnxruntime's CUDAExecutionProvider fails ({str(err).splitlines()[0][:160]})"
+    return None
+
+
+def torch_cuda_status() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU (a CPU build, or no driver)"
+    return None
+
+
+def environment() -> dict:
+    info: dict = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
+    info["stacks"] = {"tensorrt": tensorrt_status(), "onnxruntime-cuda": ort_cuda_status(), "torch-cuda": torch_cuda_status()}
+    for module in ("tensorrt", "onnxruntime", "torch", "transformers", "onnx"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:
+            info[module] = None
+    try:
+        from importlib import metadata
+
+        info["cuda-python"] = metadata.version("cuda-python")
+    except Exception:
+        info["cuda-python"] = None
+    gpu = gpu_properties()
+    if gpu:
+        info["gpu"] = gpu
+    return info
+
+
+def gpu_properties() -> dict | None:
+    """Name, compute capability, memory and nominal bandwidth of device 0 (torch or cuda-python)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1)}
+            nominal = nominal_bandwidth_gb_s()
+            if nominal:
+                info["nominal_bandwidth_gb_s"] = nominal
+            return info
+    except Exception:
+        pass
+    if cuda_runtime_status() is None:
+        from runtime.backends.trt import Cuda
+
+        name, major, minor = Cuda().device()
+        return {"name": name, "compute_capability": f"{major}.{minor}", "nominal_bandwidth_gb_s": nominal_bandwidth_gb_s()}
+    return None
+
+
+def nominal_bandwidth_gb_s() -> float | None:
+    """Memory clock x bus width x 2 (double data rate), from the CUDA runtime's attributes."""
+    try:
+        from runtime.backends.trt import Cuda
+
+        cuda = Cuda()
+        attr = cuda.rt.cudaDeviceAttr
+        clock_khz = cuda.call("clock", cuda.rt.cudaDeviceGetAttribute(attr.cudaDevAttrMemoryClockRate, 0))
+        width_bits = cuda.call("bus width", cuda.rt.cudaDeviceGetAttribute(attr.cudaDevAttrGlobalMemoryBusWidth, 0))
+        return round(2 * clock_khz * 1e3 * width_bits / 8 / 1e9, 1)
+    except Exception:
+        return None
+
+
+def measured_bandwidth_gb_s(mib: int = 2048, repeats: int = 10) -> float | None:
+    """Device-to-device copy in PyTorch: (bytes read + bytes written) / best time."""
+    if torch_cuda_status() is not None:
+        return None
+    import torch
+
+    count = mib * 2**20 // 2
+    source = torch.empty(count, dtype=torch.float16, device="cuda").fill_(1)
+    target = torch.empty_like(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    del source, target
+    torch.cuda.empty_cache()
+    return round(2 * count * 2 / best / 1e9, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity (a child pytest over parity_tests/test_tensorrt.py)
+
+
+def run_parity(work: Path, timeout_s: float) -> dict:
+    junit = work / "parity.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", PARITY_FILE, "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(timeout_s, 30))
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as err:
+        output, code = f"{err.stdout or ''}{err.stderr or ''}\n(timed out after {timeout_s:.0f} s)", -1
+    tests = []
+    if junit.is_file():
+        for case in ElementTree.parse(junit).getroot().iter("testcase"):
+            outcome, message = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                found = case.find(tag)
+                if found is not None:
+                    outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                    message = (found.get("message") or found.text or "").strip().splitlines()[0][:300] if (found.get("message") or found.text) else ""
+                    break
+            tests.append({"test": case.get("name"), "outcome": outcome, "message": message, "seconds": float(case.get("time") or 0)})
+    tail = output.strip().splitlines()[-40:]
+    return {"command": " ".join(command), "exit": code, "seconds": round(time.perf_counter() - start, 1), "tests": tests, "output_tail": tail}
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def median_ms(times: list[float]) -> float:
+    return round(statistics.median(times) * 1000, 3)
+
+
+def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int, report: dict, progress):
+    """Checkpoint -> fp16 artifacts -> engines (each reused when already there). Returns
+    (artifacts folder, LlavaSource loaded in float16, engines folder or None)."""
+    import torch
+
+    from exporter import scale
+    from exporter.decoder import export_decoder
+    from exporter.source import load_source
+    from exporter.vision import export_vision
+    from runtime import contract
+
+    checkpoint = work / f"llava7b-{text_layers}l"
+    artifacts = work / f"artifacts-{text_layers}l-fp16"
+    timings = report.setdefault("prepare_s", {})
+    if not (checkpoint / "config.json").is_file():
+        start = time.perf_counter()
+        with progress.stage(f"writing a random LLaVA-1.5-7B-shaped checkpoint ({text_layers} decoder layers)"):
+            scale.write_checkpoint(checkpoint, text_layers)
+        timings["checkpoint"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    with progress.stage("loading it in float16"):
+        source = load_source(str(checkpoint), dtype=torch.float16)
+    timings["load"] = round(time.perf_counter() - start, 1)
+    manifest_ok = False
+    try:
+        manifest_ok = set(contract.read_manifest(artifacts).graphs) >= {"vision", "decoder"}
+    except Exception:
+        pass
+    if not manifest_ok:
+        start = time.perf_counter()
+        export_vision(source, artifacts, fp16=True, force=True, verify=False, progress=progress)
+        export_decoder(source, artifacts, fp16=True, force=True, verify=False, progress=progress)
+        timings["export_fp16"] = round(time.perf_counter() - start, 1)
+    folder = None
+    if tensorrt_status() is None:
+        from exporter.engine import build_engines
+
+        image_tokens = source.vision.num_image_tokens
+        start = time.perf_counter()
+        folder = build_engines(
+            artifacts,
+            max_batch=1,
+            max_input_len=image_tokens + prompt_len,
+            max_seq_len=image_tokens + prompt_len + new_tokens + 1,
+            timing_cache=work / "timing.cache",
+            progress=progress,
+        )
+        timings["engines"] = round(time.perf_counter() - start, 1)
+    return artifacts, source, folder
+
+
+class TorchCudaSide:
+    """PyTorch eager float16 on CUDA: the same steps as the runtime (exporter.bench.ReferenceSide,
+    on the GPU, synchronized before every clock reading)."""
+
+    name = "pytorch-eager-fp16"
+
+    def __init__(self, source):
+        import torch
+
+        from exporter.vision import VisionEncoder
+
+        model = source.model.to("cuda")
+        self.torch = torch
+        self.encoder = VisionEncoder(model, source.vision.select_layer, source.vision.select_strategy).eval()
+        self.language_model = model.model.language_model
+        self.lm_head = model.lm_head
+        self.embed = model.get_input_embeddings()
+
+    def clock(self) -> float:
+        self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def run(self, inputs, new_tokens: int) -> dict:
+        torch = self.torch
+        from transformers import DynamicCache
+
+        with torch.no_grad():
+            start = self.clock()
+            image = self.encoder(torch.from_numpy(inputs.pixels).to("cuda", torch.float16))
+            encoded = self.clock()
+            before, after = (torch.from_numpy(a).to("cuda") for a in (inputs.before, inputs.after))
+            embeds = torch.cat([self.embed(before), image, self.embed(after)], dim=1)
+            batch, length = embeds.shape[:2]
+            mask = torch.ones(batch, length, dtype=torch.long, device="cuda")
+            cache = DynamicCache()
+            positions = torch.arange(length, device="cuda").expand(batch, length)
+            token = self.forward(embeds, mask, positions, cache).argmax(-1)
+            first = self.clock()
+            tokens = [token]
+            for step in range(new_tokens):
+                mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device="cuda")], dim=1)
+                positions = torch.full((batch, 1), length + step, dtype=torch.long, device="cuda")
+                token = self.forward(self.embed(token)[:, None], mask, positions, cache).argmax(-1)
+                tokens.append(token)
+            done = self.clock()
+        return {"encode": encoded - start, "ttft": first - start, "decode": done - first, "tokens": torch.stack(tokens, 1).tolist()}
+
+    def forward(self, embeds, mask, positions, cache):
+        hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden[:, -1]).float()
+
+    def encode_only(self, inputs) -> float:
+        torch = self.torch
+        with torch.no_grad():
+            start = self.clock()
+            self.encoder(torch.from_numpy(inputs.pixels).to("cuda", torch.float16))
+            return self.clock() - start
+
+
+class RuntimeGpuSide:
+    """A runtime backend (TensorRT or ONNX Runtime CUDA) through runtime.generate, as llava-run runs it."""
+
+    def __init__(self, name: str, backend, embed_table):
+        self.name, self.backend, self.table = name, backend, embed_table
+
+    def run(self, inputs, new_tokens: int) -> dict:
+        import numpy as np
+
+        from runtime import generate
+
+        backend, table = self.backend, self.table
+        start = time.perf_counter()
+        image = backend.encode_images(inputs.pixels)
+        encoded = time.perf_counter()
+        sequences = [
+            np.concatenate([table[inputs.before[row]], image[row], table[inputs.after[row]]]).astype(backend.dtype, copy=False)
+            for row in range(inputs.batch)
+        ]
+        state = generate.prefill(backend, sequences)
+        token = state.logits.argmax(-1)
+        first = time.perf_counter()
+        tokens = [token]
+        for _ in range(new_tokens):
+            state = generate.decode_one_token(backend, table, token, state)
+            token = state.logits.argmax(-1)
+            tokens.append(token)
+        done = time.perf_counter()
+        return {"encode": encoded - start, "ttft": first - start, "decode": done - first, "tokens": np.stack(tokens, 1).tolist()}
+
+    def encode_only(self, inputs) -> float:
+        start = time.perf_counter()
+        self.backend.encode_images(inputs.pixels)
+        return time.perf_counter() - start
+
+
+def measure_side(side, inputs, new_tokens: int, repeats: int, encode_repeats: int) -> dict:
+    side.run(inputs, 2)  # warm-up: kernels chosen, memory allocated
+    runs = [side.run(inputs, new_tokens) for _ in range(repeats)]
+    encodes = [side.encode_only(inputs) for _ in range(encode_repeats)]
+    decode_s = statistics.median(r["decode"] for r in runs)
+    return {
+        "image_encode_ms": median_ms(encodes),
+        "time_to_first_token_ms": median_ms([r["ttft"] for r in runs]),
+        "decode_tokens_per_s": round(new_tokens / decode_s, 1) if decode_s > 0 else None,
+        "decode_ms_per_token": round(decode_s / new_tokens * 1000, 3),
+        "tokens": runs[-1]["tokens"][0],
+    }
+
+
+def agreement(ours: list[int], reference: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+
+
+def run_benchmark(args, work: Path, report: dict, progress) -> None:
+    from exporter.bench import decoder_cost, make_inputs
+    from runtime import contract
+    from runtime.pipeline import Pipeline
+
+    bench = report["benchmark"] = {"text_layers": args.text_layers, "prompt_text_tokens": args.prompt_len, "new_tokens": args.new_tokens}
+    artifacts, source, engine_folder = prepare_model(work, args.text_layers, args.prompt_len, args.new_tokens, bench, progress)
+    manifest = contract.read_manifest(artifacts)
+    inputs = make_inputs(manifest, 1, args.prompt_len, seed=0)
+    bench["prompt_tokens"] = inputs.prompt_tokens
+    cost = decoder_cost(source, "float16")
+    bench["decoder_weight_bytes_per_token"] = cost.weight_bytes
+    bandwidth = measured_bandwidth_gb_s()
+    nominal = nominal_bandwidth_gb_s()
+    bench["bandwidth_gb_s"] = {"measured_copy": bandwidth, "nominal": nominal}
+    used = bandwidth or nominal
+    bench["roofline_decode_tokens_per_s"] = round(used * 1e9 / cost.weight_bytes, 1) if used else None
+
+    sides = []
+    if engine_folder is not None:
+        pipe = Pipeline.load(artifacts, backend="trt")
+        sides.append(RuntimeGpuSide("tensorrt", pipe.backend, pipe.embed_table))
+    if ort_cuda_status() is None:
+        pipe = Pipeline.load(artifacts, backend="ort")
+        if pipe.backend.name == "ort-cuda":
+            sides.append(RuntimeGpuSide("onnxruntime-cuda", pipe.backend, pipe.embed_table))
+    if torch_cuda_status() is None:
+        sides.append(TorchCudaSide(source))
+    results = bench["sides"] = {}
+    for side in sides:
+        with progress.stage(f"benchmarking {side.name}"):
+            try:
+                results[side.name] = measure_side(side, inputs, args.new_tokens, args.repeats, args.encode_repeats)
+            except Exception as err:
+                results[side.name] = {"error": f"{type(err).__name__}: {err}"}
+        if getattr(side, "backend", None) is not None and hasattr(side.backend, "close"):
+            side.backend.close()
+    reference = results.get(TorchCudaSide.name, {}).get("tokens")
+    for name, result in results.items():
+        if "error" in result:
+            continue
+        roof = bench["roofline_decode_tokens_per_s"]
+        result["fraction_of_roofline"] = round(result["decode_tokens_per_s"] / roof, 3) if roof and result["decode_tokens_per_s"] else None
+        if reference and name != TorchCudaSide.name:
+            result["greedy_tokens_agreeing_with_pytorch"] = agreement(result["tokens"], reference)
+        result.pop("tokens", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = ["# llava-export GPU check", "", f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {report.get('seconds', '?')} s in all", ""]
+    gpu = env.get("gpu") or {}
+    lines.append(f"GPU: {gpu.get('name', 'none visible')} (compute {gpu.get('compute_capability', '?')}, {gpu.get('memory_gib', '?')} GiB)")
+    lines.append(
+        f"Versions: tensorrt {env.get('tensorrt')}, cuda-python {env.get('cuda-python')}, onnxruntime {env.get('onnxruntime')}, "
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}"
+    )
+    lines += ["", "| stack | usable |", "|---|---|"]
+    for stack, reason in env["stacks"].items():
+        lines.append(f"| {stack} | {'yes' if reason is None else 'no: ' + reason} |")
+    parity = report.get("parity")
+    if parity:
+        counts = {}
+        for test in parity["tests"]:
+            counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
+        lines += ["", f"## Parity ({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no tests ran'}; {parity['seconds']} s)", ""]
+        lines += ["| test | outcome | note |", "|---|---|---|"]
+        for test in parity["tests"]:
+            lines.append(f"| {test['test']} | {test['outcome']} | {test['message'].replace('|', '/')} |")
+        if parity["exit"] not in (0, 5):
+            lines += ["", "```", *parity["output_tail"], "```"]
+    bench = report.get("benchmark")
+    if bench:
+        lines += ["", f"## Benchmark: LLaVA-1.5-7B-shaped, float16, {bench['text_layers']} of 32 decoder layers", ""]
+        lines.append(
+            f"Prompt: one 336px image + {bench.get('prompt_text_tokens')} text tokens = {bench.get('prompt_tokens')} positions; "
+            f"{bench.get('new_tokens')} greedy decode steps, batch 1."
+        )
+        bw = bench.get("bandwidth_gb_s", {})
+        if "decoder_weight_bytes_per_token" in bench:
+            lines.append(
+                f"Roofline: {bench['decoder_weight_bytes_per_token'] / 1e9:.2f} GB of decoder weights per token / "
+                f"{bw.get('measured_copy') or bw.get('nominal')} GB/s ({'measured copy' if bw.get('measured_copy') else 'nominal'}; "
+                f"nominal {bw.get('nominal')}) = {bench.get('roofline_decode_tokens_per_s')} tok/s."
+            )
+        if bench.get("prepare_s"):
+            lines.append("Preparation (s): " + ", ".join(f"{k} {v}" for k, v in bench["prepare_s"].items()))
+        lines += ["", "| side | image encode ms (b=1) | time to first token ms | decode tok/s | of roofline | greedy tokens = PyTorch |", "|---|---|---|---|---|---|"]
+        for name, r in bench.get("sides", {}).items():
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error'][:200]} | | | | |")
+                continue
+            fraction = r.get("fraction_of_roofline")
+            lines.append(
+                f"| {name} | {r['image_encode_ms']} | {r['time_to_first_token_ms']} | {r['decode_tokens_per_s']} | "
+                f"{'' if fraction is None else f'{fraction:.0%}'} | {r.get('greedy_tokens_agreeing_with_pytorch', '-')} |"
+            )
+        lines.append("")
+        lines.append("Random weights: greedy agreement counts leading tokens equal to PyTorch's (near ties make later ones meaningless).")
+    for stage, message in report.get("errors", {}).items():
+        lines += ["", f"## {stage} failed", "", "```", message.strip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(report))
+    path.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from exporter.progress import Progress
+
+    parser = argparse.ArgumentParser(prog="python -m exporter.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report", type=Path, default=REPO / "gpu_check_report.md", help="Markdown report (JSON beside it)")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "llava-gpu-check", help="checkpoints, exports, engines (reused by a second run)")
+    parser.add_argument("--text-layers", type=int, default=2, help="decoder layers of the 7B-shaped benchmark model (32 = full depth, minutes more)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="text tokens next to the image")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--encode-repeats", type=int, default=10)
+    parser.add_argument("--budget-s", type=float, default=290, help="stop starting new stages after this many seconds")
+    parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    progress = Progress()
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"environment": environment(), "errors": {}}
+    env = report["environment"]
+    progress.say(f"gpu check: {(env.get('gpu') or {}).get('name', 'no GPU visible')}; " + ", ".join(f"{k}: {'yes' if v is None else 'no'}" for k, v in env["stacks"].items()))
+    if not args.skip_parity:
+        with progress.stage("parity tests (parity_tests/test_tensorrt.py)"):
+            report["parity"] = run_parity(args.work, timeout_s=args.budget_s * 0.45)
+        write_report(report, args.report)
+    elapsed = time.perf_counter() - start
+    usable = any(env["stacks"][k] is None for k in ("tensorrt", "onnxruntime-cuda", "torch-cuda"))
+    if args.skip_bench:
+        pass
+    elif not usable:
+        report["errors"]["benchmark"] = "no GPU stack is usable here (see the table above)"
+    elif elapsed > args.budget_s * 0.6:
+        report["errors"]["benchmark"] = f"skipped: {elapsed:.0f} s of the {args.budget_s:.0f} s budget already spent"
+    else:
+        try:
+            run_benchmark(args, args.work, report, progress)
+        except Exception:
+            report["errors"]["benchmark"] = traceback.format_exc()[-3000:]
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(report, args.report)
+    progress.say(f"wrote {args.report} ({report['seconds']} s)")
+    failed = report.get("parity", {}).get("exit") not in (None, 0, 5) or bool(report["errors"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

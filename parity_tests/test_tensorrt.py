@@ -1,0 +1,229 @@
+"""GPU parity: TensorRT engines (and ONNX Runtime's CUDA provider, and float16 PyTorch on CUDA)
+against the float32 PyTorch reference. Marked `gpu`; each group skips, saying why, where its
+stack is missing (no tensorrt / cuda-python, no CUDA GPU, no CUDAExecutionProvider, no CUDA
+torch). scripts/gpu_check.sh runs this file and reports it.
+
+    vision   image_embeds of batches 1 and 3 (3 > --max-batch 2: chunked), cosine per image
+             token >= 0.999 in float16 (0.9999 in float32)
+    decoder  a left-padded batch of 2 (lengths 6 and 4), prefill then DECODE_STEPS greedy steps
+             fed the reference's tokens: logits cosine, and the same top-1 wherever the
+             reference's top-2 margin is above the dtype's logit error
+    greedy   llava-run's path (Pipeline) against transformers' generate, as
+             test_generation_parity.py does for ONNX Runtime on the CPU: identical tokens up
+             to the first near tie
+
+Engines are built once per dtype for the tiny model (seconds) with --max-batch 2, float32
+engines without TF32 (precision comes from the graph).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from exporter import gpu_check  # noqa: E402
+from exporter.parity import OutputParity, assert_parity, compare  # noqa: E402
+from exporter.progress import Progress  # noqa: E402
+from exporter.tiny import TinyConfig  # noqa: E402
+from runtime import contract  # noqa: E402
+from runtime.pipeline import Pipeline, Request  # noqa: E402
+from tests.fixtures import embeddings, pixels, run_decoder, run_vision  # noqa: E402
+from tests.runtime_fixtures import images  # noqa: E402,F401 (a fixture)
+
+pytestmark = pytest.mark.gpu
+
+DEFAULT = TinyConfig()
+MAX_BATCH = 2
+DECODE_STEPS = 6
+MIN_COSINE = {"float32": 0.9999, "float16": 0.999}
+# A greedy pick is comparable where the reference's top-2 margin exceeds the dtype's logit
+# error (float32 without TF32: ~1e-5; float16: ~1e-2 on the tiny models).
+MARGIN = {"float32": 1e-3, "float16": 0.05}
+MIN_GREEDY_STEPS = {"float32": 16, "float16": 2}
+
+TRT = gpu_check.tensorrt_status()
+ORT_CUDA = gpu_check.ort_cuda_status()
+TORCH_CUDA = gpu_check.torch_cuda_status()
+BACKENDS = [
+    pytest.param("trt", marks=pytest.mark.skipif(TRT is not None, reason=f"TensorRT parity: {TRT}")),
+    pytest.param("ort-cuda", marks=pytest.mark.skipif(ORT_CUDA is not None, reason=f"ONNX Runtime CUDA parity: {ORT_CUDA}")),
+]
+DTYPES = ["float16", "float32"]
+
+
+@pytest.fixture(scope="module")
+def folders(workshop, tmp_path_factory):
+    """dtype -> a private copy of the tiny export, with engines built when TensorRT is here."""
+    made: dict[str, object] = {}
+
+    def get(dtype: str, with_engines: bool):
+        key = (dtype, with_engines)
+        if key not in made:
+            source = workshop.artifacts(DEFAULT, "hf", fp16=dtype == "float16")
+            folder = shutil.copytree(source, tmp_path_factory.mktemp(f"gpu-{dtype}") / "artifacts")
+            if with_engines:
+                from exporter.engine import build_engines
+
+                build_engines(folder, max_batch=MAX_BATCH, timing_cache=folder.parent / "timing.cache", progress=Progress(quiet=True))
+            made[key] = folder
+        return made[key]
+
+    return get
+
+
+def open_backend(folders, backend: str, dtype: str):
+    folder = folders(dtype, with_engines=backend == "trt")
+    pipe = Pipeline.load(folder, backend="trt" if backend == "trt" else "ort")
+    if backend == "ort-cuda":
+        assert pipe.backend.name == "ort-cuda", "onnxruntime-gpu is installed but the session fell back to the CPU"
+    return pipe
+
+
+def reference_features(model, pixel_values: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixel_values).pooler_output
+    return torch.stack(list(features)).numpy()
+
+
+def reference_step(model, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache=None):
+    with torch.no_grad():
+        out = model(
+            inputs_embeds=torch.from_numpy(embeds.astype(np.float32)),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
+            cache=cache,
+            use_cache=True,
+        )
+    return out.logits[:, -1].float().numpy(), out.cache
+
+
+def positions_of(mask: np.ndarray, new: int) -> np.ndarray:
+    return np.clip(np.cumsum(mask, -1) - 1, 0, None)[:, -new:].astype(np.int64)
+
+
+def top1_failures(step: str, actual: np.ndarray, expected: np.ndarray, margin: float) -> list[str]:
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    confident = (top2[:, 1] - top2[:, 0]) > margin
+    wrong = confident & (actual.argmax(-1) != expected.argmax(-1))
+    return [f"{step} row {row}: top-1 {actual[row].argmax()} vs reference {expected[row].argmax()}" for row in np.flatnonzero(wrong)]
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT and ONNX Runtime CUDA against PyTorch float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vision_matches_pytorch(workshop, folders, backend, dtype):
+    pipe = open_backend(folders, backend, dtype)
+    reference = workshop.reference(DEFAULT)
+    results = []
+    for batch in (1, 3):
+        pix = pixels(DEFAULT, batch, seed=10 + batch)
+        actual = pipe.backend.encode_images(pix.numpy())
+        assert actual.dtype == np.dtype(dtype)
+        results.append(compare(f"image_embeds batch {batch}", actual, reference_features(reference, pix), min_cosine=MIN_COSINE[dtype]))
+    assert_parity(results, f"{backend} vision {dtype} vs PyTorch float32")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoder_top1_matches_pytorch(workshop, folders, backend, dtype):
+    pipe = open_backend(folders, backend, dtype)
+    model = workshop.reference(DEFAULT)
+    backend_impl, table = pipe.backend, pipe.embed_table
+    rng = np.random.default_rng(3)
+    lengths = [6, 4]
+    hidden = pipe.manifest.text.hidden_size
+    embeds = np.zeros((2, 6, hidden), np.float32)
+    mask = np.zeros((2, 6), np.int64)
+    for row, length in enumerate(lengths):
+        embeds[row, 6 - length :] = table[rng.integers(3, 300, length)]
+        mask[row, 6 - length :] = 1
+    results: list[OutputParity] = []
+    failures: list[str] = []
+    cache = backend_impl.empty_cache(2)
+    expected, ref_cache = reference_step(model, embeds, mask, positions_of(mask, 6))
+    actual, cache = backend_impl.decode(embeds.astype(backend_impl.dtype), mask, positions_of(mask, 6), cache)
+    for step in range(DECODE_STEPS + 1):
+        label = "prefill" if step == 0 else f"decode {step}"
+        results.append(compare(f"logits {label}", actual, expected, min_cosine=MIN_COSINE[dtype], top1=True))
+        failures += top1_failures(label, actual, expected, MARGIN[dtype])
+        if step == DECODE_STEPS:
+            break
+        tokens = expected.argmax(-1)  # teacher forcing: both sides continue with the reference's pick
+        new = np.asarray(table[tokens])[:, None, :]
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        expected, ref_cache = reference_step(model, new.astype(np.float32), mask, positions_of(mask, 1), ref_cache)
+        actual, cache = backend_impl.decode(new.astype(backend_impl.dtype), mask, positions_of(mask, 1), cache)
+    assert_parity(results, f"{backend} decoder {dtype} vs PyTorch float32")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_answers_match_transformers_generate(workshop, folders, backend, dtype, images, capsys):
+    from parity_tests.test_generation_parity import NEW_TOKENS, ROWS, reference_generate
+
+    pipe = open_backend(folders, backend, dtype)
+    pipe.manifest.tokens.eos = []  # no stopping on either side (see test_generation_parity.py)
+    model = workshop.reference(DEFAULT)
+    paths = [images[name] for _, name in ROWS]
+    answers = pipe.generate_batch([Request(prompt, [path]) for (prompt, _), path in zip(ROWS, paths)], max_new_tokens=NEW_TOKENS)
+    ref_tokens, margins = reference_generate(model, pipe, ROWS, paths)
+    report, failures = [], []
+    for row, answer in enumerate(answers):
+        low = np.flatnonzero(margins[row] < MARGIN[dtype])
+        compared = int(low[0]) if len(low) else NEW_TOKENS
+        ours, theirs = answer.token_ids[:compared], ref_tokens[row, :compared].tolist()
+        report.append(f"row {row}: {compared}/{NEW_TOKENS} steps compared")
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            failures.append(f"row {row}: tokens differ at step {first}: {backend} {ours} vs reference {theirs}")
+        elif compared < MIN_GREEDY_STEPS[dtype]:
+            failures.append(f"row {row}: only {compared} steps before a near tie (margin {MARGIN[dtype]})")
+    with capsys.disabled():
+        print(f"\n[{backend} {dtype} greedy] " + "; ".join(report))
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 on CUDA in PyTorch: the ONNX float16 graphs against PyTorch's own float16 arithmetic
+
+
+@pytest.mark.skipif(TORCH_CUDA is not None, reason=f"float16 PyTorch-on-CUDA parity: {TORCH_CUDA}")
+def test_fp16_onnx_matches_pytorch_fp16_on_cuda(workshop):
+    """Where neither TensorRT nor ONNX Runtime CUDA is installed this still uses the GPU: the
+    float16 graphs (ONNX Runtime) against the same model run in float16 by PyTorch on CUDA,
+    the arithmetic a GPU deployment of the reference would do."""
+    from exporter.source import load_source
+
+    folder = workshop.artifacts(DEFAULT, "hf", fp16=True)
+    model = load_source(str(workshop.tiny(DEFAULT)["hf"]), dtype=torch.float16).model.to("cuda").eval()
+    results = []
+    pix = pixels(DEFAULT, 3, seed=21)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pix.to("cuda", torch.float16)).pooler_output
+    expected = torch.stack(list(features)).float().cpu().numpy()
+    results.append(compare("image_embeds", run_vision(folder, pix.numpy()), expected, min_cosine=MIN_COSINE["float16"]))
+    table = embeddings(folder)
+    ids = np.random.default_rng(5).integers(3, 300, (2, 7))
+    embeds = np.asarray(table[ids])
+    mask = np.ones((2, 7), np.int64)
+    past = [np.zeros((2, DEFAULT.kv_heads, 0, DEFAULT.text_hidden // DEFAULT.heads), np.float16) for _ in range(2 * DEFAULT.text_layers)]
+    logits, _ = run_decoder(folder, embeds, mask, positions_of(mask, 7), past)
+    with torch.no_grad():
+        out = model(
+            inputs_embeds=torch.from_numpy(embeds).to("cuda"),
+            attention_mask=torch.from_numpy(mask).to("cuda"),
+            position_ids=torch.from_numpy(positions_of(mask, 7)).to("cuda"),
+        )
+    reference = out.logits[:, -1].float().cpu().numpy()
+    results.append(compare("logits", logits, reference, min_cosine=MIN_COSINE["float16"], top1=True))
+    assert_parity(results, "float16 ONNX (ONNX Runtime) vs float16 PyTorch on CUDA")
+    assert not top1_failures("prefill", logits, reference, MARGIN["float16"])
