@@ -399,6 +399,13 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
     bench = report["benchmark"] = {"text_layers": args.text_layers, "prompt_text_tokens": args.prompt_len, "new_tokens": args.new_tokens}
     artifacts, source, engine_folder = prepare_model(work, args.text_layers, args.prompt_len, args.new_tokens, bench, progress)
     manifest = contract.read_manifest(artifacts)
+    if engine_folder is not None:  # plan sizes next to the graphs' weights: two profiles, one copy of the weights?
+        record = json.loads((engine_folder / "engine.json").read_text())
+        bench["plan_bytes"] = {g: record["plans"][g]["bytes"] for g in record["plans"]}
+        bench["build_seconds"] = record.get("build_seconds")
+    bench["onnx_bytes"] = {
+        g: sum(p.stat().st_size for p in artifacts.glob(manifest.graphs[g].file + "*")) for g in ("vision", "decoder")
+    }
     inputs = make_inputs(manifest, 1, args.prompt_len, seed=0)
     bench["prompt_tokens"] = inputs.prompt_tokens
     cost = decoder_cost(source, "float16")
@@ -482,6 +489,12 @@ def markdown(report: dict) -> str:
             )
         if bench.get("prepare_s"):
             lines.append("Preparation (s): " + ", ".join(f"{k} {v}" for k, v in bench["prepare_s"].items()))
+        if bench.get("plan_bytes"):
+            lines.append(
+                "Sizes (MiB): "
+                + ", ".join(f"{g}.plan {bench['plan_bytes'][g] / 2**20:.0f} vs {g}.onnx {bench['onnx_bytes'][g] / 2**20:.0f}" for g in bench["plan_bytes"])
+                + f"; build s: {bench.get('build_seconds')}"
+            )
         lines += ["", "| side | image encode ms (b=1) | time to first token ms | decode tok/s | of roofline | greedy tokens = PyTorch |", "|---|---|---|---|---|---|"]
         for name, r in bench.get("sides", {}).items():
             if "error" in r:
