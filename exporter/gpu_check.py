@@ -36,7 +36,6 @@ import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_FILE = "parity_tests/test_tensorrt.py"

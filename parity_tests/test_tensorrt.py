@@ -30,9 +30,8 @@ from exporter import gpu_check  # noqa: E402
 from exporter.parity import OutputParity, assert_parity, compare  # noqa: E402
 from exporter.progress import Progress  # noqa: E402
 from exporter.tiny import TinyConfig  # noqa: E402
-from runtime import contract  # noqa: E402
 from runtime.pipeline import Pipeline, Request  # noqa: E402
-from tests.fixtures import embeddings, pixels, run_decoder, run_vision  # noqa: E402
+from tests.fixtures import embeddings, empty_past, pixels, run_decoder, run_vision  # noqa: E402
 from tests.runtime_fixtures import images  # noqa: E402,F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
@@ -215,8 +214,7 @@ def test_fp16_onnx_matches_pytorch_fp16_on_cuda(workshop):
     ids = np.random.default_rng(5).integers(3, 300, (2, 7))
     embeds = np.asarray(table[ids])
     mask = np.ones((2, 7), np.int64)
-    past = [np.zeros((2, DEFAULT.kv_heads, 0, DEFAULT.text_hidden // DEFAULT.heads), np.float16) for _ in range(2 * DEFAULT.text_layers)]
-    logits, _ = run_decoder(folder, embeds, mask, positions_of(mask, 7), past)
+    logits, _ = run_decoder(folder, embeds, mask, positions_of(mask, 7), empty_past(folder, 2))
     with torch.no_grad():
         out = model(
             inputs_embeds=torch.from_numpy(embeds).to("cuda"),
