@@ -173,8 +173,12 @@ class Profile:
     def problems(self) -> list[str]:
         return [f"profile {self.name}, {input_name}: {p}" for input_name, r in self.shapes.items() for p in r.problems()]
 
-    def contains(self, shapes: dict[str, Iterable[int]]) -> bool:
-        return set(shapes) == set(self.shapes) and all(self.shapes[n].contains(s) for n, s in shapes.items())
+    def contains(self, shapes: dict[str, Iterable[int]], partial: bool = False) -> bool:
+        """Every input's shape in range; `partial`: only the inputs given (which must exist)."""
+        names = set(shapes)
+        if not (names <= set(self.shapes) if partial else names == set(self.shapes)):
+            return False
+        return all(self.shapes[n].contains(s) for n, s in shapes.items())
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shapes": {n: r.as_dict() for n, r in self.shapes.items()}}
@@ -244,10 +248,11 @@ def profile_problems(manifest: Manifest, limits: EngineLimits, graph: str, profi
     return problems
 
 
-def find_profile(profiles: list[Profile], shapes: dict[str, Iterable[int]]) -> int | None:
-    """Index of the first profile whose ranges hold every shape, or None."""
+def find_profile(profiles: list[Profile], shapes: dict[str, Iterable[int]], partial: bool = False) -> int | None:
+    """Index of the first profile whose ranges hold every shape, or None. `partial`: `shapes`
+    names only some inputs (the decoder's pasts all share one shape: checking one is enough)."""
     for index, profile in enumerate(profiles):
-        if profile.contains(shapes):
+        if profile.contains(shapes, partial):
             return index
     return None
 

@@ -128,6 +128,11 @@ def test_derived_profiles_are_valid_and_cover_what_the_runtime_sends(limit_args,
     assert engines.find_profile(decoder, call(1, 1, limits.max_seq_len)) is None
     assert engines.find_profile(decoder, call(top + 1, 1, 1)) is None
     assert engines.find_profile(decoder, call(1, 2, 1)) is None
+    # the backend's per-token probe: one past stands for all
+    probe = {k: v for k, v in call(1, 1, 5).items() if not k.startswith("past_key_values.") or k == contract.past_key_name(0)}
+    assert engines.find_profile(decoder, probe, partial=True) == 1
+    assert engines.find_profile(decoder, probe) is None  # not partial: every input is required
+    assert engines.find_profile(decoder, {"no_such_input": (1,)}, partial=True) is None
     prefill, decode = decoder
     assert decode.shapes[contract.past_key_name(0)].max[2] == limits.max_seq_len - 1
     assert decode.shapes[contract.ATTENTION_MASK].max[1] == limits.max_seq_len

@@ -374,7 +374,8 @@ class TrtBackend(Backend):
             contract.POSITION_IDS: (batch, sequence),
             **{name: kv for name in self.past_names},
         }
-        profile = engines.find_profile(self.decoder_profiles, shapes)
+        probe = {name: shapes[name] for name in (contract.INPUTS_EMBEDS, contract.ATTENTION_MASK, contract.POSITION_IDS, self.past_names[0])}
+        profile = engines.find_profile(self.decoder_profiles, probe, partial=True)  # per token: 4 checks, not 3 + 2 x layers
         if profile is None:
             raise EngineError(
                 f"no optimization profile of the decoder engine takes {sequence} new positions after {past} cached ones "
