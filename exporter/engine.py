@@ -18,6 +18,7 @@ default (~/.cache/llava-export/) and is saved after each engine.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter import trt_ops
-from exporter.onnx_io import file_sha256
 from exporter.progress import Progress
 from runtime import contract, engines
 from runtime.contract import Manifest
@@ -108,6 +108,16 @@ def plan_engines(
             if unsupported:
                 raise EngineError(trt_ops.describe_unsupported(path, unsupported))
     return EnginePlan(artifacts, manifest, limits, profiles, sources)
+
+
+def file_sha256(path: Path) -> str:
+    """As exporter.onnx_io's (which the manifest's digests come from), without importing torch:
+    engines are often built on a box that has the ONNX and TensorRT but no exporter stack."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def default_timing_cache(identity: GpuIdentity) -> Path:

@@ -985,3 +985,22 @@ def gpu_check_progress():
     from exporter.progress import Progress
 
     return Progress(quiet=True)
+
+
+def test_engine_command_needs_no_torch(artifacts):
+    """Engines are built where the ONNX and TensorRT are, often without the exporter's torch."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError('no ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from exporter.cli import main\n"
+        "main(['engine', '--artifacts', sys.argv[1], '--dry-run'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(artifacts)], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "profile decoder/decode" in done.stderr
