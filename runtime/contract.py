@@ -145,6 +145,10 @@ class GraphSpec:
     inputs: dict[str, list[int | str]]
     outputs: dict[str, list[int | str]]
     sha256: str = ""
+    # Weight-only quantization of the linear layers ("int8" | "int4": com.microsoft.MatMulNBits,
+    # activations stay `dtype`), or None. Informational: ONNX Runtime runs the graph as it is.
+    # Left out of the JSON when None, so float manifests read as before.
+    quant: str | None = None
 
 
 @dataclass
@@ -163,7 +167,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        data = asdict(self)
+        for graph in data["graphs"].values():
+            if graph.get("quant") is None:
+                graph.pop("quant", None)
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
