@@ -12,13 +12,16 @@ would be 77 MB of float32 per sequence for nothing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from exporter import onnx_io, parity
+from exporter import onnx_io, parity, quantize
 from exporter.manifest import open_manifest
 from exporter.progress import Progress
 from exporter.source import LlavaSource
@@ -125,13 +128,17 @@ def export_decoder(
     template: str | None = None,
     verify: bool = True,
     progress: Progress | None = None,
+    quant: str | None = None,
 ) -> dict[str, float]:
     """Writes decoder.onnx, embed_tokens.npy and the tokenizer into `out`; updates the manifest.
 
     The source should be loaded in the export dtype (float16 for --fp16): a float32 copy of a
-    7B decoder would not fit next to it in 24 GB.
+    7B decoder would not fit next to it in 24 GB. `quant` ("int8" | "int4") quantizes the linear
+    layers' weights (exporter/quantize.py) after tracing; the parity gate is then
+    parity.QUANT_MIN_COSINE[quant].
     """
     progress = progress or Progress()
+    bits = quantize.quant_bits(quant) if quant else None  # a bad value fails before any work
     onnx_io.check_writable(out)
     manifest = open_manifest(out, source, force, template)
     dtype_name = "float16" if fp16 else "float32"
@@ -151,13 +158,21 @@ def export_decoder(
             )
         with progress.stage("saving and checking the graph"):
             external = onnx_io.parameter_bytes(decoder) > onnx_io.EXTERNAL_DATA_BYTES
-            path = onnx_io.save_graph(program, stage, contract.DECODER_FILE, external)
+            float_stage = stage / "float" if quant else stage  # the float graph, kept aside
+            float_stage.mkdir(exist_ok=True)
+            path = onnx_io.save_graph(program, float_stage, contract.DECODER_FILE, external)
             del program
             onnx_io.check_graph(path)
+        if quant:
+            with progress.stage(f"quantizing the linear layers to {quant} (MatMulNBits)"):
+                stats = quantize.quantize_decoder(path, stage / contract.DECODER_FILE, bits)
+                shutil.rmtree(float_stage)
+                path = stage / contract.DECODER_FILE
+            progress.say(f"  {stats.summary()}")
         results = []
         if verify:
             with progress.stage("running prefill and decode in ONNX Runtime against PyTorch"):
-                results = decoder_parity(source, path, dtype_name)
+                results = decoder_parity(source, path, dtype_name, quant=quant)
             parity.report(progress, "decoder", results)
             parity.assert_parity(results, "decoder graph; nothing was written")
         sha = onnx_io.file_sha256(path)
@@ -169,7 +184,7 @@ def export_decoder(
                 (stage / name).replace(out / name)
         onnx_io.publish(stage, out, contract.DECODER_FILE)
     inputs, outputs = io_spec(source)
-    manifest.graphs["decoder"] = GraphSpec(contract.DECODER_FILE, dtype_name, opset, inputs, outputs, sha)
+    manifest.graphs["decoder"] = GraphSpec(contract.DECODER_FILE, dtype_name, opset, inputs, outputs, sha, quant=quant)
     manifest.embeddings = embeddings
     manifest.tokens = TokenSpec(bos=tokens["bos"], eos=tokens["eos"], pad=tokens["pad"])
     manifest.parity["decoder"] = parity.summary(results)
@@ -185,42 +200,58 @@ def write_embeddings(source: LlavaSource, folder: Path, dtype_name: str) -> dict
     return {"file": contract.EMBEDDINGS_FILE, "dtype": dtype_name, "shape": list(array.shape)}
 
 
-def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int = 2) -> list[parity.OutputParity]:
+def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int = 2, quant: str | None = None) -> list[parity.OutputParity]:
     """The graph at `path` against PyTorch (in the dtype the source was loaded in): prefill a
     left-padded batch of 2 (lengths 6 and 4), then `steps` decode steps feeding the reference's
-    present back as past; compares logits every step and the final cache at real positions."""
+    present back as past; compares logits every step and the final cache at real positions.
+
+    A weight-quantized graph (`quant`) is held to parity.QUANT_MIN_COSINE against a reference
+    whose linear layers carry the very weights the graph stores (quantize.quantized_linears):
+    what is left is MatMulNBits' own arithmetic (int8 activations at accuracy level 4). Its
+    logits are also set against the unquantized weights (cosine, top-1 agreement): what the
+    quantization costs, reported and not gated."""
     import onnxruntime as ort
 
     decoder = DecoderWithPast(source.model).eval()
     model_dtype = next(decoder.parameters()).dtype
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    min_cosine = parity.MIN_COSINE[dtype_name]
+    min_cosine = parity.min_cosine_for(dtype_name, quant)
     names = contract.decoder_output_names(source.text.num_layers)
+
+    def reference(embeds, mask, positions, past) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [t.float() for t in decoder(embeds.to(model_dtype), mask, positions, [(k.to(model_dtype), v.to(model_dtype)) for k, v in past])]
+
     generator = torch.Generator().manual_seed(1)
     embeds = torch.randn(2, 6, source.text.hidden_size, generator=generator)
     mask = left_padded_mask([6, 4], 6)
     past = empty_past(source, 2, torch.float32)
-    results = []
-    for step in range(steps + 1):
-        positions = positions_from_mask(mask, embeds.shape[1])
-        with torch.no_grad():
-            expected = [t.float() for t in decoder(embeds.to(model_dtype), mask, positions, [(k.to(model_dtype), v.to(model_dtype)) for k, v in past])]
-        feed = {
-            contract.INPUTS_EMBEDS: embeds.numpy().astype(dtype_name),
-            contract.ATTENTION_MASK: mask.numpy(),
-            contract.POSITION_IDS: positions.numpy(),
-        }
-        for layer, (key, value) in enumerate(past):
-            feed[contract.past_key_name(layer)] = key.numpy().astype(dtype_name)
-            feed[contract.past_value_name(layer)] = value.numpy().astype(dtype_name)
-        actual = session.run(names, feed)
-        results.append(parity.compare(f"logits step {step}", actual[0], expected[0].numpy(), min_cosine=min_cosine))
-        past = [(expected[1 + 2 * i], expected[2 + 2 * i]) for i in range(source.text.num_layers)]
-        next_ids = expected[0].argmax(-1)
-        embeds = source.model.get_input_embeddings()(next_ids)[:, None].float()
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    results, steps_run = [], []
+    with quantize.quantized_linears(decoder, *quantize.graph_settings(path)) if quant else contextlib.nullcontext():
+        for step in range(steps + 1):
+            positions = positions_from_mask(mask, embeds.shape[1])
+            expected = reference(embeds, mask, positions, past)
+            feed = {
+                contract.INPUTS_EMBEDS: embeds.numpy().astype(dtype_name),
+                contract.ATTENTION_MASK: mask.numpy(),
+                contract.POSITION_IDS: positions.numpy(),
+            }
+            for layer, (key, value) in enumerate(past):
+                feed[contract.past_key_name(layer)] = key.numpy().astype(dtype_name)
+                feed[contract.past_value_name(layer)] = value.numpy().astype(dtype_name)
+            actual = session.run(names, feed)
+            results.append(parity.compare(f"logits step {step}", actual[0], expected[0].numpy(), min_cosine=min_cosine))
+            steps_run.append(((embeds, mask, positions, past), actual[0]))
+            past = [(expected[1 + 2 * i], expected[2 + 2 * i]) for i in range(source.text.num_layers)]
+            next_ids = expected[0].argmax(-1)
+            embeds = source.model.get_input_embeddings()(next_ids)[:, None].float()
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
     real = mask[:, :-1].bool().numpy()  # the cache covers all but the last appended column
     for name, act, exp in zip(names[1:], actual[1:], expected[1:]):
         kept = np.moveaxis(act, 2, 1)[real], np.moveaxis(exp.numpy(), 2, 1)[real]  # [real tokens, kv, hd]
         results.append(parity.compare(name, kept[0], kept[1], min_cosine=min_cosine))
+    if quant:  # the same steps against the unquantized weights
+        for step, (inputs, logits) in enumerate(steps_run):
+            effect = parity.compare(f"logits step {step} vs {dtype_name} weights", logits, reference(*inputs)[0].numpy(), top1=True)
+            results.append(dataclasses.replace(effect, gated=False))
     return results

@@ -23,8 +23,9 @@ def verify_artifacts(source: LlavaSource, folder: Path, progress: Progress | Non
         raise ArtifactError(f"{folder} holds no graphs: export some with `llava-export all --out {folder}`")
     results = []
     for name, graph in manifest.graphs.items():
-        with progress.stage(f"running {graph.file} ({graph.dtype}) against PyTorch"):
-            graph_results = CHECKS[name](source, folder / graph.file, graph.dtype)
+        quant = {"quant": graph.quant} if graph.quant else {}  # a quantized decoder's own gate
+        with progress.stage(f"running {graph.file} ({graph.dtype}{', ' + graph.quant + ' weights' if graph.quant else ''}) against PyTorch"):
+            graph_results = CHECKS[name](source, folder / graph.file, graph.dtype, **quant)
         parity.report(progress, name, graph_results)
         results += graph_results
     parity.assert_parity(results, str(folder))
