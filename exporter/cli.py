@@ -70,6 +70,15 @@ def template_option(command):
     return click.option("--template", metavar="NAME", help="Prompt template recorded in the manifest (default: derived from the model).")(command)
 
 
+def quant_option(command):
+    return click.option(
+        "--quant",
+        type=click.Choice(["int8", "int4"]),
+        default=None,
+        help="Weight-only quantization of the decoder's linear layers (ONNX Runtime's MatMulNBits: runs in ONNX Runtime, not TensorRT).",
+    )(command)
+
+
 @click.group()
 @click.version_option(package_name="llava-export")
 def main():
@@ -96,8 +105,9 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
 @source_options
 @output_options
 @template_option
+@quant_option
 @user_errors
-def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template):
+def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
     from exporter.decoder import export_decoder
     from exporter.progress import Progress
@@ -106,7 +116,7 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, templat
     progress = Progress(quiet)
     progress.say(f"llava-export decoder: {model} -> {out}")
     source = load(model, vision_tower, fp16, progress)
-    export_decoder(source, out, fp16=fp16, opset=opset, force=force, template=template, verify=verify, progress=progress)
+    export_decoder(source, out, fp16=fp16, opset=opset, force=force, template=template, verify=verify, progress=progress, quant=quant)
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
 
@@ -114,8 +124,9 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, templat
 @source_options
 @output_options
 @template_option
+@quant_option
 @user_errors
-def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template):
+def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
     from exporter.decoder import export_decoder
     from exporter.progress import Progress
@@ -128,7 +139,7 @@ def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, temp
     progress.say("[1/2] vision")
     export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
     progress.say("[2/2] decoder")
-    export_decoder(source, out, fp16=fp16, opset=opset, template=template, verify=verify, progress=progress)
+    export_decoder(source, out, fp16=fp16, opset=opset, template=template, verify=verify, progress=progress, quant=quant)
     progress.say(f"wrote {out} (run it: llava-run --artifacts {out} --image IMAGE --prompt TEXT)")
 
 
