@@ -482,9 +482,10 @@ class BenchReport:
         config, rates = self.config, self.rates
         ref, run = self.reference.metrics(), self.runtime.metrics()
         bound = roofline_metrics(self.bound)
+        quant = f", {self.model['decoder_quant']} weights" if self.model.get("decoder_quant") else ""
         lines = [
             f"llava-bench: {config.model} (pytorch, {self.model['reference_dtype']}) vs {config.artifacts} "
-            f"({self.runtime.name}, {self.model['decoder_dtype']})",
+            f"({self.runtime.name}, {self.model['decoder_dtype']}{quant})",
             f"  batch {config.batch}, prompt {self.runtime.prompt_tokens} tokens ({config.prompt_len} text + "
             f"{self.model['image_tokens']} image), {config.new_tokens} decode steps; "
             f"warm-up {config.warmup}, repeats {config.repeats}, medians",
@@ -557,14 +558,23 @@ def _pct(value: float | None) -> str:
 # Model and machine descriptions
 
 
-def decoder_cost(source, dtype: str) -> rl.DecoderCost:
-    """Parameter counts from the reference model (exact for every family's layers)."""
+def decoder_cost(source, dtype: str, bytes_per_weight: float | None = None) -> rl.DecoderCost:
+    """Parameter counts from the reference model (exact for every family's layers).
+    `bytes_per_weight`: a weight-quantized decoder's (norms are counted at it too: a rounding)."""
     model = source.model
     language_model = model.model.language_model
     layer_params = sum(p.numel() for name, p in language_model.named_parameters() if not name.startswith("embed_tokens."))
     lm_head_params = sum(p.numel() for p in model.lm_head.parameters())
     text = source.text
-    return rl.DecoderCost(layer_params, lm_head_params, text.num_layers, text.num_heads, text.head_dim, dtype)
+    return rl.DecoderCost(layer_params, lm_head_params, text.num_layers, text.num_heads, text.head_dim, dtype, bytes_per_weight)
+
+
+def quantized_bytes_per_weight(path: Path, graph: contract.GraphSpec) -> float:
+    """A --quant decoder's stored bytes per weight, from its MatMulNBits settings."""
+    from exporter import quantize
+
+    bits, block_size = quantize.graph_settings(path)
+    return quantize.bytes_per_weight(bits, block_size, rl.BYTES_PER_ELEMENT[graph.dtype])
 
 
 def vision_cost(source) -> rl.VisionCost:
@@ -725,7 +735,8 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         memory[REFERENCE] = SideMemory(meter.current() - base, meter.peak() - base)
     check_same_model(source, manifest, config)
 
-    decoder = decoder_cost(source, manifest.graphs["decoder"].dtype)
+    graph = manifest.graphs["decoder"]
+    decoder = decoder_cost(source, graph.dtype, quantized_bytes_per_weight(config.artifacts / graph.file, graph) if graph.quant else None)
     vision = vision_cost(source)
     sides = [reference, runtime]
     inputs = make_inputs(manifest, config.batch, config.prompt_len, config.seed)
@@ -754,6 +765,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
             "vocab_size": manifest.text.vocab_size,
             "image_tokens": manifest.vision.num_image_tokens,
             "decoder_dtype": manifest.graphs["decoder"].dtype,
+            "decoder_quant": graph.quant,
             "vision_dtype": manifest.graphs["vision"].dtype,
             "reference_dtype": dtype,
             "decoder_params": decoder.layer_params + decoder.lm_head_params,

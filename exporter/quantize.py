@@ -76,6 +76,11 @@ def mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.0f} KiB"
 
 
+def bytes_per_weight(bits: int, block_size: int, scale_bytes: int = 4) -> float:
+    """Stored bytes per quantized weight: the value, plus each block's scale and zero point."""
+    return bits / 8 + (scale_bytes + bits / 8) / block_size
+
+
 def quant_bits(quant: str) -> int:
     """int8 -> 8, int4 -> 4; anything else is a user error naming --quant."""
     if quant not in QUANT_BITS:

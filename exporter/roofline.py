@@ -123,11 +123,13 @@ class DecoderCost:
     num_heads: int
     head_dim: int
     dtype: str  # the graph's: "float32" | "float16"
+    bytes_per_weight: float | None = None  # weight-quantized graphs (--quant): less than the dtype's
 
     @property
     def weight_bytes(self) -> int:
         """Bytes one decode step reads: each weight once, whatever the batch."""
-        return (self.layer_params + self.lm_head_params) * BYTES_PER_ELEMENT[self.dtype]
+        per_weight = self.bytes_per_weight or BYTES_PER_ELEMENT[self.dtype]
+        return round((self.layer_params + self.lm_head_params) * per_weight)
 
     def prefill_flops(self, tokens: int, batch: int = 1) -> float:
         """One forward over `tokens` positions per sequence, logits at the last one only."""

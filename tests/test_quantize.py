@@ -281,3 +281,20 @@ def test_export_decoder_refuses_an_unknown_quant_before_any_work(workshop, tmp_p
     with pytest.raises(LlavaError, match="--quant"):
         export_decoder(source, tmp_path / "out", quant="int2")
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_counts_the_quantized_weight_bytes(workshop, cli_int4, tmp_path):
+    """llava-bench's roofline reads int4 bytes (value + block scale and zero point), not float32's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    quick = ["--prompt-len", "8", "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--bandwidth-mib", "8", "--gemm-size", "128", "--threads", "1"]
+    bench = Path(sys.executable).with_name("llava-bench")
+    result = subprocess.run([str(bench), "--model", str(workshop.tiny(DEFAULT)["hf"]), "--artifacts", str(cli_int4), *quick, "--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "(ort-cpu, float32, int4 weights)" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["model"]["decoder_quant"] == "int4" and report["model"]["reference_dtype"] == "float32"
+    params = report["model"]["decoder_params"]
+    assert report["model"]["decoder_weight_bytes"] == round(params * quantize.bytes_per_weight(4, 32))  # 0.64 B, not 4
