@@ -138,3 +138,18 @@ def write_hf(model, folder: Path, tiny: TinyConfig) -> None:
     model.save_pretrained(folder)
     build_tiny_tokenizer(folder, vocab_size=TOKENIZER_VOCAB)
     write_processor_config(folder, tiny.preprocess, "LlavaImageProcessor")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m exporter.tiny", description="Write a tiny random LLaVA (hf, original, clip folders).")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    for name, folder in write_tiny(args.out).items():
+        print(f"{name}: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
