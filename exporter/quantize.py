@@ -35,7 +35,7 @@ from runtime.errors import LlavaError
 QUANT_BITS = {"int8": 8, "int4": 4}
 
 # Weights per scale and zero point, by bits (measurements: docs/benchmarks.md, "Quantization").
-# int4 rounds 16x coarser than int8 and needs the fine grid: 32 (decode ~15% slower than 128 on
+# int4 rounds 16x coarser than int8 and needs the fine grid: 32 (decode ~20% slower than 128 on
 # the 7B-width model). int8's rounding is fine at any block size, and 128 decodes ~25% faster
 # than 32 (fewer scales to read and apply). A K that is not a multiple of the block (the toy's
 # 352-wide MLP at 128) is zero-padded to whole blocks by the quantizer and the op.
