@@ -161,7 +161,7 @@ def run_quantizer(model, bits: int, block_size: int, accuracy_level: int, exclud
         model,
         bits=bits,
         block_size=block_size,
-        is_symmetric=False,  # a zero point per block: noticeably closer to float at 4 bits
+        is_symmetric=False,  # a zero point per block: the 4-bit grid spans each block's own [min, max]
         accuracy_level=accuracy_level or None,
         nodes_to_exclude=excluded,
         op_types_to_quantize=("MatMul",),
