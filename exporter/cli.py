@@ -57,6 +57,16 @@ def load(model: str, vision_tower: str | None, fp16: bool, progress):
         return load_source(model, vision_tower=vision_tower, dtype=torch.float16 if fp16 else torch.float32)
 
 
+def begin(command: str, model: str, vision_tower: str | None, out: Path, fp16: bool, quiet: bool, template: str | None = None):
+    """The common start of an export command: check options, announce, load the source."""
+    from exporter.progress import Progress
+
+    check_template(template)
+    progress = Progress(quiet)
+    progress.say(f"llava-export {command}: {model} -> {out}")
+    return load(model, vision_tower, fp16, progress), progress
+
+
 def check_template(template: str | None) -> None:
     if template is None:
         return
@@ -91,12 +101,9 @@ def main():
 @user_errors
 def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
     """CLIP tower + projector -> OUT/vision.onnx."""
-    from exporter.progress import Progress
     from exporter.vision import export_vision
 
-    progress = Progress(quiet)
-    progress.say(f"llava-export vision: {model} -> {out}")
-    source = load(model, vision_tower, fp16, progress)
+    source, progress = begin("vision", model, vision_tower, out, fp16, quiet)
     export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
     progress.say(f"wrote {out / 'vision.onnx'}")
 
@@ -110,12 +117,8 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
 def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
     from exporter.decoder import export_decoder
-    from exporter.progress import Progress
 
-    check_template(template)
-    progress = Progress(quiet)
-    progress.say(f"llava-export decoder: {model} -> {out}")
-    source = load(model, vision_tower, fp16, progress)
+    source, progress = begin("decoder", model, vision_tower, out, fp16, quiet, template)
     export_decoder(source, out, fp16=fp16, opset=opset, force=force, template=template, verify=verify, progress=progress, quant=quant)
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
@@ -129,13 +132,9 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, templat
 def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
     from exporter.decoder import export_decoder
-    from exporter.progress import Progress
     from exporter.vision import export_vision
 
-    check_template(template)
-    progress = Progress(quiet)
-    progress.say(f"llava-export all: {model} -> {out}")
-    source = load(model, vision_tower, fp16, progress)
+    source, progress = begin("all", model, vision_tower, out, fp16, quiet, template)
     progress.say("[1/2] vision")
     export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
     progress.say("[2/2] decoder")
