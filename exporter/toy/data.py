@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 96  # pixels of the generated image (square); the model's preprocessing resizes it
 SUPERSAMPLE = 2  # drawn at 2x and downsampled: anti-aliased edges
 MAX_OBJECTS = 4
+JITTER = 0.06  # largest shift of an object from its cell's centre, as a fraction of the cell
 COLOURS = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
@@ -107,12 +108,14 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         colour = tuple(int(np.clip(c + rng.uniform(-18, 18), 0, 255)) for c in COLOURS[obj.colour])
-        fraction = rng.uniform(0.78, 0.92) if obj.size == "large" else rng.uniform(0.40, 0.52)
+        fraction = rng.uniform(0.80, 0.92) if obj.size == "large" else rng.uniform(0.50, 0.60)
         extent = fraction * cell
-        slack = cell - extent - 2 * SUPERSAMPLE  # room to move inside the cell
+        # Near the cell's centre: jitter of a few pixels, never out of the cell. (Each cell is
+        # one patch of the toy model; small shifts keep shapes recognisable from one patch.)
+        jitter = min((cell - extent) / 2 - SUPERSAMPLE, JITTER * cell)
         row, col = divmod(obj.cell, 3)
-        left = col * cell + SUPERSAMPLE + rng.uniform(0, slack)
-        top = row * cell + SUPERSAMPLE + rng.uniform(0, slack)
+        left = col * cell + (cell - extent) / 2 + rng.uniform(-jitter, jitter)
+        top = row * cell + (cell - extent) / 2 + rng.uniform(-jitter, jitter)
         box = (left, top, left + extent, top + extent)
         if obj.shape == "circle":
             draw.ellipse(box, fill=colour)
@@ -163,13 +166,13 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     unique_shape = [o for o in objects if shape_counts[o.shape] == 1]
     if unique_shape:
         obj = rng.choice(unique_shape)
-        qa.append((rng.choice([f"What colour is the {obj.shape}?", f"What is the colour of the {obj.shape}?"]), obj.colour))
+        qa.append((rng.choice([f"What colour is the {obj.shape} in the image?", f"What is the colour of the {obj.shape} here?"]), obj.colour))
     unique_colour = [o for o in objects if colour_counts[o.colour] == 1]
     if unique_colour:
         obj = rng.choice(unique_colour)
-        qa.append((rng.choice([f"What shape is the {obj.colour} object?", f"What is the {obj.colour} shape?"]), obj.shape))
+        qa.append((rng.choice([f"What shape is the {obj.colour} object?", f"What is the shape of the {obj.colour} object?"]), obj.shape))
     obj = rng.choice(objects)
-    qa.append((rng.choice([f"Where is the {obj.noun}?", f"Where is the {obj.noun} in the image?"]), obj.position))
+    qa.append((rng.choice([f"Where is the {obj.noun} in the image?", f"Where is the {obj.noun} located?"]), obj.position))
     obj = rng.choice(objects)
     qa.append((f"Is the {obj.noun} small or large?", obj.size))
     return qa
@@ -218,7 +221,7 @@ def question_kind(question: str) -> str:
         return "background"
     if "colour" in q:
         return "colour"
-    if q.startswith(("what shape", "what is the")):
+    if "shape" in q:
         return "shape"
     if q.startswith("where"):
         return "where"

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -59,7 +60,7 @@ class ToyConfig:
     """The toy model's shape: LLaVA-1.5's architecture (CLIP ViT, mlp2x_gelu, Llama), shrunk."""
 
     image_size: int = 48
-    patch_size: int = 8  # 6 x 6 = 36 image tokens
+    patch_size: int = 16  # 3 x 3 = 9 image tokens
     vision_hidden: int = 64
     vision_layers: int = 3  # the last one is unused: features come from layer -2, as in LLaVA
     vision_heads: int = 4
@@ -68,7 +69,7 @@ class ToyConfig:
     text_intermediate: int = 352
     heads: int = 4
     kv_heads: int = 2
-    vocab_size: int = 384
+    vocab_size: int = 570  # every word of the data whole: the most the corpus yields
     max_positions: int = 512
     select_layer: int = -2
 
@@ -118,14 +119,19 @@ def llava_config(toy: ToyConfig):
 
 
 def tokenizer_corpus(n_examples: int = 600) -> list[str]:
-    """What the tokenizer learns its merges from: prompts, questions, answers and captions."""
-    lines = [render_prompt(TEMPLATE, "Describe the image.", 1), render_prompt("plain", "", 1)]
-    lines += data.vocabulary_text()
+    """What the tokenizer learns its merges from: the text chunks exactly as tokenize_prompt
+    encodes them (chunk 0 = system + "USER:", chunk 1 = "\n" question " ASSISTANT:") followed by
+    the answer, later turns, and captions."""
+    template = TEMPLATES[TEMPLATE]
+    user, assistant = template.roles
+    chunk0 = render_prompt(TEMPLATE, "", 1).split("<image>")[0]
+    lines = [chunk0] + data.vocabulary_text()
     for seed in data.split_seeds("train", n_examples):
         scene = data.make_scene(seed)
-        lines.append(data.caption(scene))
+        lines += [chunk0, data.caption(scene)]  # chunk 0 once per conversation, as in training
         for question, answer in data.questions(scene, random.Random(seed)):
-            lines.append(f"{render_prompt(TEMPLATE, question, 0)} {answer}")
+            lines.append(render_prompt(TEMPLATE, question, 1).split("<image>")[1] + " " + answer)
+            lines.append(f"{user}: {question}{template.sep}{assistant}: {answer}")
     return lines
 
 
@@ -195,41 +201,94 @@ def collate(sequences: list[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor
     return input_ids, attention, labels
 
 
+class Pool:
+    """The training images, rendered and preprocessed once (runtime.preprocess, float32) and
+    reused by every stage and epoch; the questions about them are drawn afresh each time."""
+
+    def __init__(self, n_images: int, spec, chunk: int = 256):
+        seeds = data.split_seeds("train", n_images)
+        self.scenes = [data.make_scene(seed) for seed in seeds]
+        self.pixels = torch.cat(
+            [pixel_values([data.render(s) for s in self.scenes[i : i + chunk]], spec) for i in range(0, n_images, chunk)]
+        )  # [n,3,H,W]
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+
 class Batches:
-    """Fresh training images, seed after seed of the train split: each image is seen once."""
+    """Batches for one stage: shuffled passes over the pool, seeded."""
 
-    def __init__(self, tokenizer, config, spec, batch_size: int, seed: int):
-        self.tokenizer, self.config, self.spec, self.batch_size = tokenizer, config, spec, batch_size
-        self.next_seed = 0
+    def __init__(self, pool: Pool, batch_size: int, seed: int):
+        self.pool, self.batch_size = pool, batch_size
         self.rng = random.Random(seed)
+        self.order: list[int] = []
 
-    def _examples(self):
-        seeds = data.split_seeds("train", self.next_seed + self.batch_size)[self.next_seed :]
-        self.next_seed += self.batch_size
-        return [data.make_example(s) for s in seeds]
+    def indices(self) -> list[int]:
+        if len(self.order) < self.batch_size:
+            fresh = list(range(len(self.pool)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        taken, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return taken
 
-    def captions(self):
-        examples = self._examples()
-        sequences = [caption_sequence(self.tokenizer, caption, self.config) for _, caption, _ in examples]
-        return (*collate(sequences), pixel_values([image for image, _, _ in examples], self.spec))
 
-    def conversations(self):
-        examples = self._examples()
-        sequences = []
-        for _, _, qa in examples:
-            qa = list(qa)
-            self.rng.shuffle(qa)
-            sequences.append(conversation_sequence(self.tokenizer, qa, self.config))
-        return (*collate(sequences), pixel_values([image for image, _, _ in examples], self.spec))
+def vision_batch(batches: Batches, toy: "ToyConfig"):
+    """Stage 0: pixels [B,3,H,W] and per-patch labels [B,P] (colour, shape, size: 0 = empty;
+    cell: 0..8), background [B]. A patch takes the labels of the grid cell its centre falls in."""
+    index = batches.indices()
+    grid = toy.image_size // toy.patch_size
+    centres = [int((g + 0.5) * toy.patch_size * 3 // toy.image_size) for g in range(grid)]  # patch row/col -> cell row/col
+    cell_of_patch = [3 * centres[r] + centres[c] for r in range(grid) for c in range(grid)]
+    colours, shapes, sizes, backgrounds = [], [], [], []
+    for i in index:
+        scene = batches.pool.scenes[i]
+        by_cell = {o.cell: o for o in scene.objects}
+        objs = [by_cell.get(cell) for cell in cell_of_patch]
+        colours.append([0 if o is None else 1 + list(data.COLOURS).index(o.colour) for o in objs])
+        shapes.append([0 if o is None else 1 + data.SHAPES.index(o.shape) for o in objs])
+        sizes.append([0 if o is None else 1 + data.SIZES.index(o.size) for o in objs])
+        backgrounds.append(list(data.BACKGROUNDS).index(scene.background))
+    cells = [cell_of_patch] * len(index)
+    labels = dict(colour=colours, shape=shapes, size=sizes, cell=cells, background=backgrounds)
+    labels = {k: torch.tensor(v) for k, v in labels.items()}
+    return batches.pool.pixels[index], labels
+
+
+def caption_batch(batches: Batches, tokenizer, config):
+    index = batches.indices()
+    sequences = [caption_sequence(tokenizer, data.caption(batches.pool.scenes[i]), config) for i in index]
+    return (*collate(sequences), batches.pool.pixels[index])
+
+
+def instruction_batch(batches: Batches, tokenizer, config):
+    """Stage 2: per image, its questions (fresh phrasings and referents) in random order as one
+    multi-turn vicuna_v1 conversation, ending with the description wherever it falls: read
+    earlier, the description would answer later questions from the text, and the eval asks
+    every question alone. Every kind of question comes first (the inference prompt) in turn."""
+    index = batches.indices()
+    sequences = []
+    for i in index:
+        qa = data.questions(batches.pool.scenes[i], batches.rng)
+        batches.rng.shuffle(qa)
+        kinds = [data.question_kind(question) for question, _ in qa]
+        sequences.append(conversation_sequence(tokenizer, qa[: kinds.index("describe") + 1], config))
+    return (*collate(sequences), batches.pool.pixels[index])
 
 
 def loss_and_hits(model, input_ids, attention, labels, pixels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the labelled tokens, and per row: were all of them the argmax?"""
-    logits = model(input_ids=input_ids, attention_mask=attention, pixel_values=pixels).logits  # [B,S,V]
-    logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-    mask = targets != IGNORE
-    loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
-    right = (logits.argmax(-1) == targets) | ~mask
+    """Mean cross-entropy over the labelled tokens, and per row: were all of them the argmax?
+
+    LlavaForConditionalGeneration.forward is model.model then lm_head; the head runs here only
+    on the positions that carry a label (the rest of the [B,S,vocab] logits would be thrown away).
+    """
+    hidden = model.model(input_ids=input_ids, attention_mask=attention, pixel_values=pixels).last_hidden_state
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    mask = targets != IGNORE  # [B,S-1]
+    logits = model.lm_head(hidden[:, :-1][mask])  # [labelled, vocab]
+    loss = torch.nn.functional.cross_entropy(logits, targets[mask])
+    right = torch.ones_like(mask)
+    right[mask] = logits.argmax(-1) == targets[mask]
     return loss, right.all(dim=1)
 
 
@@ -249,20 +308,26 @@ class HeldOut:
             for question, answer in qa:
                 prompt = prompt_ids(tokenizer, question, config)
                 target = answer_ids(tokenizer, answer) + [EOS_ID]
-                rows.append(((prompt + target, [False] * len(prompt) + [True] * len(target)), pixels))
+                sequence = (prompt + target, [False] * len(prompt) + [True] * len(target))
+                rows.append((sequence, pixels, data.question_kind(question)))
         self.batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
         self.size = len(rows)
 
     @torch.no_grad()
-    def accuracy(self, model) -> float:
+    def accuracy(self, model) -> tuple[float, str]:
+        """(overall, "describe 80 count 100 ...") in percent."""
         model.eval()
-        hits = 0
+        kinds: dict[str, list[int]] = {}
         for batch in self.batches:
-            input_ids, attention, labels = collate([sequence for sequence, _ in batch])
-            _, right = loss_and_hits(model, input_ids, attention, labels, torch.cat([p for _, p in batch]))
-            hits += int(right.sum())
+            input_ids, attention, labels = collate([sequence for sequence, _, _ in batch])
+            _, right = loss_and_hits(model, input_ids, attention, labels, torch.cat([p for _, p, _ in batch]))
+            for (_, _, kind), hit in zip(batch, right.tolist()):
+                kinds.setdefault(kind, [0, 0])
+                kinds[kind][0] += hit
+                kinds[kind][1] += 1
         model.train()
-        return hits / max(self.size, 1)
+        total = sum(c for c, _ in kinds.values()) / max(self.size, 1)
+        return total, " ".join(f"{k} {100 * c / n:.0f}" for k, (c, n) in sorted(kinds.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,17 +342,39 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def run_stage(name, model, make_batch, steps, peak_lr, deadline, held_out, log_every, started):
-    decay, no_decay = [], []
-    for pname, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "norm" in pname or "embedding" in pname else decay).append(param)
+class VisionHeads(torch.nn.Module):
+    """Stage 0's throwaway classifiers on the tower's selected layer: what each patch shows."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, len(data.COLOURS) + 1)
+        self.shape = torch.nn.Linear(hidden, len(data.SHAPES) + 1)
+        self.size = torch.nn.Linear(hidden, len(data.SIZES) + 1)
+        self.background = torch.nn.Linear(hidden, len(data.BACKGROUNDS))
+        self.cell = torch.nn.Linear(hidden, len(data.POSITIONS))  # where the patch is: features keep their place
+
+    def loss(self, model, pixels, labels) -> tuple[torch.Tensor, str]:
+        layer = model.config.vision_feature_layer
+        patches = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # [B,P,D]
+        loss = torch.nn.functional.cross_entropy(self.background(patches.mean(1)), labels["background"])
+        accuracy = []
+        for name in ("colour", "shape", "size", "cell"):
+            logits = getattr(self, name)(patches)  # [B,P,classes]
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[name].flatten())
+            accuracy.append(f"{name} {(logits.argmax(-1) == labels[name]).float().mean().item():.2f}")
+        return loss, "patch " + " ".join(accuracy)
+
+
+def optimize(name, params, step_loss, steps, peak_lr, deadline, log_every, started, report=None) -> None:
+    """AdamW with warmup and cosine decay over `steps`; step_loss() -> (loss, note) per step;
+    report() -> str is appended every 5th log line and at the end. Stops early at the deadline."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=peak_lr,
-        betas=(0.9, 0.98),
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, betas=(0.9, 0.98)
     )
-    warmup = max(1, min(100, steps // 10))
-    model.train()
+    warmup = max(1, min(50, steps // 10))
     smoothed = None
     for step in range(steps):
         if time.monotonic() > deadline:
@@ -295,22 +382,17 @@ def run_stage(name, model, make_batch, steps, peak_lr, deadline, held_out, log_e
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, peak_lr, warmup)
-        input_ids, attention, labels, pixels = make_batch()
-        loss, right = loss_and_hits(model, input_ids, attention, labels, pixels)
+        loss, note = step_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
         last = step == steps - 1
         if (step + 1) % log_every == 0 or last:
-            line = (
-                f"[{name}] step {step + 1}/{steps}  loss {loss.item():.4f} (avg {smoothed:.4f})  "
-                f"batch exact {right.float().mean().item():.2f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                f"{time.monotonic() - started:.0f}s"
-            )
-            if held_out is not None and ((step + 1) % (log_every * 5) == 0 or last):
-                line += f"  held-out {100 * held_out.accuracy(model):.1f}%"
+            line = f"[{name}] step {step + 1}/{steps}  loss {smoothed:.4f}  {note}  {time.monotonic() - started:.0f}s"
+            if report is not None and ((step + 1) % (log_every * 5) == 0 or last):
+                line += f"  | held-out {report()}"
             print(line, flush=True)
 
 
@@ -319,9 +401,12 @@ def train(
     original_out: Path,
     clip_out: Path,
     steps: int = 1000,
-    stage1_fraction: float = 0.3,
+    stage1_fraction: float = 0.4,
+    vision_steps: int = 800,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    caption_batch_size: int = 64,
+    lr: float = 3e-3,
+    pool_images: int = 10000,
     seed: int = 0,
     minutes: float = 20.0,
     eval_images: int = 40,
@@ -332,7 +417,7 @@ def train(
     from transformers import LlavaForConditionalGeneration
 
     started = time.monotonic()
-    deadline = started + 60 * minutes
+    budget = 60 * minutes
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_tokenizer(Path(scratch), toy.vocab_size)
@@ -340,43 +425,72 @@ def train(
     config = llava_config(toy)
     spec = toy_preprocess(toy.image_size)
     check_answer_tokens(tokenizer, data.split("test", 20))
-    model = LlavaForConditionalGeneration(config).float()
+    model = LlavaForConditionalGeneration(config).float().train()
     params = sum(p.numel() for p in model.parameters())
-    print(f"toy LLaVA: {params / 1e6:.2f}M parameters, {num_image_tokens(config)} image tokens, "
-          f"vocab {toy.vocab_size}; {steps} steps of batch {batch_size}, seed {seed}, "
-          f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
-
-    batches = Batches(tokenizer, config, spec, batch_size, seed)
-    held_out = HeldOut(tokenizer, config, spec, n_images=min(eval_images, 12)) if eval_images else None
     stage1 = max(1, round(steps * stage1_fraction))
     stage2 = max(1, steps - stage1)
-    run_stage("stage 1 captions", model, batches.captions, stage1, lr, started + (deadline - started) * 0.4,
-              None, log_every, started)  # fmt: skip
-    run_stage("stage 2 instructions", model, batches.conversations, stage2, lr, deadline - 60,
-              held_out, log_every, started)  # fmt: skip
-    trained_s = time.monotonic() - started
-    model.eval()
+    print(f"toy LLaVA: {params / 1e6:.2f}M parameters, {num_image_tokens(config)} image tokens, vocab "
+          f"{toy.vocab_size}; steps: vision {vision_steps}, captions {stage1} x {caption_batch_size}, "
+          f"instructions {stage2} x {batch_size}; seed {seed}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    pool = Pool(pool_images, spec)
+    print(f"rendered {len(pool)} training images in {time.monotonic() - started:.0f}s", flush=True)
+    held_out = HeldOut(tokenizer, config, spec, n_images=min(eval_images, 16)) if eval_images else None
 
-    accuracy = float("nan")
+    def report() -> str:
+        total, kinds = held_out.accuracy(model)
+        return f"{100 * total:.1f}% ({kinds})"
+
+    # Stage 0: the vision tower learns to see (real LLaVA starts from CLIP's own pretraining).
+    tower = model.model.vision_tower
+    heads = VisionHeads(toy.vision_hidden)
+    batches = Batches(pool, 64, seed)
+    optimize("stage 0 vision", [*tower.parameters(), *heads.parameters()],
+             lambda: heads.loss(model, *vision_batch(batches, toy)), vision_steps, lr, started + 0.1 * budget,
+             log_every * 5, started)  # fmt: skip
+    # Stages 1 and 2 keep the tower frozen, as LLaVA does.
+    tower.requires_grad_(False)
+
+    def text_step(make):
+        def step():
+            input_ids, attention, labels, pixels = make()
+            loss, right = loss_and_hits(model, input_ids, attention, labels, pixels)
+            return loss, f"exact {right.float().mean().item():.2f}"
+        return step
+
+    batches = Batches(pool, caption_batch_size, seed + 1)
+    optimize("stage 1 captions", model.parameters(), text_step(lambda: caption_batch(batches, tokenizer, config)),
+             stage1, lr, started + 0.45 * budget, log_every, started)  # fmt: skip
+    batches = Batches(pool, batch_size, seed + 2)
+    optimize("stage 2 instructions", model.parameters(),
+             text_step(lambda: instruction_batch(batches, tokenizer, config)), stage2, lr,
+             started + budget - 60, log_every, started, report if held_out else None)  # fmt: skip
+    trained_s = time.monotonic() - started
+    model.requires_grad_(False).eval()
+
+    accuracy, total = float("nan"), 0
     if eval_images:
         result = evaluate_reference(model, tokenizer, data.split("test", eval_images), spec)
-        accuracy = result.accuracy
+        accuracy, total = result.accuracy, result.total
         print(f"held-out reference accuracy (HF generate, greedy, exact match): {result.summary()}", flush=True)
         for question, expected, got in result.misses[:10]:
             print(f"  miss: {question!r} expected {expected!r} got {got!r}", flush=True)
 
     write_folders(model, tokenizer_files, spec, out, original_out, clip_out)
     info = {
+        "command": "python -m exporter.toy.train " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("train.py") else None,
         "toy_config": asdict(toy),
-        "steps": steps,
-        "stage1_steps": stage1,
+        "vision_steps": vision_steps,
+        "caption_steps": stage1,
+        "instruction_steps": stage2,
         "batch_size": batch_size,
+        "caption_batch_size": caption_batch_size,
         "lr": lr,
+        "pool_images": pool_images,
         "seed": seed,
         "threads": torch.get_num_threads(),
         "train_seconds": round(trained_s),
         "total_seconds": round(time.monotonic() - started),
-        "heldout_questions": 0 if not eval_images else result.total,
+        "heldout_questions": total,
         "heldout_accuracy": None if not eval_images else round(accuracy, 4),
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -405,12 +519,15 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--out", type=Path, required=True, help="HF folder to write (e.g. models/toy-llava)")
     parser.add_argument("--original-out", type=Path, help="original-format twin (default: OUT-original)")
     parser.add_argument("--clip-out", type=Path, help="CLIP tower folder (default: toy-clip beside OUT)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps, both stages together")
-    parser.add_argument("--stage1-fraction", type=float, default=0.3, help="share of the steps spent on captions")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of stages 1 and 2 together")
+    parser.add_argument("--stage1-fraction", type=float, default=0.4, help="share of --steps spent on captions")
+    parser.add_argument("--vision-steps", type=int, default=800, help="stage 0 steps (batch 64)")
+    parser.add_argument("--batch-size", type=int, default=32, help="stage 2 batch (conversations)")
+    parser.add_argument("--caption-batch-size", type=int, default=64, help="stage 1 batch (captions)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--pool", type=int, default=10000, help="training images (rendered once, reused)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap: training stops early past it")
+    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap: stages stop early past it")
     parser.add_argument("--eval-images", type=int, default=40, help="held-out images for the final reference eval")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
@@ -423,8 +540,11 @@ def main(argv: list[str] | None = None) -> float:
         clip_out=args.clip_out or out.with_name("toy-clip"),
         steps=args.steps,
         stage1_fraction=args.stage1_fraction,
+        vision_steps=args.vision_steps,
         batch_size=args.batch_size,
+        caption_batch_size=args.caption_batch_size,
         lr=args.lr,
+        pool_images=args.pool,
         seed=args.seed,
         minutes=args.minutes,
         eval_images=args.eval_images,
