@@ -39,6 +39,16 @@ def test_streams_the_answer(tiny_artifacts, images, expected):
     assert "Traceback" not in result.stderr
 
 
+def test_timings_go_to_stderr_after_the_answer(tiny_artifacts, images, expected):
+    result = llava_run(
+        "--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--max-new-tokens", 12, "--timings"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected.text + "\n"
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("[ort-cpu: load ") and f"{len(expected.token_ids)} tokens at" in line, line
+
+
 def test_json_prints_answer_and_timings(tiny_artifacts, images, expected):
     result = llava_run(
         "--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--max-new-tokens", 12, "--json"
