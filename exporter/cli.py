@@ -89,6 +89,18 @@ def quant_option(command):
     )(command)
 
 
+def kv_cache_options(command):
+    command = click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N", help="Longest prompt + answer the static KV cache holds (its buffers' length).  [default: the model's positions, at most 4096]")(command)
+    command = click.option(
+        "--kv-cache",
+        type=click.Choice(["concat", "static"]),
+        default="concat",
+        show_default=True,
+        help="Decoder KV cache layout: concat (past in, past + new out: every runtime) or static (preallocated buffers updated in place: ONNX Runtime only, no per-step copy of the cache).",
+    )(command)
+    return command
+
+
 @click.group()
 @click.version_option(package_name="llava-export")
 def main():
@@ -113,13 +125,17 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
 @output_options
 @template_option
 @quant_option
+@kv_cache_options
 @user_errors
-def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant):
+def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
     from exporter.decoder import export_decoder
 
     source, progress = begin("decoder", model, vision_tower, out, fp16, quiet, template)
-    export_decoder(source, out, fp16=fp16, opset=opset, force=force, template=template, verify=verify, progress=progress, quant=quant)
+    export_decoder(
+        source, out, fp16=fp16, opset=opset, force=force, template=template, verify=verify, progress=progress, quant=quant,
+        kv_cache=kv_cache, max_seq_len=max_seq_len,
+    )
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
 
@@ -128,17 +144,22 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, templat
 @output_options
 @template_option
 @quant_option
+@kv_cache_options
 @user_errors
-def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant):
+def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
-    from exporter.decoder import export_decoder
+    from exporter.decoder import check_kv_cache, export_decoder
     from exporter.vision import export_vision
 
     source, progress = begin("all", model, vision_tower, out, fp16, quiet, template)
+    check_kv_cache(source, kv_cache, max_seq_len)  # bad KV cache options fail before any export
     progress.say("[1/2] vision")
     export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
     progress.say("[2/2] decoder")
-    export_decoder(source, out, fp16=fp16, opset=opset, template=template, verify=verify, progress=progress, quant=quant)
+    export_decoder(
+        source, out, fp16=fp16, opset=opset, template=template, verify=verify, progress=progress, quant=quant,
+        kv_cache=kv_cache, max_seq_len=max_seq_len,
+    )
     progress.say(f"wrote {out} (run it: llava-run --artifacts {out} --image IMAGE --prompt TEXT)")
 
 

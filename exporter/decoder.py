@@ -8,6 +8,13 @@ embeddings and the tokenizer.
 One graph serves prefill (P = 0) and decode (S = 1). Logits cover only the last position:
 generation needs nothing else, and every position of a 600-token prompt times a 32k vocabulary
 would be 77 MB of float32 per sequence for nothing.
+
+That is the "concat" KV layout: each present is Concat(past, new), a copy of the whole cache
+per step. The opt-in "static" layout (--kv-cache static, ONNX Runtime only) takes and returns
+preallocated buffers instead, past_key_values.{i}.* and present.{i}.* [B,kv,M,hd] alike, of
+which the first P+S columns are live: com.microsoft.GroupQueryAttention writes the S new
+positions at columns P..P+S-1 and attends over columns 0..P+S-1 only. Bound to one OrtValue as
+both past and present (runtime/backends/ort.py), the buffer is updated in place.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from exporter.source import LlavaSource
 from exporter.tokenizer import save_tokenizer
 from runtime import contract
 from runtime.contract import GraphSpec, TokenSpec
+from runtime.errors import LlavaError
 
 DEFAULT_OPSET = 18
 
@@ -62,10 +70,119 @@ class DecoderWithPast(nn.Module):
         return (logits, *presents)
 
 
-def dynamic_shapes(num_layers: int) -> dict:
+# -- the static KV layout ---------------------------------------------------------------------
+
+STATIC_ATTENTION = "llava_export_static_kv"  # the transformers attention implementation below
+
+
+def group_query_attention(query, key, value, past_key, past_value, attention_bias, num_heads: int, kv_num_heads: int, scale: float):
+    """ONNX Runtime's com.microsoft.GroupQueryAttention on a preallocated cache: the ONNX node
+    while exporting, the same arithmetic in PyTorch otherwise.
+
+    query [B,S,heads*hd], key/value [B,S,kv*hd] (rotary applied), past_key/value [B,kv,M,hd]
+    live in columns 0..T-S-1, attention_bias [B,1,S,T] additive (causal and padding)
+    -> output [B,S,heads*hd], present_key/value [B,kv,M,hd]: past with the S new positions
+    written at columns T-S..T-1. Columns from T on are neither read nor written.
+
+    The node gets total_sequence_length T and seqlens_k [B] = T-1 for every row: left padding
+    ends every row at the same column, and the bias hides the padding. Its own causal mask
+    agrees with the bias'."""
+    if not torch.onnx.is_in_onnx_export():
+        return group_query_attention_reference(query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale)
+    batch, total = query.shape[0], attention_bias.shape[-1]
+    seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
+    total_sequence_length = torch.full((), total, dtype=torch.int32)
+    return torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention",
+        [query, key, value, past_key, past_value, seqlens_k, total_sequence_length, None, None, None, attention_bias],
+        {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": scale},
+        dtypes=[query.dtype, past_key.dtype, past_value.dtype],
+        shapes=[query.shape, past_key.shape, past_value.shape],
+        version=1,
+    )
+
+
+def group_query_attention_reference(query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale):
+    """group_query_attention in PyTorch ops (same arguments and results)."""
+    batch, new, _ = query.shape
+    total, head_dim = attention_bias.shape[-1], past_key.shape[-1]
+    presents = []
+    for past, states in ((past_key, key), (past_value, value)):
+        present = past.clone()
+        present[:, :, total - new : total] = states.view(batch, new, kv_num_heads, head_dim).transpose(1, 2)
+        presents.append(present)
+    groups = num_heads // kv_num_heads
+    keys, values = (p[:, :, :total].repeat_interleave(groups, dim=1) for p in presents)  # [B,heads,T,hd]
+    queries = query.view(batch, new, num_heads, head_dim).transpose(1, 2)
+    scores = (queries @ keys.transpose(2, 3)).float() * scale + attention_bias.float()
+    output = scores.softmax(-1).to(values.dtype) @ values  # [B,heads,S,hd]
+    return output.transpose(1, 2).reshape(batch, new, num_heads * head_dim), presents[0], presents[1]
+
+
+def static_kv_attention(module, query, key, value, attention_mask, scaling, static_kv=None, sliding_window=None, **kwargs):
+    """A transformers attention implementation over the static cache `static_kv` (a list of
+    [key, value] buffers per layer, replaced by the presents). query [B,heads,S,hd], key/value
+    [B,kv,S,hd] (the new positions only: no transformers cache is involved), attention_mask the
+    additive bias [B,1,S,T] -> ([B,S,heads,hd], no weights)."""
+    assert sliding_window is None, "check_kv_cache refuses sliding-window models"
+    batch, heads, new, head_dim = query.shape
+    kv_heads = key.shape[1]
+    layer = static_kv[module.layer_idx]
+    flat = [states.transpose(1, 2).reshape(batch, new, -1) for states in (query, key, value)]  # [B,S,heads*hd]
+    output, layer[0], layer[1] = group_query_attention(*flat, layer[0], layer[1], attention_mask, heads, kv_heads, scaling)
+    return output.view(batch, new, heads, head_dim), None
+
+
+def attention_bias(attention_mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
+    """attention_mask [B,T] (0 on left padding) -> additive bias [B,1,S,T]: 0 where the query at
+    column T-S+i may see column j (j <= T-S+i, not padding), the dtype's min elsewhere (as
+    transformers' eager mask; a padding query row, fully masked, stays finite)."""
+    total = attention_mask.shape[1]
+    columns = torch.arange(total)
+    rows = torch.arange(new) + (total - new)
+    visible = (columns[None, :] <= rows[:, None])[None] & attention_mask[:, None, :].bool()  # [B,S,T]
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+
+
+class DecoderWithStaticCache(DecoderWithPast):
+    """DecoderWithPast over preallocated buffers: past_key_values [B,kv,M,hd] each, live in
+    columns 0..P-1 (P = attention_mask width - S); returns (logits, the buffers with the S new
+    positions written at P..P+S-1)."""
+
+    def __init__(self, llava: nn.Module):
+        from transformers import AttentionInterface
+
+        super().__init__(llava)
+        AttentionInterface.register(STATIC_ATTENTION, static_kv_attention)  # forward selects it by name
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        static_kv = [[key, value] for key, value in past_key_values]
+        config = self.language_model.config
+        eager, config._attn_implementation = config._attn_implementation, STATIC_ATTENTION
+        try:
+            hidden = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_bias(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype),  # 4D: used as is
+                position_ids=position_ids,
+                use_cache=False,
+                static_kv=static_kv,
+            ).last_hidden_state
+        finally:
+            config._attn_implementation = eager
+        logits = self.lm_head(hidden[:, -1]).float()  # [B, vocab]
+        return (logits, *(buffer for layer in static_kv for buffer in layer))
+
+
+# The cache dims' names in each layout: the graph's past and present sequence dims.
+PAST_DIM = {contract.KV_CONCAT: "past_sequence", contract.KV_STATIC: "max_sequence"}
+PRESENT_DIM = {contract.KV_CONCAT: "total_sequence", contract.KV_STATIC: "max_sequence"}
+TRACE_BUFFER = 8  # the static layout's buffer length while tracing (any length runs)
+
+
+def dynamic_shapes(num_layers: int, kv_cache: str = contract.KV_CONCAT) -> dict:
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence")
-    past = torch.export.Dim("past_sequence")
+    past = torch.export.Dim(PAST_DIM[kv_cache])
     total = torch.export.Dim("total_sequence")
     return {
         "inputs_embeds": {0: batch, 1: sequence},
@@ -75,10 +192,10 @@ def dynamic_shapes(num_layers: int) -> dict:
     }
 
 
-def io_spec(source: LlavaSource) -> tuple[dict, dict]:
+def io_spec(source: LlavaSource, kv_cache: str = contract.KV_CONCAT) -> tuple[dict, dict]:
     text = source.text
-    kv = ["batch", text.num_kv_heads, "past_sequence", text.head_dim]
-    present = ["batch", text.num_kv_heads, "total_sequence", text.head_dim]
+    kv = ["batch", text.num_kv_heads, PAST_DIM[kv_cache], text.head_dim]
+    present = ["batch", text.num_kv_heads, PRESENT_DIM[kv_cache], text.head_dim]
     inputs = {
         contract.INPUTS_EMBEDS: ["batch", "sequence", text.hidden_size],
         contract.ATTENTION_MASK: ["batch", "total_sequence"],
@@ -108,14 +225,22 @@ def empty_past(source: LlavaSource, batch: int, dtype: torch.dtype, length: int 
     return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(source.text.num_layers)]
 
 
-def trace_sample(source: LlavaSource, dtype: torch.dtype):
-    """Arguments to trace with: B=2, S=3, P=2 (sizes 0 and 1 would be specialised)."""
+def in_buffers(past: list, length: int) -> list:
+    """Concat-layout past [B,kv,P,hd] -> static-layout buffers [B,kv,length,hd], zeros after P."""
+    return [tuple(nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in pair) for pair in past]
+
+
+def trace_sample(source: LlavaSource, dtype: torch.dtype, kv_cache: str = contract.KV_CONCAT):
+    """Arguments to trace with: B=2, S=3, P=2 (sizes 0 and 1 would be specialised); the static
+    layout's past in buffers of TRACE_BUFFER columns."""
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 3, source.text.hidden_size, generator=generator).to(dtype)
     mask = torch.ones(2, 5, dtype=torch.long)
     positions = positions_from_mask(mask, 3)
     past = [(k.normal_(generator=generator), v.normal_(generator=generator)) for k, v in empty_past(source, 2, torch.float32, 2)]
     past = [(k.to(dtype), v.to(dtype)) for k, v in past]
+    if kv_cache == contract.KV_STATIC:
+        past = in_buffers(past, TRACE_BUFFER)
     return embeds, mask, positions, past
 
 
@@ -129,29 +254,33 @@ def export_decoder(
     verify: bool = True,
     progress: Progress | None = None,
     quant: str | None = None,
+    kv_cache: str = contract.KV_CONCAT,
+    max_seq_len: int | None = None,
 ) -> dict[str, float]:
     """Writes decoder.onnx, embed_tokens.npy and the tokenizer into `out`; updates the manifest.
 
     The source should be loaded in the export dtype (float16 for --fp16): a float32 copy of a
     7B decoder would not fit next to it in 24 GB. `quant` ("int8" | "int4") quantizes the linear
     layers' weights (exporter/quantize.py) after tracing; the parity gate is then
-    parity.QUANT_MIN_COSINE[quant].
+    parity.QUANT_MIN_COSINE[quant]. `kv_cache` "static" writes the static layout (module
+    docstring) whose runtime buffers hold `max_seq_len` positions (recorded in the manifest).
     """
     progress = progress or Progress()
     bits = quantize.quant_bits(quant) if quant else None  # a bad value fails before any work
+    max_seq_len = check_kv_cache(source, kv_cache, max_seq_len)
     onnx_io.check_writable(out)
     manifest = open_manifest(out, source, force, template)
     dtype_name = "float16" if fp16 else "float32"
     dtype = getattr(torch, dtype_name)
-    decoder = DecoderWithPast(source.model).eval()
+    decoder = (DecoderWithStaticCache if kv_cache == contract.KV_STATIC else DecoderWithPast)(source.model).eval()
     if next(decoder.parameters()).dtype != dtype:
         decoder = decoder.to(dtype)  # in place: load the source in the export dtype to avoid this
     with onnx_io.staging(out, "decoder") as stage:
-        with progress.stage(f"tracing the decoder graph ({dtype_name}, {source.text.num_layers} layers, opset {opset})"):
+        with progress.stage(f"tracing the decoder graph ({dtype_name}, {source.text.num_layers} layers, opset {opset}, {kv_cache} KV cache)"):
             program = onnx_io.trace_to_onnx(
                 decoder,
-                trace_sample(source, dtype),
-                dynamic_shapes=dynamic_shapes(source.text.num_layers),
+                trace_sample(source, dtype, kv_cache),
+                dynamic_shapes=dynamic_shapes(source.text.num_layers, kv_cache),
                 input_names=contract.decoder_input_names(source.text.num_layers),
                 output_names=contract.decoder_output_names(source.text.num_layers),
                 opset=opset,
@@ -183,13 +312,44 @@ def export_decoder(
             if (stage / name).exists():
                 (stage / name).replace(out / name)
         onnx_io.publish(stage, out, contract.DECODER_FILE)
-    inputs, outputs = io_spec(source)
-    manifest.graphs["decoder"] = GraphSpec(contract.DECODER_FILE, dtype_name, opset, inputs, outputs, sha, quant=quant)
+    inputs, outputs = io_spec(source, kv_cache)
+    manifest.graphs["decoder"] = GraphSpec(
+        contract.DECODER_FILE, dtype_name, opset, inputs, outputs, sha, quant=quant, kv_cache=kv_cache, max_seq_len=max_seq_len
+    )
     manifest.embeddings = embeddings
     manifest.tokens = TokenSpec(bos=tokens["bos"], eos=tokens["eos"], pad=tokens["pad"])
     manifest.parity["decoder"] = parity.summary(results)
     contract.write_manifest(out, manifest)
     return manifest.parity["decoder"]
+
+
+def check_kv_cache(source: LlavaSource, kv_cache: str, max_seq_len: int | None) -> int | None:
+    """LlavaError for KV cache options the model cannot take; else the static layout's buffer
+    length: `max_seq_len`, by default the model's positions up to 4096 (as TensorRT engines'),
+    or None for the concat layout, which takes none."""
+    from runtime.engines import DEFAULT_MAX_SEQ_LEN
+
+    if kv_cache not in contract.KV_LAYOUTS:
+        raise LlavaError(f"unknown KV cache layout {kv_cache!r} (known: {', '.join(contract.KV_LAYOUTS)})")
+    if kv_cache == contract.KV_CONCAT:
+        if max_seq_len is not None:
+            raise LlavaError("--max-seq-len sizes the static KV cache: it takes --kv-cache static")
+        return None
+    if getattr(source.model.config.text_config, "sliding_window", None) is not None:
+        raise LlavaError("--kv-cache static does not take sliding-window attention (this model has it): use --kv-cache concat")
+    positions = source.text.max_positions
+    if max_seq_len is None:
+        return min(DEFAULT_MAX_SEQ_LEN, positions)
+    if not 2 <= max_seq_len <= positions:
+        raise LlavaError(f"--max-seq-len {max_seq_len} must be from 2 (a prompt token and an answer token) to the model's {positions} positions")
+    return max_seq_len
+
+
+def graph_kv_layout(session) -> str:
+    """The KV layout of a decoder graph (an ONNX Runtime session), read off its first past
+    input's sequence dim (PAST_DIM): `llava-export verify` checks graphs of either layout."""
+    dim = session.get_inputs()[3].shape[2]
+    return contract.KV_STATIC if dim == PAST_DIM[contract.KV_STATIC] else contract.KV_CONCAT
 
 
 def write_embeddings(source: LlavaSource, folder: Path, dtype_name: str) -> dict:
@@ -209,12 +369,17 @@ def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int 
     whose linear layers carry the very weights the graph stores (quantize.quantized_linears):
     what is left is MatMulNBits' own arithmetic (int8 activations at accuracy level 4). Its
     logits are also set against the unquantized weights (cosine, top-1 agreement): what the
-    quantization costs, reported and not gated."""
+    quantization costs, reported and not gated.
+
+    A static-layout graph (graph_kv_layout) gets the same past in buffers with spare columns
+    after the live ones (in_buffers), which its attention must ignore; its presents are compared
+    over their live columns."""
     import onnxruntime as ort
 
     decoder = DecoderWithPast(source.model).eval()
     model_dtype = next(decoder.parameters()).dtype
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    static = graph_kv_layout(session) == contract.KV_STATIC
     min_cosine = parity.min_cosine_for(dtype_name, quant)
     names = contract.decoder_output_names(source.text.num_layers)
 
@@ -226,6 +391,7 @@ def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int 
     embeds = torch.randn(2, 6, source.text.hidden_size, generator=generator)
     mask = left_padded_mask([6, 4], 6)
     past = empty_past(source, 2, torch.float32)
+    buffer = embeds.shape[1] + steps + 4  # the static layout's: 4 spare columns at the end
     results, steps_run = [], []
     with quantize.quantized_linears(decoder, *quantize.graph_settings(path)) if quant else contextlib.nullcontext():
         for step in range(steps + 1):
@@ -236,10 +402,12 @@ def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int 
                 contract.ATTENTION_MASK: mask.numpy(),
                 contract.POSITION_IDS: positions.numpy(),
             }
-            for layer, (key, value) in enumerate(past):
+            for layer, (key, value) in enumerate(in_buffers(past, buffer) if static else past):
                 feed[contract.past_key_name(layer)] = key.numpy().astype(dtype_name)
                 feed[contract.past_value_name(layer)] = value.numpy().astype(dtype_name)
             actual = session.run(names, feed)
+            if static:
+                actual[1:] = [present[:, :, : mask.shape[1]] for present in actual[1:]]  # the live columns
             results.append(parity.compare(f"logits step {step}", actual[0], expected[0].numpy(), min_cosine=min_cosine))
             steps_run.append(((embeds, mask, positions, past), actual[0]))
             past = [(expected[1 + 2 * i], expected[2 + 2 * i]) for i in range(source.text.num_layers)]

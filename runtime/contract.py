@@ -44,6 +44,11 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
 
+# Decoder KV cache layouts (GraphSpec.kv_cache).
+KV_CONCAT = "concat"
+KV_STATIC = "static"
+KV_LAYOUTS = (KV_CONCAT, KV_STATIC)
+
 
 def past_key_name(layer: int) -> str:
     return f"past_key_values.{layer}.key"
@@ -149,6 +154,18 @@ class GraphSpec:
     # activations stay `dtype`), or None. Informational: ONNX Runtime runs the graph as it is.
     # Left out of the JSON when None, so float manifests read as before.
     quant: str | None = None
+    # The decoder's KV cache layout (docs/artifacts.md): "concat" (past [B,kv,P,hd] in, present
+    # [B,kv,P+S,hd] out) or "static" (one preallocated buffer [B,kv,max_seq_len,hd] per cache
+    # tensor, updated in place; ONNX Runtime only). Both are left out of the JSON for "concat",
+    # so manifests without them read as "concat".
+    kv_cache: str = KV_CONCAT
+    max_seq_len: int | None = None  # "static": the buffer length the runtime allocates
+
+    def __post_init__(self):
+        if self.kv_cache not in KV_LAYOUTS:
+            raise ArtifactError(f"unknown kv_cache layout {self.kv_cache!r} (known: {', '.join(KV_LAYOUTS)})")
+        if (self.kv_cache == KV_STATIC) != (self.max_seq_len is not None):
+            raise ArtifactError(f"kv_cache {self.kv_cache!r} with max_seq_len {self.max_seq_len}: only a static layout has (and needs) one")
 
 
 @dataclass
@@ -171,6 +188,9 @@ class Manifest:
         for graph in data["graphs"].values():
             if graph.get("quant") is None:
                 graph.pop("quant", None)
+            if graph.get("kv_cache") == KV_CONCAT:
+                graph.pop("kv_cache")
+                graph.pop("max_seq_len")
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from runtime.backends.base import Backend
+from runtime.errors import PromptError
 
 
 @dataclass
@@ -80,6 +81,23 @@ def decode_one_token(backend: Backend, embed_table: np.ndarray, tokens: np.ndarr
     return DecodeState(cache, mask, logits)
 
 
+def check_cache_capacity(backend: Backend, prompt: int, new_tokens: int) -> None:
+    """PromptError when a preallocated cache (backend.kv_capacity positions; None or absent when
+    the cache grows) cannot hold a `prompt`-wide batch and `new_tokens` answer tokens, all but the
+    last of which are fed back."""
+    capacity = getattr(backend, "kv_capacity", None)
+    needed = prompt + max(new_tokens - 1, 0)
+    if capacity is None or needed <= capacity:
+        return
+    fix = f"re-export with `llava-export decoder --kv-cache static --max-seq-len {needed}`"
+    if prompt > capacity:
+        raise PromptError(f"prompt is {prompt} positions with its images; the decoder's static KV cache holds {capacity}: shorten it or {fix}")
+    raise PromptError(
+        f"prompt ({prompt} positions with its images) and {new_tokens} new tokens need {needed} cache positions; "
+        f"the decoder's static KV cache holds {capacity}: ask for at most {capacity - prompt + 1} new tokens or {fix}"
+    )
+
+
 def generate(
     backend: Backend,
     embed_table: np.ndarray,
@@ -92,14 +110,17 @@ def generate(
     """Yields, per step, each row's new token (None once that row has finished).
 
     A row finishes at an EOS id (which is yielded) or when the batch reaches max_new_tokens
-    or the model's last position.
+    or the model's last position. PromptError, before any compute, when the backend's
+    preallocated KV cache (a static-layout decoder) cannot hold prompt and answer.
     """
     sampling = sampling or Sampling()
-    state = prefill(backend, sequences)
-    finished = np.zeros(len(sequences), dtype=bool)
+    width = max(len(s) for s in sequences)  # the left-padded prompt's
     limit = max_new_tokens
     if max_positions is not None:
-        limit = min(limit, max_positions - state.mask.shape[1] + 1)  # the last token is never fed
+        limit = min(limit, max_positions - width + 1)  # the last token is never fed
+    check_cache_capacity(backend, width, limit)
+    state = prefill(backend, sequences)
+    finished = np.zeros(len(sequences), dtype=bool)
     for step in range(limit):
         tokens = sampling.pick(state.logits)
         yield [None if done else int(token) for token, done in zip(tokens, finished)]

@@ -1,6 +1,11 @@
 """ONNX Runtime backend: CPU by default, the CUDA execution provider when onnxruntime-gpu is
 installed. The KV cache stays in ONNX Runtime's own buffers (OrtValues) between steps, bound
-with IO binding, so no step converts the cache to numpy and back."""
+with IO binding, so no step converts the cache to numpy and back.
+
+A decoder of the static KV layout (docs/artifacts.md) gets its buffers [B,kv,max_seq_len,hd]
+allocated once per generation (empty_cache), each bound as both its past input and its present
+output: GroupQueryAttention writes the new positions into them in place, and nothing is copied
+per step. The concat layout's presents are new OrtValues each step (past + new)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import numpy as np
 from runtime import contract
 from runtime.backends.base import Backend
 from runtime.contract import Manifest
-from runtime.errors import ArtifactError
+from runtime.errors import ArtifactError, PromptError
 
 
 def providers() -> tuple[list, str]:
@@ -65,15 +70,22 @@ class OrtBackend(Backend):
         self.kv_shape = (text.num_kv_heads, text.head_dim)
         self.past_names = contract.decoder_input_names(text.num_layers)[3:]
         self.output_names = contract.decoder_output_names(text.num_layers)
+        # Positions the static layout's buffers hold (generate.py checks a request against it);
+        # None: the concat layout's cache grows as needed.
+        self.kv_capacity = manifest.graphs["decoder"].max_seq_len
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {contract.PIXEL_VALUES: pixel_values.astype(self.vision_dtype, copy=False)}
         return self.vision.run(None, feed)[0].astype(self.dtype, copy=False)
 
     def empty_cache(self, batch: int) -> list:
-        empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.dtype)
-        value = self.ort.OrtValue.ortvalue_from_numpy(empty, self.device)
-        return [value] * len(self.past_names)
+        """Concat layout: one empty [B,kv,0,hd] value for every past input. Static layout: a zeroed
+        buffer [B,kv,kv_capacity,hd] per past input, the cache of this whole generation."""
+        if self.kv_capacity is None:
+            empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.dtype)
+            return [self.ort.OrtValue.ortvalue_from_numpy(empty, self.device)] * len(self.past_names)
+        shape = (batch, self.kv_shape[0], self.kv_capacity, self.kv_shape[1])
+        return [self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device) for _ in self.past_names]
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache):
         binding = self.decoder.io_binding()
@@ -83,8 +95,21 @@ class OrtBackend(Backend):
         for name, value in zip(self.past_names, cache):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(contract.LOGITS, "cpu")  # logits go to the host for sampling
-        for name in self.output_names[1:]:
-            binding.bind_output(name, self.device)  # presents stay where ORT made them
+        if self.kv_capacity is None:
+            for name in self.output_names[1:]:
+                binding.bind_output(name, self.device)  # presents stay where ORT made them
+        else:
+            self.check_capacity(attention_mask.shape[1])
+            for name, value in zip(self.output_names[1:], cache):
+                binding.bind_ortvalue_output(name, value)  # present = past: written in place
         self.decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), outputs[1:]
+        return outputs[0].numpy(), (outputs[1:] if self.kv_capacity is None else cache)
+
+    def check_capacity(self, positions: int) -> None:
+        """PromptError before the static buffers would overflow (prompt and answer so far)."""
+        if positions > self.kv_capacity:
+            raise PromptError(
+                f"prompt and answer reach {positions} positions; the decoder's static KV cache holds {self.kv_capacity}: "
+                f"ask for fewer new tokens or re-export with `llava-export decoder --kv-cache static --max-seq-len {positions}`"
+            )
