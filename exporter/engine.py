@@ -82,12 +82,9 @@ def plan_engines(
             raise ArtifactError(f"{artifacts} has no {graph} graph: export it with `llava-export all --out {artifacts}`")
         if not (artifacts / manifest.graphs[graph].file).is_file():
             raise ArtifactError(f"{artifacts / manifest.graphs[graph].file} is missing: re-export with `llava-export all --out {artifacts}`")
-    quant = getattr(manifest.graphs["decoder"], "quant", None)
-    if quant:
-        raise EngineError(
-            f"{manifest.graphs['decoder'].file} is weight-quantized for ONNX Runtime (--quant {quant}: "
-            f"com.microsoft.MatMulNBits), which TensorRT does not run: export the decoder without --quant for TensorRT"
-        )
+    refusal = onnx_runtime_only(manifest.graphs["decoder"])
+    if refusal:
+        raise EngineError(refusal)
     limits = engines.derive_limits(manifest, max_batch, max_input_len, max_seq_len)
     profiles = {"vision": engines.vision_profiles(manifest, limits), "decoder": engines.decoder_profiles(manifest, limits)}
     for graph in engines.GRAPHS:
@@ -108,6 +105,22 @@ def plan_engines(
             if unsupported:
                 raise EngineError(trt_ops.describe_unsupported(path, unsupported))
     return EnginePlan(artifacts, manifest, limits, profiles, sources)
+
+
+def onnx_runtime_only(decoder: contract.GraphSpec) -> str | None:
+    """Why TensorRT cannot build this decoder (its com.microsoft ops run in ONNX Runtime only),
+    or None."""
+    if decoder.quant:
+        return (
+            f"{decoder.file} is weight-quantized for ONNX Runtime (--quant {decoder.quant}: "
+            f"com.microsoft.MatMulNBits), which TensorRT does not run: export the decoder without --quant for TensorRT"
+        )
+    if decoder.kv_cache == contract.KV_STATIC:
+        return (
+            f"{decoder.file} has the static KV cache layout for ONNX Runtime (--kv-cache static: "
+            f"com.microsoft.GroupQueryAttention), which TensorRT does not run: export it without --kv-cache for TensorRT"
+        )
+    return None
 
 
 def file_sha256(path: Path) -> str:

@@ -791,13 +791,19 @@ def test_stale_onnx_is_refused_before_building(fake_gpu, artifacts):
 
 
 def test_weight_quantized_decoders_are_refused(artifacts):
-    if "quant" not in contract.GraphSpec.__dataclass_fields__:
-        pytest.skip("this checkout's manifest has no quantized decoders")
     manifest = contract.read_manifest(artifacts)
     manifest.graphs["decoder"].quant = "int8"
     contract.write_manifest(artifacts, manifest)
     line = error_line(engine_cli("--artifacts", artifacts, "--dry-run"))
     assert "--quant int8" in line and "without --quant" in line
+
+
+def test_static_kv_decoders_are_refused(artifacts):
+    manifest = contract.read_manifest(artifacts)
+    manifest.graphs["decoder"].kv_cache, manifest.graphs["decoder"].max_seq_len = contract.KV_STATIC, 256
+    contract.write_manifest(artifacts, manifest)
+    line = error_line(engine_cli("--artifacts", artifacts, "--dry-run"))
+    assert "GroupQueryAttention" in line and "without --kv-cache" in line
 
 
 def test_without_tensorrt_the_build_says_what_to_install(artifacts, monkeypatch):
