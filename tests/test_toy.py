@@ -99,7 +99,8 @@ def test_training_smoke(tmp_path):
     started = time.monotonic()
     out = tmp_path / "toy-llava"
     accuracy = train.main(
-        ["--out", str(out), "--steps", "3", "--batch-size", "4", "--eval-images", "1", "--log-every", "1"]
+        ["--out", str(out), "--steps", "3", "--vision-steps", "2", "--pool", "8", "--batch-size", "4",
+         "--caption-batch-size", "4", "--eval-images", "1", "--log-every", "1"]
     )
     assert 0.0 <= accuracy <= 1.0
     for folder, files in {
@@ -191,3 +192,13 @@ def test_shipped_model_answers():
     result = evaluate_reference(model, tokenizer, data.split("test", 3))
     assert result.total >= 20
     assert result.accuracy >= 0.8, result.summary()
+
+
+def test_example_image_is_a_held_out_scene():
+    """examples/shapes.png (the demo's image) is test-split seed 1073742827 (index 1003), outside
+    the images any evaluation uses."""
+    from PIL import Image
+
+    image = Image.open(ROOT / "examples" / "shapes.png").convert("RGB")
+    assert 1073742827 in data.split_seeds("test", 1004)
+    assert np.array_equal(np.asarray(image), np.asarray(data.make_example(1073742827)[0]))

@@ -1,6 +1,6 @@
 """Held-out accuracy of the toy model: the PyTorch reference and each exported variant.
 
-    python -m exporter.toy.evaluate --model models/toy-llava --artifacts out/fp32 out/fp16 out/int8
+    python -m exporter.toy.evaluate --model models/toy-llava --artifacts out/toy-fp32 out/toy-fp16 out/toy-int8
 
 Every question of the held-out split goes through the reference (transformers `generate`,
 greedy) and through each artifact folder (the runtime's Pipeline, greedy). The table gives each
@@ -20,7 +20,7 @@ import torch
 
 from exporter.source import load_source
 from exporter.toy.data import split
-from runtime.contract import read_manifest
+from runtime.contract import KV_CONCAT, read_manifest
 from runtime.pipeline import Pipeline
 from runtime.preprocess import preprocess
 from runtime.prompts import render_prompt, tokenize_prompt
@@ -81,8 +81,10 @@ def runtime_answers(pipe: Pipeline, questions: list[Question]) -> list[str]:
 
 
 def variant_name(folder: Path) -> str:
+    """float32 | float16 | int8 | int4, plus the KV layout when it is not the default."""
     decoder = read_manifest(folder).graphs["decoder"]
-    return getattr(decoder, "quant", None) or decoder.dtype
+    name = decoder.quant or decoder.dtype
+    return name if decoder.kv_cache == KV_CONCAT else f"{name}, {decoder.kv_cache} KV"
 
 
 def evaluate(model: str, folders: list[Path], questions: list[Question]) -> list[Row]:

@@ -8,14 +8,14 @@ writes
     models/toy-clip/            the CLIP tower the original format names (mm_vision_tower ../toy-clip)
 
 The LLaVA-1.5 recipe, at toy scale (docs/toy-model.md):
+  stage 0  vision pretraining, standing in for CLIP's own: the tower learns each patch's colour,
+           shape, size and cell and the background through throwaway linear heads.
   stage 1  "pretrain": image + caption in the `plain` format (<s> image caption </s>), loss on
-           the caption. Real LLaVA freezes a pretrained CLIP and a pretrained LLM here and trains
-           only the projector; nothing here is pretrained, so stage 1 trains everything: it is
-           where the vision tower learns to see and the decoder learns the words.
-  stage 2  "instruction tuning": multi-turn vicuna_v1 conversations about the image (every kind
-           of question, shuffled; the image only in the first turn), loss on the answers and
-           their </s> only. Vision tower, projector and decoder all train (real LLaVA freezes the
-           tower here too; ours is still young).
+           the caption. Real LLaVA trains only the projector here, over a pretrained LLM;
+           nothing here is pretrained, so the decoder trains too. The tower stays frozen from here on.
+  stage 2  "instruction tuning": multi-turn vicuna_v1 conversations about the image (one
+           question of each kind; the image only in the first turn), loss on the answers and
+           their </s> only; projector and decoder train.
 Sequences carry N `image_token_index` placeholders where the image goes, and the forward is
 LlavaForConditionalGeneration's own, so training computes exactly what inference does.
 Deterministic for a given --seed, --steps and thread count; --minutes only stops early.
@@ -67,8 +67,8 @@ class ToyConfig:
     text_hidden: int = 128
     text_layers: int = 4
     text_intermediate: int = 352
-    heads: int = 4
-    kv_heads: int = 2
+    heads: int = 8
+    kv_heads: int = 4
     vocab_size: int = 570  # every word of the data whole: the most the corpus yields
     max_positions: int = 512
     select_layer: int = -2
@@ -225,7 +225,7 @@ class Batches:
         self.order: list[int] = []
 
     def indices(self) -> list[int]:
-        if len(self.order) < self.batch_size:
+        while len(self.order) < self.batch_size:
             fresh = list(range(len(self.pool)))
             self.rng.shuffle(fresh)
             self.order += fresh
@@ -261,18 +261,33 @@ def caption_batch(batches: Batches, tokenizer, config):
     return (*collate(sequences), batches.pool.pixels[index])
 
 
+# Question kinds whose text names an object by colour AND shape: asked earlier, they would
+# give away the answer to "what colour is the circle?" (the text says "red circle").
+NAMING_KINDS = ("where", "size")
+
+
 def instruction_batch(batches: Batches, tokenizer, config):
-    """Stage 2: per image, its questions (fresh phrasings and referents) in random order as one
-    multi-turn vicuna_v1 conversation, ending with the description wherever it falls: read
-    earlier, the description would answer later questions from the text, and the eval asks
-    every question alone. Every kind of question comes first (the inference prompt) in turn."""
+    """Stage 2: per image, a multi-turn vicuna_v1 conversation over one question of each kind
+    (data.questions: fresh phrasings and referents). Turn 1, which is exactly the inference
+    prompt, is any question at random; the rest are ordered so that no answer can be read off
+    the conversation's earlier text (the eval asks every question alone): first the questions
+    that name an object by one attribute, then those naming both, and the description last
+    (a conversation that opens with the description ends there)."""
     index = batches.indices()
     sequences = []
     for i in index:
         qa = data.questions(batches.pool.scenes[i], batches.rng)
-        batches.rng.shuffle(qa)
-        kinds = [data.question_kind(question) for question, _ in qa]
-        sequences.append(conversation_sequence(tokenizer, qa[: kinds.index("describe") + 1], config))
+        first = qa.pop(batches.rng.randrange(len(qa)))
+        kinds = {turn: data.question_kind(turn[0]) for turn in qa}
+        if data.question_kind(first[0]) == "describe":
+            turns = [first]
+        else:
+            plain = [t for t in qa if kinds[t] not in NAMING_KINDS and kinds[t] != "describe"]
+            naming = [t for t in qa if kinds[t] in NAMING_KINDS]
+            batches.rng.shuffle(plain)
+            batches.rng.shuffle(naming)
+            turns = [first, *plain, *naming, *(t for t in qa if kinds[t] == "describe")]
+        sequences.append(conversation_sequence(tokenizer, turns, config))
     return (*collate(sequences), batches.pool.pixels[index])
 
 
@@ -400,15 +415,15 @@ def train(
     out: Path,
     original_out: Path,
     clip_out: Path,
-    steps: int = 1000,
-    stage1_fraction: float = 0.4,
+    steps: int = 2400,
+    stage1_fraction: float = 0.25,
     vision_steps: int = 800,
     batch_size: int = 32,
     caption_batch_size: int = 64,
     lr: float = 3e-3,
     pool_images: int = 10000,
     seed: int = 0,
-    minutes: float = 20.0,
+    minutes: float = 40.0,
     eval_images: int = 40,
     log_every: int = 10,
     toy: ToyConfig = ToyConfig(),
@@ -519,15 +534,15 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--out", type=Path, required=True, help="HF folder to write (e.g. models/toy-llava)")
     parser.add_argument("--original-out", type=Path, help="original-format twin (default: OUT-original)")
     parser.add_argument("--clip-out", type=Path, help="CLIP tower folder (default: toy-clip beside OUT)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of stages 1 and 2 together")
-    parser.add_argument("--stage1-fraction", type=float, default=0.4, help="share of --steps spent on captions")
+    parser.add_argument("--steps", type=int, default=2400, help="optimizer steps of stages 1 and 2 together")
+    parser.add_argument("--stage1-fraction", type=float, default=0.25, help="share of --steps spent on captions")
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 0 steps (batch 64)")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 2 batch (conversations)")
     parser.add_argument("--caption-batch-size", type=int, default=64, help="stage 1 batch (captions)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--pool", type=int, default=10000, help="training images (rendered once, reused)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap: stages stop early past it")
+    parser.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap (13 min suffice on 2 idle cores): stages stop early past it")
     parser.add_argument("--eval-images", type=int, default=40, help="held-out images for the final reference eval")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
