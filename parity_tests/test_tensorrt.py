@@ -11,6 +11,9 @@ torch). scripts/gpu_check.sh runs this file and reports it.
     greedy   llava-run's path (Pipeline) against transformers' generate, as
              test_generation_parity.py does for ONNX Runtime on the CPU: identical tokens up
              to the first near tie
+    toy      the trained toy model's answers to held-out questions against the PyTorch
+             reference's (parity_tests/test_toy_parity.py on the GPU): float32 all identical,
+             float16 at least 99%
 
 Engines are built once per dtype for the tiny model (seconds) with --max-batch 2, float32
 engines without TF32 (precision comes from the graph).
@@ -225,3 +228,44 @@ def test_fp16_onnx_matches_pytorch_fp16_on_cuda(workshop):
     results.append(compare("logits", logits, reference, min_cosine=MIN_COSINE["float16"], top1=True))
     assert_parity(results, "float16 ONNX (ONNX Runtime) vs float16 PyTorch on CUDA")
     assert not top1_failures("prefill", logits, reference, MARGIN["float16"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained toy model: whole answers, as parity_tests/test_toy_parity.py checks on the CPU
+
+TOY_IMAGES = 20  # about 155 held-out questions
+TOY_MIN_IDENTICAL = {"float32": 1.0, "float16": 0.99}
+
+
+@pytest.fixture(scope="module")
+def toy_questions():
+    """The held-out questions and the PyTorch float32 reference's greedy answers (on the CPU)."""
+    from parity_tests.test_toy_parity import HF_DIR
+    from exporter.source import load_source
+    from exporter.toy.evaluate import held_out_questions, reference_answers
+
+    if not (HF_DIR / "model.safetensors").is_file():
+        pytest.skip("models/toy-llava is not in this checkout")
+    questions = held_out_questions(TOY_IMAGES)
+    return questions, HF_DIR, load_source(str(HF_DIR))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_toy_answers_match_the_reference(toy_questions, backend, dtype, tmp_path, capsys):
+    from parity_tests.test_toy_parity import export
+    from exporter.toy.evaluate import reference_answers, runtime_answers
+
+    questions, model_dir, source = toy_questions
+    folder = export(model_dir, tmp_path / "toy", *(["--fp16"] if dtype == "float16" else []))
+    if backend == "trt":
+        from exporter.engine import build_engines
+
+        build_engines(folder, max_batch=1, timing_cache=tmp_path / "timing.cache", progress=Progress(quiet=True))
+    pipe = Pipeline.load(folder, backend="trt" if backend == "trt" else "ort")
+    reference = reference_answers(source, pipe, questions)
+    answers = runtime_answers(pipe, questions)
+    identical = sum(a == r for a, r in zip(answers, reference)) / len(questions)
+    with capsys.disabled():
+        print(f"\n[{backend} {dtype} toy] {identical:.1%} of {len(questions)} answers identical to PyTorch float32")
+    assert identical >= TOY_MIN_IDENTICAL[dtype], [(q.question, a, r) for q, a, r in zip(questions, answers, reference) if a != r][:5]
