@@ -417,7 +417,20 @@ class BenchReport:
     torch_threads: int
     ort_threads: int | None
     greedy_match: int
+    reads_between_repeats: list[float] = field(default_factory=list)  # GB/s, before each repeat and after the last
     sweep: list[SweepPoint] = field(default_factory=list)
+
+    def decode_weight_gb_s(self, side: SideResult) -> float:
+        """The weight bytes a side's decode streamed per second (each step reads them once)."""
+        return side.decode_tokens_per_s / self.config.batch * self.bound.decode_step.bytes / 1e9
+
+    def decode_share_of_reads(self, side: SideResult) -> float | None:
+        """decode_weight_gb_s over the median read bandwidth measured between the repeats: how
+        close decoding came to the memory system as it was during the runs (the roofline columns
+        use the best of the before and after measurements instead)."""
+        if not self.reads_between_repeats:
+            return None
+        return self.decode_weight_gb_s(side) / statistics.median(self.reads_between_repeats)
 
     @property
     def overloaded(self) -> bool:
@@ -465,6 +478,7 @@ class BenchReport:
                 },
                 "bandwidth_buffer_mib": self.rates.buffer_mib,
                 "gemm_size": self.rates.gemm_size,
+                "read_gb_s_between_repeats": [round(r, 2) for r in self.reads_between_repeats],
             },
             "model": self.model,
             "roofline": self.bound.as_dict(),
@@ -474,6 +488,8 @@ class BenchReport:
                 side.name: {key: _round(efficiency(value, bound[key], higher[key]), 4) for key, value in side.metrics().items()}
                 for side in self.sides
             },
+            "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 2) for side in self.sides},
+            "decode_share_of_read_between_repeats": {side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides},
             "greedy_tokens_matching": {"leading": self.greedy_match, "of": config.new_tokens + 1},
             "sweep": [asdict(point) for point in self.sweep],
         }
@@ -522,6 +538,15 @@ class BenchReport:
             lines.append(
                 f"  warning: the load average ({self.machine['load_average_start'][0]}) exceeds the {self.machine['available_cpus']} "
                 "cpus: other work competed for the cores, so multi-threaded timings are noisy (try --threads 1)"
+            )
+        if self.reads_between_repeats:
+            reads = self.reads_between_repeats
+            streamed = ", ".join(
+                f"{side.name} {self.decode_weight_gb_s(side):.1f} GB/s ({_pct(self.decode_share_of_reads(side)).strip()})" for side in self.sides
+            )
+            lines.append(
+                f"  read bandwidth between repeats: {min(reads):.1f} to {max(reads):.1f} GB/s, median {statistics.median(reads):.1f}; "
+                f"decode streamed weights at {streamed} of that median"
             )
         lines += [
             f"  greedy tokens: the runtime matches pytorch on the first {self.greedy_match} of {config.new_tokens + 1}"
@@ -676,11 +701,18 @@ def reference_dtype(config: BenchConfig, manifest: contract.Manifest) -> str:
     return manifest.graphs["decoder"].dtype if config.reference_dtype == "auto" else config.reference_dtype
 
 
-def measure(sides, inputs: BenchInputs, config: BenchConfig, meter: RssMeter, memory: dict[str, SideMemory], progress: Progress) -> dict[str, list[RunTimes]]:
-    """`warmup` discarded runs per side, then `repeats` runs alternating between the sides."""
+def measure(
+    sides, inputs: BenchInputs, config: BenchConfig, meter: RssMeter, memory: dict[str, SideMemory], progress: Progress,
+    reads: list[float] | None = None,
+) -> dict[str, list[RunTimes]]:
+    """`warmup` discarded runs per side, then `repeats` runs alternating between the sides.
+    With `reads`, the read bandwidth is measured before each repeat and after the last one and
+    appended to it: what the memory system gave while the runs ran."""
     runs: dict[str, list[RunTimes]] = {side.name: [] for side in sides}
     for index in range(config.warmup + config.repeats):
         warm = index < config.warmup
+        if reads is not None and not warm:
+            reads.append(rl.measure_read(config.bandwidth_mib))
         done = []
         for side in sides:
             before = meter.current()
@@ -692,6 +724,8 @@ def measure(sides, inputs: BenchInputs, config: BenchConfig, meter: RssMeter, me
                 runs[side.name].append(result)
         what = f"warm-up {index + 1}/{config.warmup}" if warm else f"repeat {index + 1 - config.warmup}/{config.repeats}"
         progress.say(f"  {what}: " + ", ".join(done))
+    if reads is not None:
+        reads.append(rl.measure_read(config.bandwidth_mib))
     return runs
 
 
@@ -741,7 +775,8 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     sides = [reference, runtime]
     inputs = make_inputs(manifest, config.batch, config.prompt_len, config.seed)
     progress.say(f"running {inputs.prompt_tokens}-token prefill + {config.new_tokens} decode steps, batch {config.batch}")
-    runs = measure(sides, inputs, config, meter, memory, progress)
+    reads: list[float] = []
+    runs = measure(sides, inputs, config, meter, memory, progress, reads)
     with progress.stage("measuring this machine again (the best of before and after counts)"):
         first = rates
         rates = rl.best_rates(first, rl.measure_machine(config.threads, config.bandwidth_mib, config.gemm_size))
@@ -781,6 +816,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         torch_threads=torch.get_num_threads(),
         ort_threads=ort_threads,
         greedy_match=greedy_agreement(runs[REFERENCE][-1], runs[runtime.name][-1]),
+        reads_between_repeats=reads,
         sweep=sweep,
     )
     if config.json_path is not None:

@@ -75,6 +75,14 @@ def measure_bandwidth(buffer_mib: int = 1024, repeats: int = 3) -> tuple[float, 
     return total / read_s / 1e9, 2 * half * 4 / copy_s / 1e9
 
 
+def measure_read(buffer_mib: int = 1024, repeats: int = 3) -> float:
+    """Read GB/s alone (measure_bandwidth's first figure): quick enough to take between runs."""
+    import torch
+
+    buffer = torch.ones(buffer_mib * 2**20 // 4, dtype=torch.float32)
+    return buffer.numel() * 4 / _best_seconds(lambda: buffer.sum(), repeats) / 1e9
+
+
 def measure_gemm(size: int = 2048, repeats: int = 3) -> float:
     """float32 GFLOP/s of a size x size x size matrix multiply, with torch's threads."""
     import torch

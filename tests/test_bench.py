@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from exporter import roofline as rl
@@ -137,6 +138,12 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     assert roof["decode_tokens_per_s"] > 0 and roof["prefill_ms"] > 0
     assert 0 < report["efficiency"]["ort-cpu"]["decode_tokens_per_s"]
     assert report["machine"]["read_gb_s"] > 0 and report["machine"]["gemm_gflop_s"] > 0
+    reads = report["machine"]["read_gb_s_between_repeats"]
+    assert len(reads) == settings["repeats"] + 1 and min(reads) > 0  # before each repeat, after the last
+    streamed = ort["decode_tokens_per_s"] * roof["decode_step"]["bytes"] / 1e9
+    assert report["decode_weight_gb_s"]["ort-cpu"] == pytest.approx(streamed, rel=1e-2)
+    assert report["decode_share_of_read_between_repeats"]["ort-cpu"] == pytest.approx(streamed / np.median(reads), rel=2e-2)
+    assert "read bandwidth between repeats:" in table and "decode streamed weights at pytorch" in table
     # The exported float32 graphs reproduce the reference: greedy tokens agree (the tiny model's
     # top-2 margins are far above float32 noise, as the generation parity tests show).
     assert report["greedy_tokens_matching"] == {"leading": 5, "of": 5}
