@@ -420,9 +420,16 @@ class BenchReport:
     reads_between_repeats: list[float] = field(default_factory=list)  # GB/s, before each repeat and after the last
     sweep: list[SweepPoint] = field(default_factory=list)
 
+    def decode_weight_bytes(self, side: SideResult) -> float:
+        """The weight bytes one decode step of this side reads: the graph's own (quantized or
+        not) for the runtime, the reference dtype's for PyTorch."""
+        if side is self.runtime:
+            return self.bound.decode_step.bytes
+        return self.model["decoder_params"] * rl.BYTES_PER_ELEMENT[self.model["reference_dtype"]]
+
     def decode_weight_gb_s(self, side: SideResult) -> float:
         """The weight bytes a side's decode streamed per second (each step reads them once)."""
-        return side.decode_tokens_per_s / self.config.batch * self.bound.decode_step.bytes / 1e9
+        return side.decode_tokens_per_s / self.config.batch * self.decode_weight_bytes(side) / 1e9
 
     def decode_share_of_reads(self, side: SideResult) -> float | None:
         """decode_weight_gb_s over the median read bandwidth measured between the repeats: how

@@ -142,6 +142,8 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     assert len(reads) == settings["repeats"] + 1 and min(reads) > 0  # before each repeat, after the last
     streamed = ort["decode_tokens_per_s"] * roof["decode_step"]["bytes"] / 1e9
     assert report["decode_weight_gb_s"]["ort-cpu"] == pytest.approx(streamed, rel=1e-2)
+    reference_streamed = pytorch["decode_tokens_per_s"] * 4 * report["model"]["decoder_params"] / 1e9  # float32
+    assert report["decode_weight_gb_s"]["pytorch"] == pytest.approx(reference_streamed, rel=1e-2)
     assert report["decode_share_of_read_between_repeats"]["ort-cpu"] == pytest.approx(streamed / np.median(reads), rel=2e-2)
     assert "read bandwidth between repeats:" in table and "decode streamed weights at pytorch" in table
     # The exported float32 graphs reproduce the reference: greedy tokens agree (the tiny model's
