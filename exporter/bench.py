@@ -495,7 +495,7 @@ class BenchReport:
                 side.name: {key: _round(efficiency(value, bound[key], higher[key]), 4) for key, value in side.metrics().items()}
                 for side in self.sides
             },
-            "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 2) for side in self.sides},
+            "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 4) for side in self.sides},
             "decode_share_of_read_between_repeats": {side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides},
             "greedy_tokens_matching": {"leading": self.greedy_match, "of": config.new_tokens + 1},
             "sweep": [asdict(point) for point in self.sweep],
