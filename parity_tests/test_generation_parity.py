@@ -77,24 +77,30 @@ def reference_ids(pipe: Pipeline, prompt: str, num_images: int, image_token_inde
 
 def reference_generate(model, pipe: Pipeline, rows, image_paths):
     """Greedy tokens [B, NEW_TOKENS] and top-2 margins [B, NEW_TOKENS] from transformers' generate."""
-    import torch
-
     pad = pipe.manifest.tokens.pad
     assert pad != model.config.image_token_index  # padding must not count as image tokens
     sequences = [reference_ids(pipe, prompt, 1, model.config.image_token_index) for prompt, _ in rows]
+    pixels = preprocess.preprocess([preprocess.load_image(path) for path in image_paths], pipe.manifest.preprocess)
+    return greedy_with_margins(model, sequences, pad, NEW_TOKENS, pixel_values=pixels)
+
+
+def greedy_with_margins(model, sequences: list[list[int]], pad: int, new_tokens: int, **inputs):
+    """transformers' greedy tokens [B, new_tokens] over the left-padded `sequences` (extra
+    `inputs`, e.g. pixel_values, as numpy), and each step's top-2 logit margin [B, new_tokens]."""
+    import torch
+
     width = max(map(len, sequences))
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, ids in enumerate(sequences):  # left padding
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
-    pixels = preprocess.preprocess([preprocess.load_image(path) for path in image_paths], pipe.manifest.preprocess)
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            pixel_values=torch.from_numpy(pixels),
-            max_new_tokens=NEW_TOKENS,
+            **{name: torch.from_numpy(value) for name, value in inputs.items()},
+            max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=None,  # no stopping: see the module docstring
             pad_token_id=pad,

@@ -29,6 +29,7 @@ from runtime import contract  # noqa: E402
 from runtime.backends.ort import OrtBackend  # noqa: E402
 from runtime.errors import PromptError  # noqa: E402
 from runtime.generate import decode_one_token, generate, prefill  # noqa: E402
+from parity_tests.test_generation_parity import greedy_with_margins  # noqa: E402
 from tests.fixtures import token_ids  # noqa: E402
 
 DEFAULT = TinyConfig()  # llama, 4 heads sharing 2 KV heads
@@ -73,25 +74,7 @@ def reference_tokens(model, prompts: list[list[int]]) -> tuple[np.ndarray, np.nd
     """transformers' greedy tokens [B, NEW_TOKENS] on the left-padded prompts, and each step's
     top-2 logit margin [B, NEW_TOKENS]. Padding holds token 3 (any id: the mask hides it; not
     0, the tiny model's image token)."""
-    width = max(map(len, prompts))
-    input_ids = torch.full((len(prompts), width), 3, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        mask[row, width - len(ids) :] = 1
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=3,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    top2 = torch.stack(out.logits, dim=1).float().topk(2, dim=-1).values
-    return out.sequences[:, width:].numpy(), (top2[..., 0] - top2[..., 1]).numpy()
+    return greedy_with_margins(model, prompts, 3, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
