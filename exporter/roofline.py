@@ -69,18 +69,20 @@ def measure_bandwidth(buffer_mib: int = 1024, repeats: int = 3) -> tuple[float, 
     buffer.fill_(1.0)  # touch every page before timing
     half = count // 2
     source, target = buffer[:half], buffer[half : 2 * half]
-    read_s = _best_seconds(lambda: buffer.sum(), repeats)
     copy_s = _best_seconds(lambda: target.copy_(source), repeats)
-    total = count * 4
-    return total / read_s / 1e9, 2 * half * 4 / copy_s / 1e9
+    return _read_gb_s(buffer, repeats), 2 * half * 4 / copy_s / 1e9
+
+
+def _read_gb_s(buffer, repeats: int) -> float:
+    """GB/s of summing a float32 torch buffer, the best of `repeats`."""
+    return buffer.numel() * 4 / _best_seconds(lambda: buffer.sum(), repeats) / 1e9
 
 
 def measure_read(buffer_mib: int = 1024, repeats: int = 3) -> float:
     """Read GB/s alone (measure_bandwidth's first figure): quick enough to take between runs."""
     import torch
 
-    buffer = torch.ones(buffer_mib * 2**20 // 4, dtype=torch.float32)
-    return buffer.numel() * 4 / _best_seconds(lambda: buffer.sum(), repeats) / 1e9
+    return _read_gb_s(torch.ones(buffer_mib * 2**20 // 4, dtype=torch.float32), repeats)
 
 
 def measure_gemm(size: int = 2048, repeats: int = 3) -> float:

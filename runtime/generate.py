@@ -82,10 +82,10 @@ def decode_one_token(backend: Backend, embed_table: np.ndarray, tokens: np.ndarr
 
 
 def check_cache_capacity(backend: Backend, prompt: int, new_tokens: int) -> None:
-    """PromptError when a preallocated cache (backend.kv_capacity positions; None or absent when
-    the cache grows) cannot hold a `prompt`-wide batch and `new_tokens` answer tokens, all but the
+    """PromptError when a preallocated cache (backend.kv_capacity positions; None when the cache
+    grows) cannot hold a `prompt`-wide batch and `new_tokens` answer tokens, all but the
     last of which are fed back."""
-    capacity = getattr(backend, "kv_capacity", None)
+    capacity = backend.kv_capacity
     needed = prompt + max(new_tokens - 1, 0)
     if capacity is None or needed <= capacity:
         return

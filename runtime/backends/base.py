@@ -15,6 +15,7 @@ import numpy as np
 class Backend(ABC):
     name: str = "?"
     dtype: np.dtype  # the decoder's floating dtype: inputs_embeds and image_embeds use it
+    kv_capacity: int | None = None  # positions a preallocated KV cache holds; None: it grows as needed
 
     @abstractmethod
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
