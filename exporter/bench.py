@@ -374,6 +374,13 @@ def efficiency(value: float, bound: float | None, higher_is_better: bool) -> flo
     return value / bound if higher_is_better else bound / value
 
 
+def ratio_ceiling(reference: float, bound: float | None, higher_is_better: bool) -> float | None:
+    """The ratio a backend running at the roofline would show against this reference: the
+    ratio column's ceiling (PyTorch at 80% of a compute-bound phase's roofline leaves 1.25x)."""
+    reached = efficiency(reference, bound, higher_is_better)
+    return 1 / reached if reached else None
+
+
 def roofline_metrics(bound: rl.Roofline) -> dict[str, float | None]:
     return {
         "image_encode_ms": bound.image_encode.ms,
@@ -497,6 +504,9 @@ class BenchReport:
             },
             "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 4) for side in self.sides},
             "decode_share_of_read_between_repeats": {side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides},
+            "ratio_ceiling": {
+                key: _round(ratio_ceiling(ref[key], bound[key], higher[key]), 4) for key, _, _ in METRICS
+            },
             "greedy_tokens_matching": {"leading": self.greedy_match, "of": config.new_tokens + 1},
             "sweep": [asdict(point) for point in self.sweep],
         }
@@ -546,6 +556,7 @@ class BenchReport:
                 f"  warning: the load average ({self.machine['load_average_start'][0]}) exceeds the {self.machine['available_cpus']} "
                 "cpus: other work competed for the cores, so multi-threaded timings are noisy (try --threads 1)"
             )
+        lines.append(self.ceiling_line(ref, bound))
         if self.reads_between_repeats:
             reads = self.reads_between_repeats
             streamed = ", ".join(
@@ -562,6 +573,16 @@ class BenchReport:
             f"  peak RSS: {self.memory_method}",
         ]
         return "\n".join(lines)
+
+    def ceiling_line(self, ref: dict, bound: dict) -> str:
+        """What the roofline leaves for any backend against this PyTorch run, phase by phase."""
+        phases = {"image_encode_ms": ("image encode", False), "prefill_ms": ("prefill", False), "decode_tokens_per_s": ("decode", True)}
+        ceilings = [
+            f"{ceiling:.2f}x on {phase}"
+            for key, (phase, higher) in phases.items()
+            if (ceiling := ratio_ceiling(ref[key], bound[key], higher)) is not None
+        ]
+        return f"  ceiling: a backend at the roofline would show {', '.join(ceilings)} against this pytorch run"
 
 
 def _round(value: float | None, digits: int) -> float | None:

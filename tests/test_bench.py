@@ -146,6 +146,12 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     assert report["decode_weight_gb_s"]["pytorch"] == pytest.approx(reference_streamed, rel=1e-2)
     assert report["decode_share_of_read_between_repeats"]["ort-cpu"] == pytest.approx(streamed / np.median(reads), rel=2e-2)
     assert "read bandwidth between repeats:" in table and "decode streamed weights at pytorch" in table
+    # The ratio a backend at the roofline would show: PyTorch's distance from the roofline.
+    ceiling = report["ratio_ceiling"]
+    assert ceiling["decode_tokens_per_s"] == pytest.approx(roof["decode_tokens_per_s"] / pytorch["decode_tokens_per_s"], rel=1e-2)
+    assert ceiling["prefill_ms"] == pytest.approx(pytorch["prefill_ms"] / roof["prefill_ms"], rel=1e-2)
+    assert ceiling["peak_rss_mib"] is None
+    assert f"ceiling: a backend at the roofline would show {ceiling['image_encode_ms']:.2f}x on image encode" in table
     # The exported float32 graphs reproduce the reference: greedy tokens agree (the tiny model's
     # top-2 margins are far above float32 noise, as the generation parity tests show).
     assert report["greedy_tokens_matching"] == {"leading": 5, "of": 5}
