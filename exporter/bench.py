@@ -363,6 +363,9 @@ METRICS = (
 )
 
 
+CEILING_PHASES = {"image_encode_ms": "image encode", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
+
+
 def ratio(runtime: float, reference: float) -> float | None:
     return runtime / reference if reference > 0 else None
 
@@ -504,9 +507,7 @@ class BenchReport:
             },
             "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 4) for side in self.sides},
             "decode_share_of_read_between_repeats": {side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides},
-            "ratio_ceiling": {
-                key: _round(ratio_ceiling(ref[key], bound[key], higher[key]), 4) for key, _, _ in METRICS
-            },
+            "ratio_ceiling": {key: _round(ceiling, 4) for key, ceiling in self.ratio_ceilings().items()},
             "greedy_tokens_matching": {"leading": self.greedy_match, "of": config.new_tokens + 1},
             "sweep": [asdict(point) for point in self.sweep],
         }
@@ -556,7 +557,7 @@ class BenchReport:
                 f"  warning: the load average ({self.machine['load_average_start'][0]}) exceeds the {self.machine['available_cpus']} "
                 "cpus: other work competed for the cores, so multi-threaded timings are noisy (try --threads 1)"
             )
-        lines.append(self.ceiling_line(ref, bound))
+        lines.append(self.ceiling_line())
         if self.reads_between_repeats:
             reads = self.reads_between_repeats
             streamed = ", ".join(
@@ -574,15 +575,16 @@ class BenchReport:
         ]
         return "\n".join(lines)
 
-    def ceiling_line(self, ref: dict, bound: dict) -> str:
+    def ratio_ceilings(self) -> dict[str, float | None]:
+        """Each metric's ratio_ceiling against this run's PyTorch side (None without a roofline)."""
+        ref, bound = self.reference.metrics(), roofline_metrics(self.bound)
+        return {key: ratio_ceiling(ref[key], bound[key], higher) for key, _, higher in METRICS}
+
+    def ceiling_line(self) -> str:
         """What the roofline leaves for any backend against this PyTorch run, phase by phase."""
-        phases = {"image_encode_ms": ("image encode", False), "prefill_ms": ("prefill", False), "decode_tokens_per_s": ("decode", True)}
-        ceilings = [
-            f"{ceiling:.2f}x on {phase}"
-            for key, (phase, higher) in phases.items()
-            if (ceiling := ratio_ceiling(ref[key], bound[key], higher)) is not None
-        ]
-        return f"  ceiling: a backend at the roofline would show {', '.join(ceilings)} against this pytorch run"
+        ceilings = self.ratio_ceilings()
+        phases = ", ".join(f"{ceilings[key]:.2f}x on {phase}" for key, phase in CEILING_PHASES.items() if ceilings[key] is not None)
+        return f"  ceiling: a backend at the roofline would show {phases} against this pytorch run"
 
 
 def _round(value: float | None, digits: int) -> float | None:
