@@ -113,7 +113,7 @@ def main():
 @user_errors
 def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
     """CLIP tower + projector -> OUT/vision.onnx."""
-    from exporter.vision import export_vision
+    from exporter.graphs.vision import export_vision
 
     source, progress = begin("vision", model, vision_tower, out, fp16, quiet)
     export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
@@ -129,7 +129,7 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
 @user_errors
 def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
-    from exporter.decoder import export_decoder
+    from exporter.graphs.decoder import export_decoder
 
     source, progress = begin("decoder", model, vision_tower, out, fp16, quiet, template)
     export_decoder(
@@ -148,8 +148,8 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, templat
 @user_errors
 def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
-    from exporter.decoder import check_kv_cache, export_decoder
-    from exporter.vision import export_vision
+    from exporter.graphs.decoder import check_kv_cache, export_decoder
+    from exporter.graphs.vision import export_vision
 
     source, progress = begin("all", model, vision_tower, out, fp16, quiet, template)
     check_kv_cache(source, kv_cache, max_seq_len)  # bad KV cache options fail before any export
@@ -193,7 +193,7 @@ def verify(model, vision_tower, artifacts):
 @user_errors
 def engine(artifacts, max_batch, max_input_len, max_seq_len, timing_cache, workspace, dry_run, quiet):
     """TensorRT engines for this GPU -> ARTIFACTS/engines/<gpu>-sm<cc>-trt<version>/."""
-    from exporter.engine import build_engines, plan_engines
+    from exporter.engine.build import build_engines, plan_engines
     from exporter.progress import Progress
 
     progress = Progress(quiet)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter import parity
-from exporter.decoder import decoder_parity
+from exporter.graphs.decoder import decoder_parity
 from exporter.progress import Progress
 from exporter.source import LlavaSource
-from exporter.vision import vision_parity
+from exporter.graphs.vision import vision_parity
 from runtime import contract
 from runtime.errors import ArtifactError
 

@@ -17,9 +17,9 @@ pytest.importorskip("transformers")
 
 from exporter.parity import OutputParity, assert_parity, compare  # noqa: E402
 from exporter.source import SUPPORTED_FAMILIES  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import contract  # noqa: E402
-from tests.fixtures import (  # noqa: E402
+from tests.support.graphs import (  # noqa: E402
     FP16_MIN_COSINE,
     FP32_ATOL,
     cache_tensors,

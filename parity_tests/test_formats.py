@@ -23,9 +23,9 @@ pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 
 from exporter.parity import assert_parity, compare  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import contract  # noqa: E402
-from tests.fixtures import FP32_ATOL, embeddings, empty_past, pixels, run_decoder, run_vision, token_ids  # noqa: E402
+from tests.support.graphs import FP32_ATOL, embeddings, empty_past, pixels, run_decoder, run_vision, token_ids  # noqa: E402
 
 HF = TinyConfig()
 ORIGINALS = {

@@ -29,21 +29,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime import preprocess, prompts
 from runtime.pipeline import Pipeline, Request
-from tests.runtime_fixtures import export_tiny, images, tiny_sources  # noqa: F401 (images: a fixture)
+from tests.support.generation import NEW_TOKENS, ROWS, reference_generate
 
-NEW_TOKENS = 32
 MIN_STEPS = 16
 MARGIN_TOL = 1e-3
-
-# (prompt, image) per row; the two rows' prompts have different lengths (191 and 196 tokens with
-# the vicuna_v1 template and 16 image tokens: room for NEW_TOKENS within the 256 positions).
-ROWS = [
-    ("What is shown in the image?", "a"),
-    ("Describe the image in detail.", "b"),
-]
-
 
 @pytest.fixture(scope="module", params=["hf", "original"])
 def fmt(request) -> str:
@@ -51,69 +41,16 @@ def fmt(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def artifacts(fmt, tmp_path_factory):
-    return export_tiny(tmp_path_factory, fmt)
+def artifacts(fmt, workshop):
+    return workshop.artifacts(fmt=fmt)
 
 
 @pytest.fixture(scope="module")
-def reference(fmt, tmp_path_factory):
+def reference(fmt, workshop):
     """The PyTorch reference (float32 LlavaForConditionalGeneration) for this source format."""
     from exporter.source import load_source
 
-    return load_source(str(tiny_sources(tmp_path_factory)[fmt])).model
-
-
-def reference_ids(pipe: Pipeline, prompt: str, num_images: int, image_token_index: int) -> list[int]:
-    """Our tokenization, with the reference's image token standing for each image's embeddings."""
-    text = prompts.render_prompt(pipe.manifest.template, prompt, num_images)
-    chunks = prompts.tokenize_prompt(pipe.tokenizer, text, pipe.manifest.tokens.bos)
-    ids: list[int] = []
-    for index, chunk in enumerate(chunks):
-        ids += chunk
-        if index < len(chunks) - 1:
-            ids += [image_token_index] * pipe.manifest.vision.num_image_tokens
-    return ids
-
-
-def reference_generate(model, pipe: Pipeline, rows, image_paths):
-    """Greedy tokens [B, NEW_TOKENS] and top-2 margins [B, NEW_TOKENS] from transformers' generate."""
-    pad = pipe.manifest.tokens.pad
-    assert pad != model.config.image_token_index  # padding must not count as image tokens
-    sequences = [reference_ids(pipe, prompt, 1, model.config.image_token_index) for prompt, _ in rows]
-    pixels = preprocess.preprocess([preprocess.load_image(path) for path in image_paths], pipe.manifest.preprocess)
-    return greedy_with_margins(model, sequences, pad, NEW_TOKENS, pixel_values=pixels)
-
-
-def greedy_with_margins(model, sequences: list[list[int]], pad: int, new_tokens: int, **inputs):
-    """transformers' greedy tokens [B, new_tokens] over the left-padded `sequences` (extra
-    `inputs`, e.g. pixel_values, as numpy), and each step's top-2 logit margin [B, new_tokens]."""
-    import torch
-
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):  # left padding
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **{name: torch.from_numpy(value) for name, value in inputs.items()},
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,  # no stopping: see the module docstring
-            pad_token_id=pad,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    tokens = out.sequences[:, width:].numpy()
-    logits = torch.stack(out.logits, dim=1).float()  # [B, steps, vocab], before any processor
-    top2 = logits.topk(2, dim=-1).values
-    margins = (top2[..., 0] - top2[..., 1]).numpy()
-    # greedy picked the argmax of these very logits (no processors): a check on the check
-    np.testing.assert_array_equal(tokens, logits.argmax(-1).numpy())
-    return tokens, margins
+    return load_source(str(workshop.tiny()[fmt])).model
 
 
 def compare(label: str, artifacts, model, images, batch: int, capsys) -> None:
@@ -153,7 +90,7 @@ def test_greedy_tokens_match_transformers_generate(fmt, artifacts, reference, im
     compare(f"{fmt} artifacts vs {fmt} reference", artifacts, reference, images, batch, capsys)
 
 
-def test_original_format_artifacts_match_the_hf_reference(tmp_path_factory, images, capsys):
+def test_original_format_artifacts_match_the_hf_reference(workshop, images, capsys):
     """The original-format reference is built by exporter.source's own weight mapping, the code
     that also feeds the export: a mapping bug would sit on both sides of the test above. The
     tiny hf and original folders hold the same weights, so the original-format artifacts must
@@ -161,6 +98,6 @@ def test_original_format_artifacts_match_the_hf_reference(tmp_path_factory, imag
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    hf_folder = tiny_sources(tmp_path_factory)["hf"]
+    hf_folder = workshop.tiny()["hf"]
     model = LlavaForConditionalGeneration.from_pretrained(hf_folder, dtype=torch.float32).eval()
-    compare("original artifacts vs hf from_pretrained", export_tiny(tmp_path_factory, "original"), model, images, 2, capsys)
+    compare("original artifacts vs hf from_pretrained", workshop.artifacts(fmt="original"), model, images, 2, capsys)

@@ -20,17 +20,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from exporter.decoder import export_decoder  # noqa: E402
+from exporter.graphs.decoder import export_decoder  # noqa: E402
 from exporter.progress import Progress  # noqa: E402
 from exporter.source import load_source  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
-from exporter.vision import export_vision  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
+from exporter.graphs.vision import export_vision  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.backends.ort import OrtBackend  # noqa: E402
 from runtime.errors import PromptError  # noqa: E402
 from runtime.generate import decode_one_token, generate, prefill  # noqa: E402
-from parity_tests.test_generation_parity import greedy_with_margins  # noqa: E402
-from tests.fixtures import token_ids  # noqa: E402
+from tests.support.generation import greedy_with_margins  # noqa: E402
+from tests.support.graphs import token_ids  # noqa: E402
 
 DEFAULT = TinyConfig()  # llama, 4 heads sharing 2 KV heads
 NEW_TOKENS = 20

@@ -29,13 +29,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from exporter import gpu_check  # noqa: E402
+from exporter.bench import gpu_check  # noqa: E402
 from exporter.parity import OutputParity, assert_parity, compare  # noqa: E402
 from exporter.progress import Progress  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime.pipeline import Pipeline, Request  # noqa: E402
-from tests.fixtures import embeddings, empty_past, pixels, run_decoder, run_vision  # noqa: E402
-from tests.runtime_fixtures import images  # noqa: E402,F401 (a fixture)
+from tests.support.generation import NEW_TOKENS, ROWS, reference_generate  # noqa: E402
+from tests.support.graphs import embeddings, empty_past, pixels, run_decoder, run_vision  # noqa: E402
+from tests.support.toy import TOY_HF_DIR, export_with_cli  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -69,7 +70,7 @@ def folders(workshop, tmp_path_factory):
             source = workshop.artifacts(DEFAULT, "hf", fp16=dtype == "float16")
             folder = shutil.copytree(source, tmp_path_factory.mktemp(f"gpu-{dtype}") / "artifacts")
             if with_engines:
-                from exporter.engine import build_engines
+                from exporter.engine.build import build_engines
 
                 build_engines(folder, max_batch=MAX_BATCH, timing_cache=folder.parent / "timing.cache", progress=Progress(quiet=True))
             made[key] = folder
@@ -170,8 +171,6 @@ def test_decoder_top1_matches_pytorch(workshop, folders, backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_answers_match_transformers_generate(workshop, folders, backend, dtype, images, capsys):
-    from parity_tests.test_generation_parity import NEW_TOKENS, ROWS, reference_generate
-
     pipe = open_backend(folders, backend, dtype)
     pipe.manifest.tokens.eos = []  # no stopping on either side (see test_generation_parity.py)
     model = workshop.reference(DEFAULT)
@@ -240,26 +239,24 @@ TOY_MIN_IDENTICAL = {"float32": 1.0, "float16": 0.99}
 @pytest.fixture(scope="module")
 def toy_questions():
     """The held-out questions and the PyTorch float32 reference's greedy answers (on the CPU)."""
-    from parity_tests.test_toy_parity import HF_DIR
     from exporter.source import load_source
     from exporter.toy.evaluate import held_out_questions, reference_answers
 
-    if not (HF_DIR / "model.safetensors").is_file():
+    if not (TOY_HF_DIR / "model.safetensors").is_file():
         pytest.skip("models/toy-llava is not in this checkout")
     questions = held_out_questions(TOY_IMAGES)
-    return questions, HF_DIR, load_source(str(HF_DIR))
+    return questions, TOY_HF_DIR, load_source(str(TOY_HF_DIR))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_toy_answers_match_the_reference(toy_questions, backend, dtype, tmp_path, capsys):
-    from parity_tests.test_toy_parity import export
     from exporter.toy.evaluate import reference_answers, runtime_answers
 
     questions, model_dir, source = toy_questions
-    folder = export(model_dir, tmp_path / "toy", *(["--fp16"] if dtype == "float16" else []))
+    folder = export_with_cli(model_dir, tmp_path / "toy", *(["--fp16"] if dtype == "float16" else []))
     if backend == "trt":
-        from exporter.engine import build_engines
+        from exporter.engine.build import build_engines
 
         build_engines(folder, max_batch=1, timing_cache=tmp_path / "timing.cache", progress=Progress(quiet=True))
     pipe = Pipeline.load(folder, backend="trt" if backend == "trt" else "ort")

@@ -10,42 +10,29 @@ for token with the PyTorch reference over the whole held-out set.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-from click.testing import CliRunner  # noqa: E402
-
-from exporter.cli import main as export_main  # noqa: E402
 from exporter.source import load_source  # noqa: E402
 from exporter.toy.evaluate import accuracy, held_out_questions, reference_answers, runtime_answers  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
+from tests.support.toy import TOY_HF_DIR, TOY_ORIGINAL_DIR, export_with_cli  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-HF_DIR = ROOT / "models" / "toy-llava"
-ORIGINAL_DIR = ROOT / "models" / "toy-llava-original"
 HELD_OUT_IMAGES = 30  # about 235 questions: the issue asks for at least 200
-
-
-def export(model: Path, out: Path, *flags: str) -> Path:
-    result = CliRunner().invoke(export_main, ["all", "--model", str(model), "--out", str(out), "--quiet", *flags])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The held-out questions, the reference's greedy answers, and the fp32 pipeline."""
-    if not (HF_DIR / "model.safetensors").is_file():
+    if not (TOY_HF_DIR / "model.safetensors").is_file():
         pytest.skip("models/toy-llava is not in this checkout")
     torch.set_num_threads(2)
     questions = held_out_questions(HELD_OUT_IMAGES)
-    pipe = Pipeline.load(export(HF_DIR, tmp_path_factory.mktemp("toy-fp32")))
-    reference = reference_answers(load_source(str(HF_DIR)), pipe, questions)
+    pipe = Pipeline.load(export_with_cli(TOY_HF_DIR, tmp_path_factory.mktemp("toy-fp32")))
+    reference = reference_answers(load_source(str(TOY_HF_DIR)), pipe, questions)
     return questions, reference, pipe
 
 
@@ -64,7 +51,7 @@ def test_fp32_answers_equal_the_reference(toy):
 
 def test_fp16_answers_nearly_all_equal(toy, tmp_path):
     questions, reference, _ = toy
-    pipe = Pipeline.load(export(HF_DIR, tmp_path / "fp16", "--fp16"))
+    pipe = Pipeline.load(export_with_cli(TOY_HF_DIR, tmp_path / "fp16", "--fp16"))
     answers = runtime_answers(pipe, questions)
     identical = sum(a == r for a, r in zip(answers, reference)) / len(questions)
     assert identical >= 0.99, identical
@@ -74,5 +61,5 @@ def test_original_twin_answers_the_same(toy, tmp_path):
     """The original-format folder (its tower named relatively, ../toy-clip) exports to a
     pipeline whose answers equal the HF folder's, on a subset."""
     questions, reference, _ = toy
-    pipe = Pipeline.load(export(ORIGINAL_DIR, tmp_path / "original"))
+    pipe = Pipeline.load(export_with_cli(TOY_ORIGINAL_DIR, tmp_path / "original"))
     assert runtime_answers(pipe, questions[:40]) == reference[:40]

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from exporter.parity import assert_parity, compare  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import contract  # noqa: E402
-from tests.fixtures import FP16_MIN_COSINE, FP32_ATOL, float16_graph_problems, pixels, run_vision  # noqa: E402
+from tests.support.graphs import FP16_MIN_COSINE, FP32_ATOL, float16_graph_problems, pixels, run_vision  # noqa: E402
 
 DEFAULT = TinyConfig()
 

@@ -1,4 +1,2 @@
 """The lightweight LLaVA runtime: reads only an artifact folder (numpy, onnxruntime,
 tokenizers, pillow; tensorrt lazily). It never imports torch or transformers."""
-
-__version__ = "0.1.0"

@@ -170,7 +170,3 @@ def preprocess(images: list[Image.Image], spec: PreprocessSpec) -> np.ndarray:
         raise ImageError("no images to preprocess")
     return np.stack([preprocess_one(image, spec) for image in images])
 
-
-def image_to_pixels(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
-    """An image file -> [3,crop,crop] float32 (load_image, then preprocess)."""
-    return preprocess_one(load_image(path), spec)

@@ -14,18 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter import roofline as rl
-from tests.runtime_fixtures import tiny_artifacts, tiny_sources  # noqa: F401 (tiny_artifacts is a fixture)
+from exporter.bench import roofline as rl
 
 LLAVA_BENCH = Path(sys.executable).with_name("llava-bench")
 QUICK = ["--prompt-len", "8", "--new-tokens", "4", "--warmup", "1", "--repeats", "2", "--bandwidth-mib", "8", "--gemm-size", "128"]
 
 
-
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory) -> Path:
+def tiny_hf(workshop) -> Path:
     """The tiny model's Hugging Face folder, the one tiny_artifacts was exported from."""
-    return tiny_sources(tmp_path_factory)["hf"]
+    return workshop.tiny()["hf"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +85,7 @@ def test_machine_measurements_are_rates():
 
 
 def test_decoder_cost_counts_the_tiny_model(tiny_hf):
-    from exporter.bench import decoder_cost, vision_cost
+    from exporter.bench.run import decoder_cost, vision_cost
     from exporter.source import load_source
 
     source = load_source(str(tiny_hf))
@@ -164,7 +162,7 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
 def invoke(*args):
     from click.testing import CliRunner
 
-    from exporter.bench_cli import main
+    from exporter.bench.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 

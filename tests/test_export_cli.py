@@ -19,17 +19,18 @@ from onnx import numpy_helper
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from exporter import onnx_io, parity  # noqa: E402
+from exporter import parity  # noqa: E402
+from exporter.graphs import onnx_io  # noqa: E402
 from exporter.cli import main  # noqa: E402
-from exporter.decoder import export_decoder  # noqa: E402
+from exporter.graphs.decoder import export_decoder  # noqa: E402
 from exporter.parity import OutputParity, ParityError  # noqa: E402
 from exporter.progress import Progress  # noqa: E402
 from exporter.source import load_source  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
-from exporter.vision import export_vision  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
+from exporter.graphs.vision import export_vision  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.errors import ArtifactError  # noqa: E402
-from tests.fixtures import pixels, run_vision  # noqa: E402
+from tests.support.graphs import pixels, run_vision  # noqa: E402
 
 DEFAULT = TinyConfig()
 GRAPH_FILES = (contract.VISION_FILE, contract.DECODER_FILE)

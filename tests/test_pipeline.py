@@ -8,7 +8,6 @@ import pytest
 
 from runtime.errors import ArtifactError, EngineError, ImageError, PromptError
 from runtime.pipeline import Answer, Pipeline, Request, Timings
-from tests.runtime_fixtures import broken_artifacts, images, tiny_artifacts  # noqa: F401 (fixtures)
 
 PROMPTS = ["What is shown in the image?", "Describe the image in detail, with every colour you can see."]
 

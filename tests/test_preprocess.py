@@ -114,7 +114,7 @@ def test_pad_mode_is_llava_expand2square():
 def test_load_image_parity_end_to_end(tmp_path):
     path = tmp_path / "photo.png"
     make_image(300, 200, "RGBA", seed=3).save(path)
-    ours = pp.image_to_pixels(path, spec_for(32, 32, "pad"))
+    ours = pp.preprocess([pp.load_image(path)], spec_for(32, 32, "pad"))[0]
     ref = hf_pixels([Image.open(path)], 32, 32, "pad")[0]
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 

@@ -161,7 +161,7 @@ def tokenizers_pair(tmp_path_factory):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from exporter.tokenizer import build_tiny_tokenizer
+    from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     build_tiny_tokenizer(folder)

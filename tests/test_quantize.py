@@ -1,4 +1,4 @@
-"""Weight-only quantization of the decoder (`--quant int8|int4`, exporter/quantize.py): the graph
+"""Weight-only quantization of the decoder (`--quant int8|int4`, exporter/graphs/quantize.py): the graph
 holds MatMulNBits for every linear layer and no big float MatMul, runs in ONNX Runtime and in
 the runtime, stays close to the float32 graph, computes exactly with the weights it stores, and
 the manifest and CLI say so. All on the tiny model (hidden 64: narrower than some blocks)."""
@@ -18,14 +18,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
-from exporter import onnx_io, parity, quantize  # noqa: E402
+from exporter import parity  # noqa: E402
+from exporter.graphs import onnx_io, quantize  # noqa: E402
 from exporter.cli import main  # noqa: E402
-from exporter.decoder import decoder_parity  # noqa: E402
+from exporter.graphs.decoder import decoder_parity  # noqa: E402
 from exporter.source import load_source  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.errors import LlavaError  # noqa: E402
-from tests.fixtures import empty_past  # noqa: E402
+from tests.support.graphs import empty_past  # noqa: E402
 
 DEFAULT = TinyConfig()
 LINEAR_LAYERS = DEFAULT.text_layers * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
@@ -275,7 +276,7 @@ def test_bad_quant_value_is_a_click_error(workshop, tmp_path, command):
 
 
 def test_export_decoder_refuses_an_unknown_quant_before_any_work(workshop, tmp_path):
-    from exporter.decoder import export_decoder
+    from exporter.graphs.decoder import export_decoder
 
     source = load_source(str(workshop.tiny(DEFAULT)["hf"]))
     with pytest.raises(LlavaError, match="--quant"):

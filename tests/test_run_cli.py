@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from runtime.pipeline import Pipeline
-from tests.runtime_fixtures import broken_artifacts, images, tiny_artifacts  # noqa: F401 (fixtures)
 
 LLAVA_RUN = Path(sys.executable).with_name("llava-run")
 PROMPT = "What is shown in the image?"

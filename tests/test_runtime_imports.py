@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.runtime_fixtures import images, tiny_artifacts  # noqa: F401 (fixtures)
 
 FORBIDDEN = ("torch", "transformers")
 REPO = Path(__file__).resolve().parents[1]  # run this checkout's runtime

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from exporter.source import SUPPORTED_FAMILIES, load_source  # noqa: E402
-from exporter.tiny import TinyConfig  # noqa: E402
+from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime.errors import SourceError  # noqa: E402
-from tests.fixtures import pixels  # noqa: E402
+from tests.support.graphs import pixels  # noqa: E402
 
 DEFAULT = TinyConfig()
 

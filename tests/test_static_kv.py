@@ -14,7 +14,7 @@ from runtime import contract
 from runtime.contract import GraphSpec, Manifest, PreprocessSpec, TextSpec, TokenSpec, VisionSpec
 from runtime.errors import ArtifactError, PromptError
 from runtime.generate import generate
-from tests.test_generate import EMBED_TABLE, ScriptedBackend, sequence
+from tests.support.fake_backends import EMBED_TABLE, ScriptedBackend, sequence
 
 
 def manifest_with(decoder: GraphSpec) -> Manifest:

@@ -1,4 +1,5 @@
-"""exporter/tokenizer.py: the tiny trained tokenizer, sentencepiece conversion, export to an artifact folder."""
+"""The tiny trained tokenizer (exporter/testing/tiny_tokenizer.py), and sentencepiece conversion
+and export to an artifact folder (exporter/graphs/tokenizer.py)."""
 
 import json
 
@@ -9,12 +10,8 @@ pytest.importorskip("sentencepiece")
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from exporter.tokenizer import (  # noqa: E402
-    MIN_VOCAB,
-    build_tiny_tokenizer,
-    convert_sentencepiece,
-    save_tokenizer,
-)
+from exporter.graphs.tokenizer import convert_sentencepiece, save_tokenizer  # noqa: E402
+from exporter.testing.tiny_tokenizer import MIN_VOCAB, build_tiny_tokenizer  # noqa: E402
 from runtime.errors import SourceError  # noqa: E402
 
 TEXTS = [

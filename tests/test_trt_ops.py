@@ -1,5 +1,5 @@
 """Every operator our exporter emits is one TensorRT's ONNX parser takes (checked without a
-GPU, against exporter.trt_ops' list from onnx-tensorrt's docs), and `unsupported_ops` finds
+GPU, against exporter.engine.trt_ops' list from onnx-tensorrt's docs), and `unsupported_ops` finds
 the nodes it would reject: in the main graph, in subgraphs, in local functions, in other
 domains, and an opset out of the parser's range."""
 
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from exporter import trt_ops
+from exporter.engine import trt_ops
 from runtime import contract
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -21,7 +21,7 @@ FAMILIES = ("llama", "mistral", "qwen2")
 @pytest.fixture(scope="module")
 def exported(workshop):
     """{(family, fp16): artifact folder} for every family, float32 and float16."""
-    from exporter.tiny import TinyConfig
+    from exporter.testing.tiny import TinyConfig
 
     return {(family, fp16): workshop.artifacts(TinyConfig(family=family), "hf", fp16) for family in FAMILIES for fp16 in (False, True)}
 
@@ -117,9 +117,9 @@ def test_describe_names_nodes_ops_and_the_source(tmp_path):
 
 def test_engine_command_reports_an_unsupported_node_before_anything_else(workshop, tmp_path):
     """`llava-export engine` runs the op check first, with or without TensorRT installed."""
-    from exporter import onnx_io
+    from exporter.graphs import onnx_io
     from exporter.cli import main
-    from exporter.tiny import TinyConfig
+    from exporter.testing.tiny import TinyConfig
 
     folder = shutil.copytree(workshop.artifacts(TinyConfig(), "hf"), tmp_path / "artifacts")
     model = onnx.load(str(folder / contract.VISION_FILE))

@@ -4,7 +4,7 @@
 
 writes
     models/toy-llava/           LlavaForConditionalGeneration (safetensors), tokenizer, image processor
-    models/toy-llava-original/  the same weights in the original LLaVA layout (exporter.convert)
+    models/toy-llava-original/  the same weights in the original LLaVA layout (exporter.testing.original_format)
     models/toy-clip/            the CLIP tower the original format names (mm_vision_tower ../toy-clip)
 
 The LLaVA-1.5 recipe, at toy scale (docs/toy-model.md):
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from exporter.convert import write_clip_tower, write_original, write_processor_config
+from exporter.testing.original_format import write_clip_tower, write_original, write_processor_config
 from exporter.toy import data
 from exporter.toy.eval_reference import (
     BOS_ID,
@@ -107,7 +107,7 @@ def llava_config(toy: ToyConfig):
         projector_hidden_act="gelu",
         vision_feature_layer=toy.select_layer,
         vision_feature_select_strategy="default",
-        # <unk> (id 0) marks image slots, as in exporter/tiny.py; no prompt ever produces it.
+        # <unk> (id 0) marks image slots, as in exporter/testing/tiny.py; no prompt ever produces it.
         image_token_index=0,
         image_seq_length=(toy.image_size // toy.patch_size) ** 2,
         tie_word_embeddings=False,
@@ -138,7 +138,7 @@ def tokenizer_corpus(n_examples: int = 600) -> list[str]:
 def build_tokenizer(folder: Path, vocab_size: int):
     from tokenizers import Tokenizer
 
-    from exporter.tokenizer import build_tiny_tokenizer
+    from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(folder, vocab_size=vocab_size, corpus=tokenizer_corpus())
     return Tokenizer.from_file(str(folder / TOKENIZER_FILE))

@@ -3,7 +3,7 @@
     DIR/engines/<gpu>-sm<cc>-trt<version>/vision.plan, decoder.plan, engine.json
 
 Steps: read the manifest; derive and check the optimization profiles (runtime.engines); check
-every node's operator against the TensorRT ONNX parser's list (exporter.trt_ops) and that each
+every node's operator against the TensorRT ONNX parser's list (exporter.engine.trt_ops) and that each
 .onnx is the one the manifest describes; then, with TensorRT, for each graph: parse the ONNX
 (external weights beside it) into a strongly typed network (precision comes from the graph:
 an --fp16 export gives a float16 engine; TensorRT 11 has no other way, and on 10 we ask for
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter import trt_ops
+from exporter.engine import trt_ops
 from exporter.progress import Progress
 from runtime import contract, engines
 from runtime.contract import Manifest
@@ -124,7 +124,7 @@ def onnx_runtime_only(decoder: contract.GraphSpec) -> str | None:
 
 
 def file_sha256(path: Path) -> str:
-    """As exporter.onnx_io's (which the manifest's digests come from), without importing torch:
+    """As exporter.graphs.onnx_io's (which the manifest's digests come from), without importing torch:
     engines are often built on a box that has the ONNX and TensorRT but no exporter stack."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -1,4 +1,4 @@
-"""Tokenizers for the artifact folder: a tiny trained one for tests, sentencepiece conversion, export.
+"""The artifact folder's tokenizer: exported from the source (tokenizer.json or a sentencepiece model).
 
 The runtime reads `tokenizer.json` with the `tokenizers` library alone, so the file written here
 must tokenize exactly as the PyTorch reference (transformers' tokenizer) does. Transformers 5
@@ -20,146 +20,11 @@ from typing import Any
 from runtime.contract import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from runtime.errors import SourceError
 
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2, as in Llama
-BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # ids 3..258: any text encodes
-MIN_VOCAB = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
-DEFAULT_VOCAB_SIZE = 320
 MODEL_MAX_LENGTH = 2048
 SPM_FILE = "tokenizer.model"
 
-# Small English corpus the tiny tokenizer learns its merges from: what LLaVA prompts look like.
-_SYSTEMS = [
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    "You are a helpful language and vision assistant. You are able to understand the visual content "
-    "that the user provides, and assist the user with a variety of tasks using natural language.",
-]
-_COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "grey"]
-_SHAPES = ["circle", "square", "triangle", "star", "ball", "box", "cube", "line"]
-_COUNTS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-_QUESTIONS = [
-    "What is shown in the image?",
-    "Describe the image in detail.",
-    "What colour is the {shape}?",
-    "How many {shape}s are there in the picture?",
-    "Is there a {colour} {shape} in this image?",
-    "Where is the {colour} {shape}?",
-    "What is the shape on the left?",
-    "Which object is the largest?",
-    "Can you count the objects in the photo?",
-    "What is the colour of the background?",
-]
-_ANSWERS = [
-    "The {shape} is {colour}.",
-    "There are {count} {shape}s in the image.",
-    "Yes, there is a {colour} {shape} in the middle of the image.",
-    "The {colour} {shape} is on the right, next to a small {shape2}.",
-    "The image shows {count} {colour} {shape}s on a {colour2} background.",
-    "No, I do not see a {colour} {shape} here.",
-]
 
-
-def default_corpus() -> list[str]:
-    """The built-in corpus: system prompts, USER:/ASSISTANT: turns about colours, shapes, counts."""
-    lines = list(_SYSTEMS)
-    n = len(_COLOURS)
-    for i in range(60):  # deterministic variety, no randomness
-        fill = {
-            "colour": _COLOURS[i % n],
-            "colour2": _COLOURS[(i * 3 + 1) % n],
-            "shape": _SHAPES[i % len(_SHAPES)],
-            "shape2": _SHAPES[(i * 5 + 2) % len(_SHAPES)],
-            "count": _COUNTS[(i * 7) % len(_COUNTS)],
-        }
-        question = _QUESTIONS[i % len(_QUESTIONS)].format(**fill)
-        answer = _ANSWERS[i % len(_ANSWERS)].format(**fill)
-        lines.append(f"USER: {question} ASSISTANT: {answer}")
-        lines.append(f"[INST] {question} [/INST] {answer}")
-    return lines
-
-
-def _llama_pipeline(tokenizer) -> None:
-    """Sets the pre-tokenizer/decoder transformers 5's LlamaTokenizer uses (legacy=False, prefix space)."""
-    from tokenizers import decoders, pre_tokenizers
-
-    tokenizer.normalizer = None
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
-    )
-
-
-def build_tiny_tokenizer(
-    out_dir: str | os.PathLike,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    corpus: list[str] | None = None,
-    chat_template: str | None = None,
-) -> None:
-    """Trains a Llama-style byte-fallback BPE tokenizer (deterministic, milliseconds) into out_dir.
-
-    Ids: <unk>=0, <s>=1, </s>=2, <0x00>..<0xFF>=3..258, then the corpus' characters and merges
-    up to exactly `vocab_size`. Writes tokenizer.json and tokenizer_config.json, which
-    `transformers.AutoTokenizer.from_pretrained(out_dir)` loads as a LlamaTokenizer adding BOS.
-    """
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
-
-    if vocab_size < MIN_VOCAB:
-        raise ValueError(f"vocab_size {vocab_size} is too small: the specials and 256 byte tokens need {MIN_VOCAB}")
-    lines = default_corpus() if corpus is None else list(corpus)
-    alphabet = sorted({ch for line in lines for ch in line.replace(" ", "▁")} | {"▁"})
-
-    # Train with whitespace splitting, like sentencepiece, so no merge crosses a word boundary;
-    # the specials and byte tokens are listed first so they take ids 0..258 in order.
-    trainee = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    trainee.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS + BYTE_TOKENS),
-        limit_alphabet=min(len(alphabet), vocab_size - MIN_VOCAB),
-        initial_alphabet=[],
-        show_progress=False,
-    )
-    trainee.train_from_iterator(lines, trainer)
-    trained = json.loads(trainee.to_str())["model"]
-    vocab: dict[str, int] = trained["vocab"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    if len(vocab) != vocab_size:
-        raise ValueError(
-            f"the corpus yields only {len(vocab)} tokens, fewer than vocab_size {vocab_size}: "
-            "give a larger corpus or a smaller vocab_size"
-        )
-
-    # The final tokenizer: only <unk> <s> </s> are added (special) tokens; bytes live in the vocab.
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    _llama_pipeline(tokenizer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
-    )
-    config: dict[str, Any] = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": None,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": MODEL_MAX_LENGTH,
-    }
-    if chat_template is not None:
-        config["chat_template"] = chat_template
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / TOKENIZER_FILE), pretty=True)
-    _write_json(out / TOKENIZER_CONFIG_FILE, config)
-
-
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -192,7 +57,7 @@ def _load_sentencepiece(model_file: Path):
         config.setdefault("add_bos_token", True)
         config.setdefault("legacy", False)
         config.setdefault("model_max_length", MODEL_MAX_LENGTH)
-        _write_json(Path(tmp) / TOKENIZER_CONFIG_FILE, config)
+        write_json(Path(tmp) / TOKENIZER_CONFIG_FILE, config)
         try:
             return LlamaTokenizer.from_pretrained(tmp)
         except Exception as err:  # a corrupt or non-sentencepiece file
@@ -273,7 +138,7 @@ def _write_tokenizer(tokenizer, out: Path, chat_template: str | None) -> None:
     backend.no_padding()
     backend.no_truncation()
     backend.save(str(out / TOKENIZER_FILE), pretty=True)
-    _write_json(out / TOKENIZER_CONFIG_FILE, config)
+    write_json(out / TOKENIZER_CONFIG_FILE, config)
 
 
 def _generation_eos(folder: Path) -> list[int]:

@@ -1,8 +1,7 @@
-"""Shared helpers for the parity tests and the exporter's CLI/source tests.
+"""Running exported graphs directly in ONNX Runtime, seeded inputs, and graph inspection.
 
-Exports are the slow part (seconds each on a CPU), so one session-wide `Workshop` caches every
-tiny model folder and every exported artifact folder under pytest's tmp_path_factory; both
-parity_tests/conftest.py and tests/conftest.py hand out the same instance.
+Needs torch (the seeded inputs are torch tensors, as the references take them): a test module
+importing this is skipped where torch is not installed.
 """
 
 from __future__ import annotations
@@ -19,76 +18,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
-from exporter.decoder import export_decoder  # noqa: E402
-from exporter.progress import Progress  # noqa: E402
-from exporter.source import load_source  # noqa: E402
-from exporter.tiny import TinyConfig, build_tiny_model, write_tiny  # noqa: E402
-from exporter.vision import export_vision  # noqa: E402
 from runtime import contract  # noqa: E402
 
 # The graph dtypes' gates these tests hold artifacts to (the issues' numbers).
 FP32_ATOL = 1e-4
 FP16_MIN_COSINE = 0.999
-
-
-class Workshop:
-    """Tiny models and their exports, made once per test session."""
-
-    def __init__(self, factory: pytest.TempPathFactory):
-        self.factory = factory
-        self.tinies: dict[str, dict[str, Path]] = {}
-        self.folders: dict[tuple, Path] = {}
-        self.done: dict[tuple, set[str]] = {}
-        self.references: dict[str, torch.nn.Module] = {}
-
-    def tiny(self, config: TinyConfig = TinyConfig()) -> dict[str, Path]:
-        """write_tiny's folders {"hf"?, "original", "clip"} for `config`."""
-        key = repr(config)  # TinyConfig may hold a dict (rope_scaling): not hashable
-        if key not in self.tinies:
-            self.tinies[key] = write_tiny(self.factory.mktemp("tiny"), config)
-        return self.tinies[key]
-
-    def artifacts(self, config: TinyConfig = TinyConfig(), fmt: str = "hf", fp16: bool = False, graphs=("vision", "decoder")) -> Path:
-        """An artifact folder exported (through the Python API) from `config`'s `fmt` folder."""
-        key = (repr(config), fmt, fp16)
-        if key not in self.folders:
-            self.folders[key] = self.factory.mktemp(f"artifacts-{fmt}-{'fp16' if fp16 else 'fp32'}")
-            self.done[key] = set()
-        out, done = self.folders[key], self.done[key]
-        missing = [g for g in graphs if g not in done]
-        if missing:
-            dtype = torch.float16 if fp16 else torch.float32
-            source = load_source(str(self.tiny(config)[fmt]), dtype=dtype)
-            for graph in missing:
-                export = export_vision if graph == "vision" else export_decoder
-                export(source, out, fp16=fp16, progress=Progress(quiet=True))
-                done.add(graph)
-        return out
-
-    def reference(self, config: TinyConfig = TinyConfig()) -> torch.nn.Module:
-        """The float32 PyTorch reference, independent of exporter.source: transformers'
-        LlavaForConditionalGeneration read from the HF folder, or (projectors only the original
-        format expresses) the very model write_tiny saved, rebuilt from its seed."""
-        key = repr(config)
-        if key not in self.references:
-            folders = self.tiny(config)
-            if "hf" in folders:
-                from transformers import LlavaForConditionalGeneration
-
-                model = LlavaForConditionalGeneration.from_pretrained(folders["hf"], dtype=torch.float32)
-            else:
-                model = build_tiny_model(config)
-            self.references[key] = model.eval().requires_grad_(False)
-        return self.references[key]
-
-
-_WORKSHOP: list[Workshop] = []
-
-
-def workshop_for(factory: pytest.TempPathFactory) -> Workshop:
-    if not _WORKSHOP or _WORKSHOP[0].factory is not factory:
-        _WORKSHOP[:] = [Workshop(factory)]
-    return _WORKSHOP[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +72,7 @@ def cache_tensors(cache) -> list[np.ndarray]:
     return tensors
 
 
-def pixels(config: TinyConfig, batch: int, seed: int = 0) -> torch.Tensor:
+def pixels(config, batch: int, seed: int = 0) -> torch.Tensor:
     """Seeded, normalized-looking pixel values [B,3,H,W] (different from the exporter's own)."""
     generator = torch.Generator().manual_seed(1000 + seed)
     return torch.randn(batch, 3, config.image_size, config.image_size, generator=generator)

@@ -1,6 +1,6 @@
 """Every GPU check this machine allows, and a GPU benchmark, in one run with one report.
 
-    python -m exporter.gpu_check [--report gpu_check_report.md] [--text-layers 2] [--budget-s 290]
+    python -m exporter.bench.gpu_check [--report gpu_check_report.md] [--text-layers 2] [--budget-s 290]
     (scripts/gpu_check.sh runs exactly this)
 
 1. Environment: GPU, driver-visible stacks (TensorRT + cuda-python, onnxruntime-gpu's CUDA
@@ -9,7 +9,7 @@
    and ONNX Runtime CUDA against the float32 PyTorch reference (vision cosine, decoder top-1,
    greedy answers), and float16 ONNX against float16 PyTorch on CUDA. Each group runs where
    its stack is installed and is reported skipped, with the reason, where it is not.
-3. Benchmark, on a LLaVA-1.5-7B-shaped float16 model with random weights (exporter.scale: CLIP
+3. Benchmark, on a LLaVA-1.5-7B-shaped float16 model with random weights (exporter.testing.scale: CLIP
    ViT-L/14-336, mlp2x_gelu, hidden 4096, vocab 32064) and --text-layers decoder layers (32 is
    the real depth; the default keeps export + engine build inside the time budget): export
    with --fp16, build engines, then per side (TensorRT, ONNX Runtime CUDA, PyTorch eager
@@ -231,10 +231,10 @@ def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int
     (artifacts folder, LlavaSource loaded in float16, engines folder or None)."""
     import torch
 
-    from exporter import scale
-    from exporter.decoder import export_decoder
+    from exporter.testing import scale
+    from exporter.graphs.decoder import export_decoder
     from exporter.source import load_source
-    from exporter.vision import export_vision
+    from exporter.graphs.vision import export_vision
     from runtime import contract
 
     checkpoint = work / f"llava7b-{text_layers}l"
@@ -261,7 +261,7 @@ def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int
         timings["export_fp16"] = round(time.perf_counter() - start, 1)
     folder = None
     if tensorrt_status() is None:
-        from exporter.engine import build_engines
+        from exporter.engine.build import build_engines
 
         image_tokens = source.vision.num_image_tokens
         start = time.perf_counter()
@@ -286,7 +286,7 @@ class TorchCudaSide:
     def __init__(self, source):
         import torch
 
-        from exporter.vision import VisionEncoder
+        from exporter.graphs.vision import VisionEncoder
 
         model = source.model.to("cuda")
         self.torch = torch
@@ -391,7 +391,7 @@ def agreement(ours: list[int], reference: list[int]) -> int:
 
 
 def run_benchmark(args, work: Path, report: dict, progress) -> None:
-    from exporter.bench import decoder_cost, make_inputs
+    from exporter.bench.run import decoder_cost, make_inputs
     from runtime import contract
     from runtime.pipeline import Pipeline
 
@@ -520,7 +520,7 @@ def write_report(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from exporter.progress import Progress
 
-    parser = argparse.ArgumentParser(prog="python -m exporter.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m exporter.bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, default=REPO / "gpu_check_report.md", help="Markdown report (JSON beside it)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "llava-gpu-check", help="checkpoints, exports, engines (reused by a second run)")
     parser.add_argument("--text-layers", type=int, default=2, help="decoder layers of the 7B-shaped benchmark model (32 = full depth, minutes more)")

@@ -112,7 +112,7 @@ def quantize_decoder(
     read completely before anything is replaced. Peak memory: about twice the float graph."""
     import onnx
 
-    from exporter import onnx_io
+    from exporter.graphs import onnx_io
 
     check_settings(bits, block_size or 16, accuracy_level)
     path_in, path_out = Path(path_in), Path(path_out)

@@ -1,7 +1,7 @@
 """Full-size random checkpoints for the scale checks (not a test: a command you run by hand).
 
-    python -m exporter.scale checkpoint --out /tmp/llava7b --text-layers 32
-    python -m exporter.scale measure -- llava-export decoder --model /tmp/llava7b --out /tmp/a --fp16 --no-verify
+    python -m exporter.testing.scale checkpoint --out /tmp/llava7b --text-layers 32
+    python -m exporter.testing.scale measure -- llava-export decoder --model /tmp/llava7b --out /tmp/a --fp16 --no-verify
 
 `checkpoint` writes a LLaVA-1.5-7B-shaped Hugging Face folder (CLIP ViT-L/14-336, 24 layers,
 mlp2x_gelu to 4096; a Vicuna-7B-shaped decoder of `--text-layers` layers, vocab 32064) with
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from exporter.convert import write_processor_config
+from exporter.testing.original_format import write_processor_config
 from exporter.source import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_empty_model
-from exporter.tokenizer import build_tiny_tokenizer
+from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 from runtime.contract import PreprocessSpec
 
 CLIP_L_336 = {
@@ -88,7 +88,7 @@ def measure(command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporter.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m exporter.testing.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     make = sub.add_parser("checkpoint", help="write a random LLaVA-1.5-7B-shaped checkpoint")
     make.add_argument("--out", type=Path, required=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from exporter.convert import write_clip_tower, write_original, write_processor_config
+from exporter.testing.original_format import write_clip_tower, write_original, write_processor_config
 from exporter.source import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_empty_model, projector_depth
-from exporter.tokenizer import build_tiny_tokenizer
+from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 from runtime.contract import PreprocessSpec
 
 TOKENIZER_VOCAB = 320
@@ -143,7 +143,7 @@ def write_hf(model, folder: Path, tiny: TinyConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m exporter.tiny", description="Write a tiny random LLaVA (hf, original, clip folders).")
+    parser = argparse.ArgumentParser(prog="python -m exporter.testing.tiny", description="Write a tiny random LLaVA (hf, original, clip folders).")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     for name, folder in write_tiny(args.out).items():

@@ -15,7 +15,7 @@ same random text token ids around the image, then each runs its own whole pipeli
 A run is all four; `--warmup` runs per side are discarded, then `--repeats` runs alternate
 between the sides (so drift in the machine's load hits both alike) and each figure is the
 median over them. The machine's read bandwidth and float32 GEMM rate are measured in the same
-process, with the same threads, for the roofline (exporter.roofline).
+process, with the same threads, for the roofline (exporter.bench.roofline).
 
 Peak memory is per side: resident growth while loading, and the peak above the pre-run
 resident size during each run (Linux: VmHWM, reset through /proc/self/clear_refs before each
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter import roofline as rl
+from exporter.bench import roofline as rl
 from exporter.progress import Progress
 from runtime import contract, generate
 from runtime.errors import LlavaError, PromptError
@@ -223,7 +223,7 @@ class ReferenceSide:
     name = REFERENCE
 
     def __init__(self, source):
-        from exporter.vision import VisionEncoder
+        from exporter.graphs.vision import VisionEncoder
 
         model = source.model
         self.encoder = VisionEncoder(model, source.vision.select_layer, source.vision.select_strategy).eval()
@@ -626,7 +626,7 @@ def decoder_cost(source, dtype: str, bytes_per_weight: float | None = None) -> r
 
 def quantized_bytes_per_weight(path: Path, graph: contract.GraphSpec) -> float:
     """A --quant decoder's stored bytes per weight, from its MatMulNBits settings."""
-    from exporter import quantize
+    from exporter.graphs import quantize
 
     bits, block_size = quantize.graph_settings(path)
     return quantize.bytes_per_weight(bits, block_size, rl.BYTES_PER_ELEMENT[graph.dtype])

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter import onnx_io, parity, quantize
+from exporter import parity
+from exporter.graphs import onnx_io, quantize
 from exporter.manifest import open_manifest
 from exporter.progress import Progress
 from exporter.source import LlavaSource
-from exporter.tokenizer import save_tokenizer
+from exporter.graphs.tokenizer import save_tokenizer
 from runtime import contract
 from runtime.contract import GraphSpec, TokenSpec
 from runtime.errors import LlavaError
@@ -261,7 +262,7 @@ def export_decoder(
 
     The source should be loaded in the export dtype (float16 for --fp16): a float32 copy of a
     7B decoder would not fit next to it in 24 GB. `quant` ("int8" | "int4") quantizes the linear
-    layers' weights (exporter/quantize.py) after tracing; the parity gate is then
+    layers' weights (exporter/graphs/quantize.py) after tracing; the parity gate is then
     parity.QUANT_MIN_COSINE[quant]. `kv_cache` "static" writes the static layout (module
     docstring) whose runtime buffers hold `max_seq_len` positions (recorded in the manifest).
     """

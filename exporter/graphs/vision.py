@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter import onnx_io, parity
+from exporter import parity
+from exporter.graphs import onnx_io
 from exporter.manifest import open_manifest
 from exporter.progress import Progress
 from exporter.source import LlavaSource

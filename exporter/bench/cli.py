@@ -31,7 +31,7 @@ from runtime.backends import BACKENDS
 @user_errors
 def main(**options):
     """Side-by-side speed and memory of PyTorch and the runtime, against this machine's roofline."""
-    from exporter.bench import BenchConfig, run_bench
+    from exporter.bench.run import BenchConfig, run_bench
 
     report = run_bench(BenchConfig(**options))
     click.echo(report.table())
