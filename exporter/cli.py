@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import LlavaError
+from runtime.extras import require
 
 
 def user_errors(command):
@@ -31,19 +32,59 @@ def user_errors(command):
     return wrapper
 
 
+def needs_extra(extra: str, feature: str):
+    """Checks, before the command imports anything heavy, that `extra` is installed (a
+    missing one is a one-line MissingExtra naming it, which user_errors prints)."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            require(extra, feature)
+            return command(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def source_options(command):
-    command = click.option("--vision-tower", metavar="PATH", help="CLIP tower folder for an original-format model (overrides mm_vision_tower).")(command)
-    command = click.option("--model", "model", required=True, metavar="SRC", help="Model folder or hub id (HF Llava or original LLaVA format).")(command)
+    command = click.option(
+        "--vision-tower",
+        metavar="PATH",
+        help="CLIP tower folder for an original-format model (overrides mm_vision_tower).",
+    )(command)
+    command = click.option(
+        "--model",
+        "model",
+        required=True,
+        metavar="SRC",
+        help="Model folder or hub id (HF Llava or original LLaVA format).",
+    )(command)
     return command
 
 
 def output_options(command):
-    command = click.option("--no-verify", "verify", is_flag=True, flag_value=False, default=True, help="Skip the ONNX Runtime run against PyTorch (for graphs too big to run here; `llava-export verify` runs it later).")(command)
+    command = click.option(
+        "--no-verify",
+        "verify",
+        is_flag=True,
+        flag_value=False,
+        default=True,
+        help="Skip the ONNX Runtime run against PyTorch (for graphs too big to run here; `llava-export verify` runs it later).",
+    )(command)
     command = click.option("--quiet", is_flag=True, help="Print only errors.")(command)
-    command = click.option("--force", is_flag=True, help="Replace artifacts of another model in --out.")(command)
-    command = click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to emit.")(command)
-    command = click.option("--fp16", is_flag=True, help="Write float16 graphs (TensorRT takes precision from the graph).")(command)
-    command = click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")(command)
+    command = click.option("--force", is_flag=True, help="Replace artifacts of another model in --out.")(
+        command
+    )
+    command = click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to emit.")(
+        command
+    )
+    command = click.option(
+        "--fp16", is_flag=True, help="Write float16 graphs (TensorRT takes precision from the graph)."
+    )(command)
+    command = click.option(
+        "--out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write."
+    )(command)
     return command
 
 
@@ -57,7 +98,15 @@ def load(model: str, vision_tower: str | None, fp16: bool, progress):
         return load_source(model, vision_tower=vision_tower, dtype=torch.float16 if fp16 else torch.float32)
 
 
-def begin(command: str, model: str, vision_tower: str | None, out: Path, fp16: bool, quiet: bool, template: str | None = None):
+def begin(
+    command: str,
+    model: str,
+    vision_tower: str | None,
+    out: Path,
+    fp16: bool,
+    quiet: bool,
+    template: str | None = None,
+):
     """The common start of an export command: check options, announce, load the source."""
     from exporter.progress import Progress
 
@@ -73,11 +122,18 @@ def check_template(template: str | None) -> None:
     from runtime.prompts import TEMPLATES
 
     if template not in TEMPLATES and template != "chat":
-        raise click.BadParameter(f"unknown template {template!r} (known: {', '.join(sorted(TEMPLATES))}, chat)", param_hint="--template")
+        raise click.BadParameter(
+            f"unknown template {template!r} (known: {', '.join(sorted(TEMPLATES))}, chat)",
+            param_hint="--template",
+        )
 
 
 def template_option(command):
-    return click.option("--template", metavar="NAME", help="Prompt template recorded in the manifest (default: derived from the model).")(command)
+    return click.option(
+        "--template",
+        metavar="NAME",
+        help="Prompt template recorded in the manifest (default: derived from the model).",
+    )(command)
 
 
 def quant_option(command):
@@ -90,7 +146,12 @@ def quant_option(command):
 
 
 def kv_cache_options(command):
-    command = click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N", help="Longest prompt + answer the static KV cache holds (its buffers' length).  [default: the model's positions, at most 4096]")(command)
+    command = click.option(
+        "--max-seq-len",
+        type=click.IntRange(min=2),
+        metavar="N",
+        help="Longest prompt + answer the static KV cache holds (its buffers' length).  [default: the model's positions, at most 4096]",
+    )(command)
     command = click.option(
         "--kv-cache",
         type=click.Choice(["concat", "static"]),
@@ -111,6 +172,7 @@ def main():
 @source_options
 @output_options
 @user_errors
+@needs_extra("export", "llava-export vision")
 def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
     """CLIP tower + projector -> OUT/vision.onnx."""
     from exporter.graphs.vision import export_vision
@@ -127,14 +189,26 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
 @quant_option
 @kv_cache_options
 @user_errors
-def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len):
+@needs_extra("export", "llava-export decoder")
+def decoder(
+    model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len
+):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
     from exporter.graphs.decoder import export_decoder
 
     source, progress = begin("decoder", model, vision_tower, out, fp16, quiet, template)
     export_decoder(
-        source, out, fp16=fp16, opset=opset, force=force, template=template, verify=verify, progress=progress, quant=quant,
-        kv_cache=kv_cache, max_seq_len=max_seq_len,
+        source,
+        out,
+        fp16=fp16,
+        opset=opset,
+        force=force,
+        template=template,
+        verify=verify,
+        progress=progress,
+        quant=quant,
+        kv_cache=kv_cache,
+        max_seq_len=max_seq_len,
     )
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
@@ -146,7 +220,10 @@ def decoder(model, vision_tower, out, fp16, opset, force, quiet, verify, templat
 @quant_option
 @kv_cache_options
 @user_errors
-def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len):
+@needs_extra("export", "llava-export all")
+def all_graphs(
+    model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len
+):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
     from exporter.graphs.decoder import check_kv_cache, export_decoder
     from exporter.graphs.vision import export_vision
@@ -157,17 +234,25 @@ def all_graphs(model, vision_tower, out, fp16, opset, force, quiet, verify, temp
     export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
     progress.say("[2/2] decoder")
     export_decoder(
-        source, out, fp16=fp16, opset=opset, template=template, verify=verify, progress=progress, quant=quant,
-        kv_cache=kv_cache, max_seq_len=max_seq_len,
+        source,
+        out,
+        fp16=fp16,
+        opset=opset,
+        template=template,
+        verify=verify,
+        progress=progress,
+        quant=quant,
+        kv_cache=kv_cache,
+        max_seq_len=max_seq_len,
     )
     progress.say(f"wrote {out} (run it: llava-run --artifacts {out} --image IMAGE --prompt TEXT)")
-
 
 
 @main.command()
 @source_options
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Artifact folder to check.")
 @user_errors
+@needs_extra("export", "llava-export verify")
 def verify(model, vision_tower, artifacts):
     """Parity report: every graph in ARTIFACTS against the PyTorch model."""
     from exporter.progress import Progress
@@ -180,15 +265,48 @@ def verify(model, vision_tower, artifacts):
     progress.say("all outputs within tolerance")
 
 
-
 @main.command()
-@click.option("--artifacts", "--onnx", "artifacts", required=True, type=click.Path(path_type=Path), help="Artifact folder (from `llava-export all`) to build engines for.")
-@click.option("--max-batch", type=click.IntRange(min=1), metavar="B", help="Most sequences (and images) per run.  [default: 1]")
-@click.option("--max-input-len", type=click.IntRange(min=1), metavar="N", help="Longest prompt in tokens, image tokens included.  [default: one image + 1024]")
-@click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N", help="Longest prompt + answer (the KV cache's size).  [default: the model's positions, at most 4096]")
-@click.option("--timing-cache", type=click.Path(path_type=Path), metavar="PATH", help="TensorRT timing cache to reuse and update.  [default: ~/.cache/llava-export/timing-<gpu>.cache]")
-@click.option("--workspace", type=click.FloatRange(min=0, min_open=True), metavar="GB", help="Most GPU memory TensorRT may use for scratch while building.  [default: TensorRT's]")
-@click.option("--dry-run", is_flag=True, help="Check the graphs and print the profiles; build nothing (needs no GPU).")
+@click.option(
+    "--artifacts",
+    "--onnx",
+    "artifacts",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Artifact folder (from `llava-export all`) to build engines for.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    metavar="B",
+    help="Most sequences (and images) per run.  [default: 1]",
+)
+@click.option(
+    "--max-input-len",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Longest prompt in tokens, image tokens included.  [default: one image + 1024]",
+)
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=2),
+    metavar="N",
+    help="Longest prompt + answer (the KV cache's size).  [default: the model's positions, at most 4096]",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="TensorRT timing cache to reuse and update.  [default: ~/.cache/llava-export/timing-<gpu>.cache]",
+)
+@click.option(
+    "--workspace",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="GB",
+    help="Most GPU memory TensorRT may use for scratch while building.  [default: TensorRT's]",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Check the graphs and print the profiles; build nothing (needs no GPU)."
+)
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @user_errors
 def engine(artifacts, max_batch, max_input_len, max_seq_len, timing_cache, workspace, dry_run, quiet):
@@ -204,8 +322,12 @@ def engine(artifacts, max_batch, max_input_len, max_seq_len, timing_cache, works
             progress.say(f"  {line}")
         progress.say("dry run: the graphs and profiles are fine; nothing was built")
         return
-    folder = build_engines(artifacts, max_batch, max_input_len, max_seq_len, timing_cache, workspace, progress)
-    progress.say(f"wrote {folder} (run it: llava-run --artifacts {artifacts} --backend trt --image IMAGE --prompt TEXT)")
+    folder = build_engines(
+        artifacts, max_batch, max_input_len, max_seq_len, timing_cache, workspace, progress
+    )
+    progress.say(
+        f"wrote {folder} (run it: llava-run --artifacts {artifacts} --backend trt --image IMAGE --prompt TEXT)"
+    )
 
 
 if __name__ == "__main__":

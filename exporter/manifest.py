@@ -65,7 +65,9 @@ def open_manifest(folder: Path, source: LlavaSource, force: bool, template: str 
         return fresh
     if not force:
         holder = existing.source.get("path") if existing else "an unreadable manifest"
-        raise LlavaError(f"{folder} holds artifacts of another model ({holder}): pass --force to replace them, or choose another --out")
+        raise LlavaError(
+            f"{folder} holds artifacts of another model ({holder}): pass --force to replace them, or choose another --out"
+        )
     clear_artifacts(folder)
     return fresh
 
@@ -74,4 +76,3 @@ def clear_artifacts(folder: Path) -> None:
     for name in ARTIFACT_FILES:
         (folder / name).unlink(missing_ok=True)
     shutil.rmtree(folder / contract.ENGINES_DIR, ignore_errors=True)
-

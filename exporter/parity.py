@@ -75,7 +75,11 @@ def compare(
     expected = expected.astype(np.float32)
     err = float(np.abs(actual - expected).max()) if actual.size else 0.0
     cos = float(cosine_rows(actual, expected).min()) if actual.size else 1.0
-    ok = np.isfinite(actual).all() and (atol is None or err <= atol) and (min_cosine is None or cos >= min_cosine)
+    ok = (
+        np.isfinite(actual).all()
+        and (atol is None or err <= atol)
+        and (min_cosine is None or cos >= min_cosine)
+    )
     agreement = None
     if top1 and actual.size:
         agreement = float((actual.argmax(-1) == expected.argmax(-1)).mean())

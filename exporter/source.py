@@ -70,7 +70,9 @@ def load_source(src: str, vision_tower: str | None = None, dtype: torch.dtype = 
     folder = resolve_folder(src, what="model", flag="--model")
     config = read_json(folder / "config.json", what="model config")
     kind = detect_format(config, folder)
-    loaded = load_hf(folder, config, dtype) if kind == "hf" else load_original(folder, config, vision_tower, dtype)
+    loaded = (
+        load_hf(folder, config, dtype) if kind == "hf" else load_original(folder, config, vision_tower, dtype)
+    )
     # Eager attention computes softmax in float32 even in a float16 model, and exports to
     # plain MatMul/Softmax that every runtime (and TensorRT's fusions) understand.
     loaded.model.set_attn_implementation("eager")
@@ -100,7 +102,9 @@ def resolve_folder(src: str, what: str, flag: str) -> Path:
         return Path(snapshot_download(src))
     except Exception as err:  # offline, unknown repo, gated repo: all say the same to the user
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SourceError(f"cannot fetch {what} {src} from the hub ({reason}); pass a local folder with {flag}") from None
+        raise SourceError(
+            f"cannot fetch {what} {src} from the hub ({reason}); pass a local folder with {flag}"
+        ) from None
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -113,7 +117,11 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def detect_format(config: dict, folder: Path) -> str:
-    if "mm_vision_tower" in config or config.get("model_type", "") in ORIGINAL_MODEL_TYPES and "vision_config" not in config:
+    if (
+        "mm_vision_tower" in config
+        or config.get("model_type", "") in ORIGINAL_MODEL_TYPES
+        and "vision_config" not in config
+    ):
         return "original"
     if config.get("model_type") == "llava" and "vision_config" in config:
         return "hf"
@@ -134,9 +142,13 @@ def load_hf(folder: Path, config: dict, dtype: torch.dtype) -> LlavaSource:
     llava_config = LlavaConfig.from_pretrained(folder)
     family = text_family(llava_config.text_config.model_type)
     if not isinstance(llava_config.vision_feature_layer, int):
-        raise SourceError(f"{folder}: several vision feature layers {llava_config.vision_feature_layer} are not supported")
+        raise SourceError(
+            f"{folder}: several vision feature layers {llava_config.vision_feature_layer} are not supported"
+        )
     if llava_config.projector_hidden_act != "gelu":
-        raise SourceError(f"{folder}: projector activation {llava_config.projector_hidden_act!r} is not supported (gelu only)")
+        raise SourceError(
+            f"{folder}: projector activation {llava_config.projector_hidden_act!r} is not supported (gelu only)"
+        )
     model = LlavaForConditionalGeneration.from_pretrained(folder, config=llava_config, dtype=dtype)
     model.eval().requires_grad_(False)
     processor = load_processor_config(folder)
@@ -175,11 +187,15 @@ def load_original(folder: Path, config: dict, vision_tower: str | None, dtype: t
     depth = projector_depth(projector, folder)
     tower_src = vision_tower or config.get("mm_vision_tower") or config.get("vision_tower")
     if not tower_src:
-        raise SourceError(f"{folder}/config.json names no mm_vision_tower: pass the CLIP tower with --vision-tower PATH")
+        raise SourceError(
+            f"{folder}/config.json names no mm_vision_tower: pass the CLIP tower with --vision-tower PATH"
+        )
     tower = resolve_tower(tower_src, folder, explicit=vision_tower is not None)
     select_feature = config.get("mm_vision_select_feature", "patch")
     if select_feature not in ("patch", "cls_patch"):
-        raise SourceError(f"{folder}: mm_vision_select_feature {select_feature!r} is not supported (patch, cls_patch)")
+        raise SourceError(
+            f"{folder}: mm_vision_select_feature {select_feature!r} is not supported (patch, cls_patch)"
+        )
 
     llava_config = LlavaConfig(
         vision_config=CLIPVisionConfig.from_pretrained(tower).to_dict(),
@@ -231,9 +247,13 @@ def resolve_tower(tower_src: str, model_folder: Path, explicit: bool) -> Path:
     except SourceError as err:
         if explicit:
             raise
-        raise SourceError(f"cannot load the vision tower {tower_src} named by mm_vision_tower: pass a local CLIP folder with --vision-tower PATH") from err
+        raise SourceError(
+            f"cannot load the vision tower {tower_src} named by mm_vision_tower: pass a local CLIP folder with --vision-tower PATH"
+        ) from err
     if not (folder / "config.json").is_file():
-        raise SourceError(f"vision tower {folder} has no config.json: pass a CLIP checkpoint folder with --vision-tower")
+        raise SourceError(
+            f"vision tower {folder} has no config.json: pass a CLIP checkpoint folder with --vision-tower"
+        )
     return folder
 
 
@@ -314,7 +334,9 @@ def load_original_weights(model: nn.Module, files: list[Path], folder: Path) -> 
                     if suffix.startswith(index):
                         name = "model.multi_modal_projector." + named + suffix[len(index) :]
             if name not in params:
-                raise SourceError(f"{file}: weight {key} has no place in the model (config and weights disagree)")
+                raise SourceError(
+                    f"{file}: weight {key} has no place in the model (config and weights disagree)"
+                )
             if tuple(params[name].shape) != tuple(tensor.shape):
                 raise SourceError(
                     f"{file}: weight {key} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"
@@ -323,7 +345,9 @@ def load_original_weights(model: nn.Module, files: list[Path], folder: Path) -> 
             loaded.add(name)
     missing = sorted(expected - loaded)
     if missing:
-        raise SourceError(f"{folder}: weights missing from the checkpoint, e.g. {missing[0]} ({len(missing)} in all)")
+        raise SourceError(
+            f"{folder}: weights missing from the checkpoint, e.g. {missing[0]} ({len(missing)} in all)"
+        )
     if model.config.tie_word_embeddings:
         model.tie_weights()
 
@@ -335,7 +359,9 @@ def load_tower_weights(model: nn.Module, tower: Path, dtype: torch.dtype) -> Non
     missing, unexpected = model.model.vision_tower.load_state_dict(clip.state_dict(), strict=False)
     missing = [m for m in missing if not m.endswith("position_ids")]
     if missing or unexpected:
-        raise SourceError(f"vision tower {tower} does not fit the model config (e.g. {(missing or unexpected)[0]})")
+        raise SourceError(
+            f"vision tower {tower} does not fit the model config (e.g. {(missing or unexpected)[0]})"
+        )
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -382,7 +408,9 @@ def iter_checkpoint(file: Path):
 
 def text_family(model_type: str) -> str:
     if model_type not in SUPPORTED_FAMILIES:
-        raise SourceError(f"decoder family {model_type!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
+        raise SourceError(
+            f"decoder family {model_type!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})"
+        )
     return model_type
 
 
@@ -418,7 +446,11 @@ def text_spec(text_config, family: str) -> TextSpec:
 def preprocess_spec(processor: dict, vision_config, aspect: str) -> PreprocessSpec:
     size = processor.get("size", {}) or {}
     crop = processor.get("crop_size", {}) or {}
-    shortest = size.get("shortest_edge", size.get("height", vision_config.image_size)) if isinstance(size, dict) else size
+    shortest = (
+        size.get("shortest_edge", size.get("height", vision_config.image_size))
+        if isinstance(size, dict)
+        else size
+    )
     crop_size = crop.get("height", vision_config.image_size) if isinstance(crop, dict) else crop
     return PreprocessSpec(
         shortest_edge=int(shortest),

@@ -52,7 +52,9 @@ FP16_LOGITS_TOL = 0.05
 def test_all_families_tested():
     tested = {config.family for config in CASES.values()}
     missing = sorted(set(SUPPORTED_FAMILIES) - tested)
-    assert not missing, f"exporter.source.SUPPORTED_FAMILIES has no tiny decoder case for {missing}: add one to CASES"
+    assert not missing, (
+        f"exporter.source.SUPPORTED_FAMILIES has no tiny decoder case for {missing}: add one to CASES"
+    )
 
 
 def reference_step(model, embeds: torch.Tensor, mask: np.ndarray, positions: np.ndarray, cache=None):
@@ -73,7 +75,9 @@ def positions_of(mask: np.ndarray, new: int) -> np.ndarray:
     return np.clip(np.cumsum(mask, -1) - 1, 0, None)[:, -new:].astype(np.int64)
 
 
-def compare_cache(step: str, actual: list[np.ndarray], expected: list[np.ndarray], **tol) -> list[OutputParity]:
+def compare_cache(
+    step: str, actual: list[np.ndarray], expected: list[np.ndarray], **tol
+) -> list[OutputParity]:
     results = []
     for index, (act, exp) in enumerate(zip(actual, expected)):
         name = (contract.present_key_name if index % 2 == 0 else contract.present_value_name)(index // 2)
@@ -139,10 +143,16 @@ def test_left_padded_batch_equals_each_prompt_alone(workshop, case):
             new = run["ids"]
             positions = np.arange(run["length"], run["length"] + len(new))[None]
             expected, run["cache"] = reference_step(
-                model, model.get_input_embeddings()(torch.tensor([new])), np.ones((1, run["length"] + len(new)), np.int64), positions, run["cache"]
+                model,
+                model.get_input_embeddings()(torch.tensor([new])),
+                np.ones((1, run["length"] + len(new)), np.int64),
+                positions,
+                run["cache"],
             )
             run["length"] += len(new)
-            results.append(compare(f"{label} row {row} logits", logits[row : row + 1], expected, atol=FP32_ATOL))
+            results.append(
+                compare(f"{label} row {row} logits", logits[row : row + 1], expected, atol=FP32_ATOL)
+            )
             real = [p[row : row + 1, :, -run["length"] :] for p in presents]
             results += compare_cache(f"{label} row {row}", real, cache_tensors(run["cache"]), atol=FP32_ATOL)
             run["ids"] = [int(expected[0].argmax())]
@@ -201,8 +211,12 @@ def test_fp16_top1_and_cosine_vs_fp32_reference(workshop):
         mask = np.ones((1, mask.shape[1] + 1), np.int64)
         past = presents
     print(f"float16 top-1 compared at {checked} of {DECODE_STEPS + 1} steps; not at {skipped or 'none'}")
-    assert_parity(results, f"decoder.onnx float16 vs float32 reference; top-1 not compared at {skipped or 'no step'}")
-    assert checked >= (DECODE_STEPS + 1) // 2, f"too few steps with a clear reference top-1 to compare: skipped {skipped}"
+    assert_parity(
+        results, f"decoder.onnx float16 vs float32 reference; top-1 not compared at {skipped or 'no step'}"
+    )
+    assert checked >= (DECODE_STEPS + 1) // 2, (
+        f"too few steps with a clear reference top-1 to compare: skipped {skipped}"
+    )
 
 
 def test_fp16_decoder_graph_is_float16_with_float32_softmax(workshop):
@@ -236,5 +250,10 @@ def test_splice_matches_the_reference_llava(workshop, before, after):
     assert image.shape == (1, image_tokens, manifest.text.hidden_size)
     spliced = np.concatenate([table[head], image[0], table[tail]])[None]
     length = spliced.shape[1]
-    logits, _ = run_decoder(folder, spliced, np.ones((1, length), np.int64), np.arange(length)[None], empty_past(folder, 1))
-    assert_parity([compare("spliced prefill logits", logits, expected, atol=FP32_ATOL)], "our splice vs LlavaForConditionalGeneration")
+    logits, _ = run_decoder(
+        folder, spliced, np.ones((1, length), np.int64), np.arange(length)[None], empty_past(folder, 1)
+    )
+    assert_parity(
+        [compare("spliced prefill logits", logits, expected, atol=FP32_ATOL)],
+        "our splice vs LlavaForConditionalGeneration",
+    )

@@ -41,7 +41,10 @@ def initializers(path) -> dict[str, np.ndarray]:
 def test_bin_shards_fixture_is_what_it_claims(workshop):
     folder = workshop.tiny(ORIGINALS["original_bin_2_shards"])["original"]
     index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    assert sorted(set(index["weight_map"].values())) == [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ]
     assert not list(folder.glob("*.safetensors"))
 
 
@@ -51,7 +54,11 @@ def test_graphs_have_identical_initializers(workshop, variant, graph):
     hf = initializers(workshop.artifacts(HF, "hf") / graph)
     original = initializers(workshop.artifacts(ORIGINALS[variant], "original") / graph)
     assert sorted(hf) == sorted(original)
-    different = [name for name in hf if hf[name].dtype != original[name].dtype or not np.array_equal(hf[name], original[name])]
+    different = [
+        name
+        for name in hf
+        if hf[name].dtype != original[name].dtype or not np.array_equal(hf[name], original[name])
+    ]
     assert not different, f"{graph}: initializers differ between the HF and {variant} exports: {different}"
 
 
@@ -69,7 +76,10 @@ def test_outputs_are_identical(workshop, variant):
         logits_hf, past_hf = run_decoder(hf, embeds, mask, positions, past_hf)
         logits_original, past_original = run_decoder(original, embeds, mask, positions, past_original)
         results.append(compare(f"step {step} logits", logits_original, logits_hf, atol=0.0))
-        results += [compare(f"step {step} present {i}", a, b, atol=0.0) for i, (a, b) in enumerate(zip(past_original, past_hf))]
+        results += [
+            compare(f"step {step} present {i}", a, b, atol=0.0)
+            for i, (a, b) in enumerate(zip(past_original, past_hf))
+        ]
         token = int(logits_hf[0].argmax())
         embeds, positions = embeddings(hf)[[token]][None], np.array([[mask.shape[1]]])
         mask = np.ones((1, mask.shape[1] + 1), np.int64)
@@ -123,7 +133,11 @@ class ManualLlava:
         from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
         config = json.loads((folder / "config.json").read_text())
-        text = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in ("model_type", "architectures", "transformers_version")}
+        text = {
+            k: v
+            for k, v in config.items()
+            if not k.startswith("mm_") and k not in ("model_type", "architectures", "transformers_version")
+        }
         checkpoint = original_state(folder)
         self.llama = LlamaForCausalLM(LlamaConfig(**text)).eval()
         language = {k: v for k, v in checkpoint.items() if not k.startswith("model.mm_projector.")}
@@ -131,7 +145,10 @@ class ManualLlava:
         tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
         assert not unexpected and set(missing) <= tied, (missing, unexpected)
         self.tower = CLIPVisionModel.from_pretrained(clip_folder, dtype=torch.float32).eval()
-        self.projector = load_projected_params(build_projected(config["mm_projector_type"], config["mm_hidden_size"], config["hidden_size"]), checkpoint)
+        self.projector = load_projected_params(
+            build_projected(config["mm_projector_type"], config["mm_hidden_size"], config["hidden_size"]),
+            checkpoint,
+        )
         self.select_layer = config["mm_vision_select_layer"]
         assert config["mm_vision_select_feature"] == "patch"
 
@@ -143,7 +160,9 @@ class ManualLlava:
     @torch.no_grad()
     def spliced_logits(self, head: list[int], images: torch.Tensor, tail: list[int]) -> np.ndarray:
         embed = self.llama.get_input_embeddings()
-        inputs = torch.cat([embed(torch.tensor([head])), self.encode_image(images), embed(torch.tensor([tail]))], dim=1)
+        inputs = torch.cat(
+            [embed(torch.tensor([head])), self.encode_image(images), embed(torch.tensor([tail]))], dim=1
+        )
         return self.llama(inputs_embeds=inputs).logits[:, -1].numpy()
 
 
@@ -154,12 +173,23 @@ def test_original_format_vs_manual_composition(workshop, variant):
     folder = workshop.artifacts(config, "original")
     manual = ManualLlava(tiny["original"], tiny["clip"])
     pix = pixels(config, 2, seed=13)
-    results = [compare("image features", run_vision(folder, pix.numpy()), manual.encode_image(pix).numpy(), atol=FP32_ATOL)]
+    results = [
+        compare(
+            "image features",
+            run_vision(folder, pix.numpy()),
+            manual.encode_image(pix).numpy(),
+            atol=FP32_ATOL,
+        )
+    ]
     head, tail = [1] + token_ids(4, seed=14), token_ids(5, seed=15)
     image = run_vision(folder, pix[:1].numpy())[0]
     table = embeddings(folder)
     spliced = np.concatenate([table[head], image, table[tail]])[None]
     length = spliced.shape[1]
-    logits, _ = run_decoder(folder, spliced, np.ones((1, length), np.int64), np.arange(length)[None], empty_past(folder, 1))
-    results.append(compare("spliced prefill logits", logits, manual.spliced_logits(head, pix[:1], tail), atol=FP32_ATOL))
+    logits, _ = run_decoder(
+        folder, spliced, np.ones((1, length), np.int64), np.arange(length)[None], empty_past(folder, 1)
+    )
+    results.append(
+        compare("spliced prefill logits", logits, manual.spliced_logits(head, pix[:1], tail), atol=FP32_ATOL)
+    )
     assert_parity(results, f"{variant} artifacts vs LlamaForCausalLM + CLIPVisionModel + projector")

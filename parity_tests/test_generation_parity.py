@@ -35,6 +35,7 @@ from tests.support.generation import NEW_TOKENS, ROWS, reference_generate
 MIN_STEPS = 16
 MARGIN_TOL = 1e-3
 
+
 @pytest.fixture(scope="module", params=["hf", "original"])
 def fmt(request) -> str:
     return request.param
@@ -70,7 +71,9 @@ def compare(label: str, artifacts, model, images, batch: int, capsys) -> None:
         low = np.flatnonzero(margins[row] < MARGIN_TOL)
         compared = int(low[0]) if len(low) else NEW_TOKENS
         ours, theirs = answer.token_ids[:compared], ref_tokens[row, :compared].tolist()
-        report.append(f"row {row}: {compared}/{NEW_TOKENS} steps compared (min margin {margins[row, :compared].min():.2e})")
+        report.append(
+            f"row {row}: {compared}/{NEW_TOKENS} steps compared (min margin {margins[row, :compared].min():.2e})"
+        )
         if ours != theirs:
             first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
             failures.append(
@@ -78,7 +81,9 @@ def compare(label: str, artifacts, model, images, batch: int, capsys) -> None:
                 f"runtime {ours} vs reference {theirs}"
             )
         elif compared < MIN_STEPS:
-            failures.append(f"row {row}: only {compared} steps before a near tie; pick other prompts or seeds")
+            failures.append(
+                f"row {row}: only {compared} steps before a near tie; pick other prompts or seeds"
+            )
     with capsys.disabled():
         print(f"\n[{label}, batch {batch}] " + "; ".join(report))
     assert not failures, "\n".join(failures)
@@ -100,4 +105,11 @@ def test_original_format_artifacts_match_the_hf_reference(workshop, images, caps
 
     hf_folder = workshop.tiny()["hf"]
     model = LlavaForConditionalGeneration.from_pretrained(hf_folder, dtype=torch.float32).eval()
-    compare("original artifacts vs hf from_pretrained", workshop.artifacts(fmt="original"), model, images, 2, capsys)
+    compare(
+        "original artifacts vs hf from_pretrained",
+        workshop.artifacts(fmt="original"),
+        model,
+        images,
+        2,
+        capsys,
+    )

@@ -21,10 +21,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from exporter.graphs.decoder import export_decoder  # noqa: E402
+from exporter.graphs.vision import export_vision  # noqa: E402
 from exporter.progress import Progress  # noqa: E402
 from exporter.source import load_source  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
-from exporter.graphs.vision import export_vision  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.backends.ort import OrtBackend  # noqa: E402
 from runtime.errors import PromptError  # noqa: E402
@@ -47,7 +47,9 @@ def export_static(workshop, factory, config: TinyConfig, max_seq_len: int = BUFF
     out = factory.mktemp("artifacts-static")
     if vision:
         export_vision(source, out, progress=Progress(quiet=True))
-    export_decoder(source, out, progress=Progress(quiet=True), kv_cache=contract.KV_STATIC, max_seq_len=max_seq_len)
+    export_decoder(
+        source, out, progress=Progress(quiet=True), kv_cache=contract.KV_STATIC, max_seq_len=max_seq_len
+    )
     return out
 
 
@@ -78,7 +80,9 @@ def reference_tokens(model, prompts: list[list[int]]) -> tuple[np.ndarray, np.nd
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_greedy_tokens_equal_concat_layout_and_pytorch(static_artifacts, concat_artifacts, workshop, batch, capsys):
+def test_greedy_tokens_equal_concat_layout_and_pytorch(
+    static_artifacts, concat_artifacts, workshop, batch, capsys
+):
     prompts = PROMPTS[:batch]
     static = runtime_tokens(static_artifacts, prompts)
     concat = runtime_tokens(concat_artifacts, prompts)
@@ -86,9 +90,15 @@ def test_greedy_tokens_equal_concat_layout_and_pytorch(static_artifacts, concat_
     for row in range(batch):
         near_ties = np.flatnonzero(margins[row] < MARGIN_TOL)
         steps = int(near_ties[0]) if near_ties.size else NEW_TOKENS
-        assert steps >= MIN_STEPS, f"row {row}: the reference's margin falls below {MARGIN_TOL} at step {steps}"
-        assert static[row, :steps].tolist() == expected[row, :steps].tolist(), f"row {row}: static layout vs PyTorch"
-        assert static[row, :steps].tolist() == concat[row, :steps].tolist(), f"row {row}: static vs concat layout"
+        assert steps >= MIN_STEPS, (
+            f"row {row}: the reference's margin falls below {MARGIN_TOL} at step {steps}"
+        )
+        assert static[row, :steps].tolist() == expected[row, :steps].tolist(), (
+            f"row {row}: static layout vs PyTorch"
+        )
+        assert static[row, :steps].tolist() == concat[row, :steps].tolist(), (
+            f"row {row}: static vs concat layout"
+        )
         with capsys.disabled():
             print(f"\nstatic KV, batch {batch}, row {row}: {steps} of {NEW_TOKENS} greedy tokens compared")
 
@@ -101,12 +111,17 @@ def test_presents_come_straight_from_attention_over_the_past_inputs(static_artif
     producers = {output: node for node in graph.node for output in node.output}
     inputs = {i.name: i for i in graph.input}
     for layer in range(DEFAULT.text_layers):
-        for past, present in ((contract.past_key_name(layer), contract.present_key_name(layer)), (contract.past_value_name(layer), contract.present_value_name(layer))):
+        for past, present in (
+            (contract.past_key_name(layer), contract.present_key_name(layer)),
+            (contract.past_value_name(layer), contract.present_value_name(layer)),
+        ):
             node = producers[present]
             assert (node.domain, node.op_type) == ("com.microsoft", "GroupQueryAttention")
             assert past in node.input and past in inputs
             assert [d.dim_param for d in inputs[past].type.tensor_type.shape.dim][2] == "max_sequence"
-    assert not [n for n in graph.node if n.op_type == "Concat" and any("past_key_values" in i for i in n.input)]
+    assert not [
+        n for n in graph.node if n.op_type == "Concat" and any("past_key_values" in i for i in n.input)
+    ]
 
 
 def test_each_step_writes_into_the_same_buffers(static_artifacts):
@@ -140,7 +155,10 @@ def test_overflowing_the_buffers_is_a_prompt_error(static_artifacts):
     backend = OrtBackend(folder, contract.read_manifest(folder))
     table = np.load(folder / contract.EMBEDDINGS_FILE)
     prompt = table[PROMPTS[0]]  # 13 positions: room for BUFFER - 13 + 1 new tokens
-    with pytest.raises(PromptError, match=f"need {BUFFER + 1} cache positions.*holds {BUFFER}.*at most {BUFFER - 13 + 1} new tokens"):
+    with pytest.raises(
+        PromptError,
+        match=f"need {BUFFER + 1} cache positions.*holds {BUFFER}.*at most {BUFFER - 13 + 1} new tokens",
+    ):
         next(generate(backend, table, [prompt], BUFFER - 13 + 2, eos_ids=[]))
     assert len(list(generate(backend, table, [prompt], BUFFER - 13 + 1, eos_ids=[]))) == BUFFER - 13 + 1
     too_wide = np.ones((1, BUFFER + 1), np.int64)
@@ -148,7 +166,11 @@ def test_overflowing_the_buffers_is_a_prompt_error(static_artifacts):
         backend.decode(prompt[None, :1], too_wide, np.zeros((1, 1), np.int64), backend.empty_cache(1))
 
 
-@pytest.mark.parametrize("config", [TinyConfig(kv_heads=1), TinyConfig(family="mistral"), TinyConfig(family="qwen2", tie_embeddings=True)], ids=["llama_mqa", "mistral", "qwen2_tied"])
+@pytest.mark.parametrize(
+    "config",
+    [TinyConfig(kv_heads=1), TinyConfig(family="mistral"), TinyConfig(family="qwen2", tie_embeddings=True)],
+    ids=["llama_mqa", "mistral", "qwen2_tied"],
+)
 def test_other_families_pass_the_export_parity_gate(workshop, tmp_path_factory, config):
     """export_decoder runs the graph against PyTorch and raises ParityError on a miss."""
     folder = export_static(workshop, tmp_path_factory, config, max_seq_len=32, vision=False)

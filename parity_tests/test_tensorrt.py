@@ -54,7 +54,10 @@ ORT_CUDA = gpu_check.ort_cuda_status()
 TORCH_CUDA = gpu_check.torch_cuda_status()
 BACKENDS = [
     pytest.param("trt", marks=pytest.mark.skipif(TRT is not None, reason=f"TensorRT parity: {TRT}")),
-    pytest.param("ort-cuda", marks=pytest.mark.skipif(ORT_CUDA is not None, reason=f"ONNX Runtime CUDA parity: {ORT_CUDA}")),
+    pytest.param(
+        "ort-cuda",
+        marks=pytest.mark.skipif(ORT_CUDA is not None, reason=f"ONNX Runtime CUDA parity: {ORT_CUDA}"),
+    ),
 ]
 DTYPES = ["float16", "float32"]
 
@@ -72,7 +75,12 @@ def folders(workshop, tmp_path_factory):
             if with_engines:
                 from exporter.engine.build import build_engines
 
-                build_engines(folder, max_batch=MAX_BATCH, timing_cache=folder.parent / "timing.cache", progress=Progress(quiet=True))
+                build_engines(
+                    folder,
+                    max_batch=MAX_BATCH,
+                    timing_cache=folder.parent / "timing.cache",
+                    progress=Progress(quiet=True),
+                )
             made[key] = folder
         return made[key]
 
@@ -83,7 +91,9 @@ def open_backend(folders, backend: str, dtype: str):
     folder = folders(dtype, with_engines=backend == "trt")
     pipe = Pipeline.load(folder, backend="trt" if backend == "trt" else "ort")
     if backend == "ort-cuda":
-        assert pipe.backend.name == "ort-cuda", "onnxruntime-gpu is installed but the session fell back to the CPU"
+        assert pipe.backend.name == "ort-cuda", (
+            "onnxruntime-gpu is installed but the session fell back to the CPU"
+        )
     return pipe
 
 
@@ -113,7 +123,10 @@ def top1_failures(step: str, actual: np.ndarray, expected: np.ndarray, margin: f
     top2 = np.sort(expected, axis=-1)[:, -2:]
     confident = (top2[:, 1] - top2[:, 0]) > margin
     wrong = confident & (actual.argmax(-1) != expected.argmax(-1))
-    return [f"{step} row {row}: top-1 {actual[row].argmax()} vs reference {expected[row].argmax()}" for row in np.flatnonzero(wrong)]
+    return [
+        f"{step} row {row}: top-1 {actual[row].argmax()} vs reference {expected[row].argmax()}"
+        for row in np.flatnonzero(wrong)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +143,14 @@ def test_vision_matches_pytorch(workshop, folders, backend, dtype):
         pix = pixels(DEFAULT, batch, seed=10 + batch)
         actual = pipe.backend.encode_images(pix.numpy())
         assert actual.dtype == np.dtype(dtype)
-        results.append(compare(f"image_embeds batch {batch}", actual, reference_features(reference, pix), min_cosine=MIN_COSINE[dtype]))
+        results.append(
+            compare(
+                f"image_embeds batch {batch}",
+                actual,
+                reference_features(reference, pix),
+                min_cosine=MIN_COSINE[dtype],
+            )
+        )
     assert_parity(results, f"{backend} vision {dtype} vs PyTorch float32")
 
 
@@ -162,8 +182,12 @@ def test_decoder_top1_matches_pytorch(workshop, folders, backend, dtype):
         tokens = expected.argmax(-1)  # teacher forcing: both sides continue with the reference's pick
         new = np.asarray(table[tokens])[:, None, :]
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-        expected, ref_cache = reference_step(model, new.astype(np.float32), mask, positions_of(mask, 1), ref_cache)
-        actual, cache = backend_impl.decode(new.astype(backend_impl.dtype), mask, positions_of(mask, 1), cache)
+        expected, ref_cache = reference_step(
+            model, new.astype(np.float32), mask, positions_of(mask, 1), ref_cache
+        )
+        actual, cache = backend_impl.decode(
+            new.astype(backend_impl.dtype), mask, positions_of(mask, 1), cache
+        )
     assert_parity(results, f"{backend} decoder {dtype} vs PyTorch float32")
     assert not failures, "\n".join(failures)
 
@@ -175,7 +199,9 @@ def test_greedy_answers_match_transformers_generate(workshop, folders, backend, 
     pipe.manifest.tokens.eos = []  # no stopping on either side (see test_generation_parity.py)
     model = workshop.reference(DEFAULT)
     paths = [images[name] for _, name in ROWS]
-    answers = pipe.generate_batch([Request(prompt, [path]) for (prompt, _), path in zip(ROWS, paths)], max_new_tokens=NEW_TOKENS)
+    answers = pipe.generate_batch(
+        [Request(prompt, [path]) for (prompt, _), path in zip(ROWS, paths)], max_new_tokens=NEW_TOKENS
+    )
     ref_tokens, margins = reference_generate(model, pipe, ROWS, paths)
     report, failures = [], []
     for row, answer in enumerate(answers):
@@ -185,7 +211,9 @@ def test_greedy_answers_match_transformers_generate(workshop, folders, backend, 
         report.append(f"row {row}: {compared}/{NEW_TOKENS} steps compared")
         if ours != theirs:
             first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            failures.append(f"row {row}: tokens differ at step {first}: {backend} {ours} vs reference {theirs}")
+            failures.append(
+                f"row {row}: tokens differ at step {first}: {backend} {ours} vs reference {theirs}"
+            )
         elif compared < MIN_GREEDY_STEPS[dtype]:
             failures.append(f"row {row}: only {compared} steps before a near tie (margin {MARGIN[dtype]})")
     with capsys.disabled():
@@ -211,7 +239,9 @@ def test_fp16_onnx_matches_pytorch_fp16_on_cuda(workshop):
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pix.to("cuda", torch.float16)).pooler_output
     expected = torch.stack(list(features)).float().cpu().numpy()
-    results.append(compare("image_embeds", run_vision(folder, pix.numpy()), expected, min_cosine=MIN_COSINE["float16"]))
+    results.append(
+        compare("image_embeds", run_vision(folder, pix.numpy()), expected, min_cosine=MIN_COSINE["float16"])
+    )
     table = embeddings(folder)
     ids = np.random.default_rng(5).integers(3, 300, (2, 7))
     embeds = np.asarray(table[ids])
@@ -240,7 +270,7 @@ TOY_MIN_IDENTICAL = {"float32": 1.0, "float16": 0.99}
 def toy_questions():
     """The held-out questions and the PyTorch float32 reference's greedy answers (on the CPU)."""
     from exporter.source import load_source
-    from exporter.toy.evaluate import held_out_questions, reference_answers
+    from exporter.toy.evaluate import held_out_questions
 
     if not (TOY_HF_DIR / "model.safetensors").is_file():
         pytest.skip("models/toy-llava is not in this checkout")
@@ -258,11 +288,17 @@ def test_toy_answers_match_the_reference(toy_questions, backend, dtype, tmp_path
     if backend == "trt":
         from exporter.engine.build import build_engines
 
-        build_engines(folder, max_batch=1, timing_cache=tmp_path / "timing.cache", progress=Progress(quiet=True))
+        build_engines(
+            folder, max_batch=1, timing_cache=tmp_path / "timing.cache", progress=Progress(quiet=True)
+        )
     pipe = Pipeline.load(folder, backend="trt" if backend == "trt" else "ort")
     reference = reference_answers(source, pipe, questions)
     answers = runtime_answers(pipe, questions)
     identical = sum(a == r for a, r in zip(answers, reference)) / len(questions)
     with capsys.disabled():
-        print(f"\n[{backend} {dtype} toy] {identical:.1%} of {len(questions)} answers identical to PyTorch float32")
-    assert identical >= TOY_MIN_IDENTICAL[dtype], [(q.question, a, r) for q, a, r in zip(questions, answers, reference) if a != r][:5]
+        print(
+            f"\n[{backend} {dtype} toy] {identical:.1%} of {len(questions)} answers identical to PyTorch float32"
+        )
+    assert identical >= TOY_MIN_IDENTICAL[dtype], [
+        (q.question, a, r) for q, a, r in zip(questions, answers, reference) if a != r
+    ][:5]

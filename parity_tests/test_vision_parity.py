@@ -27,7 +27,10 @@ GRID = {
     "layer-2_default_mlp2x_hf": (TinyConfig(), "hf"),
     "layer-1_full_mlp2x_hf": (TinyConfig(select_layer=-1, select_strategy="full"), "hf"),
     "layer-3_default_linear_original": (TinyConfig(select_layer=-3, projector="linear"), "original"),
-    "layer-1_full_mlp3x_original": (TinyConfig(select_layer=-1, select_strategy="full", projector="mlp3x_gelu"), "original"),
+    "layer-1_full_mlp3x_original": (
+        TinyConfig(select_layer=-1, select_strategy="full", projector="mlp3x_gelu"),
+        "original",
+    ),
     "layer-2_full_linear_original": (TinyConfig(select_strategy="full", projector="linear"), "original"),
 }
 
@@ -45,7 +48,14 @@ def test_fp32_batches_1_and_3(workshop):
     results = []
     for batch in (1, 3):
         pix = pixels(DEFAULT, batch, seed=batch)
-        results.append(compare(f"image_embeds batch {batch}", run_vision(folder, pix.numpy()), reference_features(reference, pix), atol=FP32_ATOL))
+        results.append(
+            compare(
+                f"image_embeds batch {batch}",
+                run_vision(folder, pix.numpy()),
+                reference_features(reference, pix),
+                atol=FP32_ATOL,
+            )
+        )
     assert_parity(results, "vision.onnx float32 vs get_image_features")
 
 
@@ -54,7 +64,10 @@ def test_fp32_rows_are_independent(workshop):
     folder = workshop.artifacts(DEFAULT, graphs=("vision",))
     pix = pixels(DEFAULT, 3, seed=7).numpy()
     together = run_vision(folder, pix)
-    results = [compare(f"image {i}", run_vision(folder, pix[i : i + 1])[0], together[i], atol=FP32_ATOL) for i in range(3)]
+    results = [
+        compare(f"image {i}", run_vision(folder, pix[i : i + 1])[0], together[i], atol=FP32_ATOL)
+        for i in range(3)
+    ]
     assert_parity(results, "vision.onnx batch rows vs single images")
 
 
@@ -66,7 +79,14 @@ def test_fp16_cosine_per_image_token(workshop):
         pix = pixels(DEFAULT, batch, seed=batch)
         actual = run_vision(folder, pix.numpy())
         assert actual.dtype == np.float16
-        results.append(compare(f"image_embeds batch {batch}", actual, reference_features(reference, pix), min_cosine=FP16_MIN_COSINE))
+        results.append(
+            compare(
+                f"image_embeds batch {batch}",
+                actual,
+                reference_features(reference, pix),
+                min_cosine=FP16_MIN_COSINE,
+            )
+        )
     assert_parity(results, "vision.onnx float16 vs float32 get_image_features")
 
 
@@ -93,7 +113,9 @@ def test_fp16_graph_is_float16_with_safe_normalizations(workshop):
     folder = workshop.artifacts(DEFAULT, fp16=True, graphs=("vision",))
     model = onnx.load(str(folder / contract.VISION_FILE))
     assert contract.read_manifest(folder).graphs["vision"].dtype == "float16"
-    assert any(n.op_type == "Softmax" for n in model.graph.node) and any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    assert any(n.op_type == "Softmax" for n in model.graph.node) and any(
+        n.op_type == "LayerNormalization" for n in model.graph.node
+    )
     assert float16_graph_problems(model) == []
     output = model.graph.output[0]
     assert (output.name, output.type.tensor_type.elem_type) == (contract.IMAGE_EMBEDS, TensorProto.FLOAT16)
@@ -106,6 +128,9 @@ def test_float16_check_catches_an_unsafe_graph(workshop):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4])
     weight = helper.make_tensor("w", TensorProto.FLOAT16, [4], [1.0] * 4)
-    nodes = [helper.make_node("Mul", ["x", "w"], ["m"], name="mul"), helper.make_node("Softmax", ["m"], ["y"], name="sm")]
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["m"], name="mul"),
+        helper.make_node("Softmax", ["m"], ["y"], name="sm"),
+    ]
     unsafe = helper.make_model(helper.make_graph(nodes, "unsafe", [x], [y], [weight]))
     assert float16_graph_problems(unsafe) == ["Softmax sm runs in FLOAT16, not FLOAT"]

@@ -17,21 +17,75 @@ PROCESS_START = time.perf_counter()
 
 
 @click.command()
-@click.option("--artifacts", required=True, type=click.Path(), help="Artifact folder written by `llava-export all`.")
-@click.option("--image", "images", multiple=True, type=click.Path(), help="Image file; repeat for several images.")
-@click.option("--prompt", required=True, help="The question. <image> marks where each image goes (default: in front).")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1), help="Most tokens to generate.")
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime (CPU, or CUDA when installed) or TensorRT.")
+@click.option(
+    "--artifacts", required=True, type=click.Path(), help="Artifact folder written by `llava-export all`."
+)
+@click.option(
+    "--image", "images", multiple=True, type=click.Path(), help="Image file; repeat for several images."
+)
+@click.option(
+    "--prompt", required=True, help="The question. <image> marks where each image goes (default: in front)."
+)
+@click.option(
+    "--max-new-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most tokens to generate.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["ort", "trt"]),
+    default="ort",
+    show_default=True,
+    help="ONNX Runtime (CPU, or CUDA when installed) or TensorRT.",
+)
 @click.option("--template", metavar="NAME", help="Prompt template (default: the manifest's).")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass.")
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily."
+)
+@click.option(
+    "--top-p",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Nucleus sampling mass.",
+)
 @click.option("--seed", type=int, help="Seed for sampling.")
-@click.option("--json", "as_json", is_flag=True, help="Print the answer and timings as JSON instead of streaming.")
-@click.option("--timings", "show_timings", is_flag=True, help="After the streamed answer, print its timings on stderr.")
-def main(artifacts, images, prompt, max_new_tokens, backend, template, temperature, top_p, seed, as_json, show_timings):
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the answer and timings as JSON instead of streaming."
+)
+@click.option(
+    "--timings", "show_timings", is_flag=True, help="After the streamed answer, print its timings on stderr."
+)
+def main(
+    artifacts,
+    images,
+    prompt,
+    max_new_tokens,
+    backend,
+    template,
+    temperature,
+    top_p,
+    seed,
+    as_json,
+    show_timings,
+):
     """Answer PROMPT about the images with the exported model."""
     try:
-        run(artifacts, images, prompt, max_new_tokens, backend, template, temperature, top_p, seed, as_json, show_timings)
+        run(
+            artifacts,
+            images,
+            prompt,
+            max_new_tokens,
+            backend,
+            template,
+            temperature,
+            top_p,
+            seed,
+            as_json,
+            show_timings,
+        )
     except LlavaError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -39,7 +93,19 @@ def main(artifacts, images, prompt, max_new_tokens, backend, template, temperatu
         sys.exit(130)
 
 
-def run(artifacts, images, prompt, max_new_tokens, backend, template, temperature, top_p, seed, as_json, show_timings=False):
+def run(
+    artifacts,
+    images,
+    prompt,
+    max_new_tokens,
+    backend,
+    template,
+    temperature,
+    top_p,
+    seed,
+    as_json,
+    show_timings=False,
+):
     from runtime.generate import Sampling
     from runtime.pipeline import Pipeline, Timings
 

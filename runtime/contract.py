@@ -165,7 +165,9 @@ class GraphSpec:
         if self.kv_cache not in KV_LAYOUTS:
             raise ArtifactError(f"unknown kv_cache layout {self.kv_cache!r} (known: {', '.join(KV_LAYOUTS)})")
         if (self.kv_cache == KV_STATIC) != (self.max_seq_len is not None):
-            raise ArtifactError(f"kv_cache {self.kv_cache!r} with max_seq_len {self.max_seq_len}: only a static layout has (and needs) one")
+            raise ArtifactError(
+                f"kv_cache {self.kv_cache!r} with max_seq_len {self.max_seq_len}: only a static layout has (and needs) one"
+            )
 
 
 @dataclass
@@ -194,7 +196,7 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         vision = dict(data["vision"])
         vision.pop("num_image_tokens", None)  # derived
         return cls(
@@ -212,13 +214,14 @@ class Manifest:
             format_version=data["format_version"],
         )
 
-    def same_model(self, other: "Manifest") -> bool:
+    def same_model(self, other: Manifest) -> bool:
         """Same weights and the same reading of them (a select layer or aspect changed by
         a config edit makes a different model)."""
-        return (
-            self.source.get("weights_sha256") == other.source.get("weights_sha256")
-            and (self.vision, self.text, self.preprocess) == (other.vision, other.text, other.preprocess)
-        )
+        return self.source.get("weights_sha256") == other.source.get("weights_sha256") and (
+            self.vision,
+            self.text,
+            self.preprocess,
+        ) == (other.vision, other.text, other.preprocess)
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
@@ -227,7 +230,9 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     if not Path(folder).is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist (export one with `llava-export all`)")
     if not path.is_file():
-        raise ArtifactError(f"{path} is missing: {folder} is not an artifact folder (export one with `llava-export all`)")
+        raise ArtifactError(
+            f"{path} is missing: {folder} is not an artifact folder (export one with `llava-export all`)"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from runtime import contract
 from runtime.contract import Manifest
@@ -84,10 +85,14 @@ class GpuIdentity:
         return f"{self.name} (sm{self.major}{self.minor}) with TensorRT {self.tensorrt}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "compute_capability": self.compute_capability, "tensorrt_version": self.tensorrt}
+        return {
+            "name": self.name,
+            "compute_capability": self.compute_capability,
+            "tensorrt_version": self.tensorrt,
+        }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "GpuIdentity":
+    def from_record(cls, record: dict[str, Any]) -> GpuIdentity:
         major, minor = str(record["gpu"]["compute_capability"]).split(".")
         return cls(record["gpu"]["name"], int(major), int(minor), str(record["tensorrt_version"]))
 
@@ -117,13 +122,17 @@ def derive_limits(
     positions = manifest.text.max_positions
     max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     max_seq_len = min(DEFAULT_MAX_SEQ_LEN, positions) if max_seq_len is None else max_seq_len
-    max_input_len = min(image_tokens + DEFAULT_TEXT_TOKENS, max_seq_len) if max_input_len is None else max_input_len
+    max_input_len = (
+        min(image_tokens + DEFAULT_TEXT_TOKENS, max_seq_len) if max_input_len is None else max_input_len
+    )
     if max_batch < 1:
         raise EngineError(f"--max-batch must be at least 1, not {max_batch}")
     if max_seq_len > positions:
         raise EngineError(f"--max-seq-len {max_seq_len} is beyond the model's {positions} positions")
     if max_seq_len < 2:
-        raise EngineError(f"--max-seq-len must be at least 2 (a prompt token and an answer token), not {max_seq_len}")
+        raise EngineError(
+            f"--max-seq-len must be at least 2 (a prompt token and an answer token), not {max_seq_len}"
+        )
     if max_input_len > max_seq_len:
         raise EngineError(f"--max-input-len {max_input_len} is longer than --max-seq-len {max_seq_len}")
     if max_input_len < image_tokens + 1:
@@ -153,13 +162,15 @@ class ShapeRange:
 
     def contains(self, shape: Iterable[int]) -> bool:
         shape = tuple(shape)
-        return len(shape) == len(self.min) and all(lo <= d <= hi for lo, d, hi in zip(self.min, shape, self.max))
+        return len(shape) == len(self.min) and all(
+            lo <= d <= hi for lo, d, hi in zip(self.min, shape, self.max)
+        )
 
     def as_dict(self) -> dict[str, list[int]]:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, list[int]]) -> "ShapeRange":
+    def from_dict(cls, data: dict[str, list[int]]) -> ShapeRange:
         return cls(tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
 
 
@@ -171,7 +182,11 @@ class Profile:
     shapes: dict[str, ShapeRange]
 
     def problems(self) -> list[str]:
-        return [f"profile {self.name}, {input_name}: {p}" for input_name, r in self.shapes.items() for p in r.problems()]
+        return [
+            f"profile {self.name}, {input_name}: {p}"
+            for input_name, r in self.shapes.items()
+            for p in r.problems()
+        ]
 
     def contains(self, shapes: dict[str, Iterable[int]], partial: bool = False) -> bool:
         """Every input's shape in range; `partial`: only the inputs given (which must exist)."""
@@ -184,7 +199,7 @@ class Profile:
         return {"name": self.name, "shapes": {n: r.as_dict() for n, r in self.shapes.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Profile":
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
         return cls(data["name"], {n: ShapeRange.from_dict(r) for n, r in data["shapes"].items()})
 
 
@@ -212,13 +227,17 @@ def decoder_profiles(manifest: Manifest, limits: EngineLimits) -> list[Profile]:
     def shapes(sequence: tuple[int, int, int], past: tuple[int, int, int]) -> dict[str, ShapeRange]:
         # sequence/past: (min, opt, max) of S and P; the mask covers P + S
         ranges = {
-            contract.INPUTS_EMBEDS: ShapeRange((1, sequence[0], hidden), (1, sequence[1], hidden), (batch, sequence[2], hidden)),
+            contract.INPUTS_EMBEDS: ShapeRange(
+                (1, sequence[0], hidden), (1, sequence[1], hidden), (batch, sequence[2], hidden)
+            ),
             contract.ATTENTION_MASK: ShapeRange(
                 (1, past[0] + sequence[0]), (1, past[1] + sequence[1]), (batch, past[2] + sequence[2])
             ),
             contract.POSITION_IDS: ShapeRange((1, sequence[0]), (1, sequence[1]), (batch, sequence[2])),
         }
-        cache = ShapeRange((1, kv[0], past[0], kv[1]), (1, kv[0], past[1], kv[1]), (batch, kv[0], past[2], kv[1]))
+        cache = ShapeRange(
+            (1, kv[0], past[0], kv[1]), (1, kv[0], past[1], kv[1]), (batch, kv[0], past[2], kv[1])
+        )
         for name in contract.decoder_input_names(text.num_layers)[3:]:
             ranges[name] = cache
         return ranges
@@ -228,7 +247,9 @@ def decoder_profiles(manifest: Manifest, limits: EngineLimits) -> list[Profile]:
     return [prefill, decode]
 
 
-def profile_problems(manifest: Manifest, limits: EngineLimits, graph: str, profiles: list[Profile]) -> list[str]:
+def profile_problems(
+    manifest: Manifest, limits: EngineLimits, graph: str, profiles: list[Profile]
+) -> list[str]:
     """Everything wrong with a graph's profiles: bad ranges, inputs missing or unknown."""
     spec = manifest.graphs[graph]
     problems = []
@@ -237,18 +258,28 @@ def profile_problems(manifest: Manifest, limits: EngineLimits, graph: str, profi
         missing = set(spec.inputs) - set(profile.shapes)
         unknown = set(profile.shapes) - set(spec.inputs)
         problems += [f"profile {profile.name} has no range for input {n}" for n in sorted(missing)]
-        problems += [f"profile {profile.name} names {n}, which {spec.file} does not take" for n in sorted(unknown)]
+        problems += [
+            f"profile {profile.name} names {n}, which {spec.file} does not take" for n in sorted(unknown)
+        ]
         for name, dims in spec.inputs.items():
             if name not in profile.shapes:
                 continue
             for axis, dim in enumerate(dims):
                 r = profile.shapes[name]
-                if isinstance(dim, int) and axis < len(r.min) and not (r.min[axis] == r.opt[axis] == r.max[axis] == dim):
-                    problems.append(f"profile {profile.name}, {name}: axis {axis} is fixed at {dim} in the graph")
+                if (
+                    isinstance(dim, int)
+                    and axis < len(r.min)
+                    and not (r.min[axis] == r.opt[axis] == r.max[axis] == dim)
+                ):
+                    problems.append(
+                        f"profile {profile.name}, {name}: axis {axis} is fixed at {dim} in the graph"
+                    )
     return problems
 
 
-def find_profile(profiles: list[Profile], shapes: dict[str, Iterable[int]], partial: bool = False) -> int | None:
+def find_profile(
+    profiles: list[Profile], shapes: dict[str, Iterable[int]], partial: bool = False
+) -> int | None:
     """Index of the first profile whose ranges hold every shape, or None. `partial`: `shapes`
     names only some inputs (the decoder's pasts all share one shape: checking one is enough)."""
     for index, profile in enumerate(profiles):
@@ -281,7 +312,10 @@ def engine_record(
         "limits": asdict(limits),
         "source": {
             "weights_sha256": manifest.source.get("weights_sha256", ""),
-            **{g: {"file": manifest.graphs[g].file, "sha256": sources[g], "dtype": manifest.graphs[g].dtype} for g in GRAPHS},
+            **{
+                g: {"file": manifest.graphs[g].file, "sha256": sources[g], "dtype": manifest.graphs[g].dtype}
+                for g in GRAPHS
+            },
         },
         "plans": {g: {"file": PLANS[g], "bytes": plan_bytes[g]} for g in GRAPHS},
         "profiles": {g: [p.as_dict() for p in profiles[g]] for g in GRAPHS},
@@ -300,7 +334,9 @@ def read_engine_json(folder: Path, artifacts: Path) -> dict[str, Any]:
     path = folder / ENGINE_JSON
     rebuild = rebuild_command(artifacts)
     if not path.is_file():
-        raise EngineError(f"{path} is missing (an interrupted or hand-made engine folder?): rebuild with `{rebuild}`")
+        raise EngineError(
+            f"{path} is missing (an interrupted or hand-made engine folder?): rebuild with `{rebuild}`"
+        )
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -363,7 +399,9 @@ def require_engines(artifacts: Path) -> None:
     before TensorRT is even imported: the first thing a new user needs to hear)."""
     if not engine_folders(Path(artifacts)):
         root = Path(artifacts) / contract.ENGINES_DIR
-        raise EngineError(f"no TensorRT engine in {root} for this GPU: build one with `{rebuild_command(artifacts)}`")
+        raise EngineError(
+            f"no TensorRT engine in {root} for this GPU: build one with `{rebuild_command(artifacts)}`"
+        )
 
 
 def select_engine(artifacts: Path, manifest: Manifest, identity: GpuIdentity) -> EngineFolder:
@@ -377,13 +415,15 @@ def select_engine(artifacts: Path, manifest: Manifest, identity: GpuIdentity) ->
     root = artifacts / contract.ENGINES_DIR
     folders = engine_folders(artifacts)
     if not folders:
-        raise EngineError(f"no TensorRT engines in {root}: build them for this GPU ({identity.describe()}) with `{rebuild}`")
+        raise EngineError(
+            f"no TensorRT engines in {root}: build them for this GPU ({identity.describe()}) with `{rebuild}`"
+        )
     folder = root / identity.folder_name
     if not folder.is_dir():
         prefix = f"{slug(identity.name)}-sm{identity.major}{identity.minor}-trt"
         same_gpu = [f for f in folders if f.name.startswith(prefix)]
         if same_gpu:
-            versions = ", ".join(f.name[len(prefix):] for f in same_gpu)
+            versions = ", ".join(f.name[len(prefix) :] for f in same_gpu)
             reason = f"the engines for this GPU were built with TensorRT {versions}, this machine has TensorRT {identity.tensorrt}"
         else:
             reason = f"found engines for {'; '.join(describe_folder(f) for f in folders)}, this machine is {identity.describe()}"
@@ -400,10 +440,14 @@ def select_engine(artifacts: Path, manifest: Manifest, identity: GpuIdentity) ->
         )
     weights = record["source"].get("weights_sha256")
     if weights and weights != manifest.source.get("weights_sha256"):
-        raise EngineError(f"the engines in {folder} were built from other weights than {artifacts} holds now (stale): rebuild with `{rebuild}`")
+        raise EngineError(
+            f"the engines in {folder} were built from other weights than {artifacts} holds now (stale): rebuild with `{rebuild}`"
+        )
     for graph in GRAPHS:
         if graph not in manifest.graphs:
-            raise EngineError(f"{artifacts} has no {graph} graph: export it with `llava-export all --out {artifacts}`")
+            raise EngineError(
+                f"{artifacts} has no {graph} graph: export it with `llava-export all --out {artifacts}`"
+            )
         if record["source"][graph]["sha256"] != manifest.graphs[graph].sha256:
             raise EngineError(
                 f"the engines in {folder} are stale: {manifest.graphs[graph].file} changed since they were built: "
@@ -414,5 +458,7 @@ def select_engine(artifacts: Path, manifest: Manifest, identity: GpuIdentity) ->
         if not plan.is_file():
             raise EngineError(f"{plan} is missing: rebuild with `{rebuild}`")
         if expected is not None and plan.stat().st_size != expected:
-            raise EngineError(f"{plan} is truncated ({plan.stat().st_size} of {expected} bytes): rebuild with `{rebuild}`")
+            raise EngineError(
+                f"{plan} is truncated ({plan.stat().st_size} of {expected} bytes): rebuild with `{rebuild}`"
+            )
     return EngineFolder(folder, record)

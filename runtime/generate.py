@@ -7,8 +7,9 @@ next token is at the last position, and position ids count only real tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -69,11 +70,15 @@ def positions(mask: np.ndarray, new: int) -> np.ndarray:
 
 def prefill(backend: Backend, sequences: list[np.ndarray]) -> DecodeState:
     embeds, mask = left_pad(sequences)
-    logits, cache = backend.decode(embeds, mask, positions(mask, embeds.shape[1]), backend.empty_cache(len(sequences)))
+    logits, cache = backend.decode(
+        embeds, mask, positions(mask, embeds.shape[1]), backend.empty_cache(len(sequences))
+    )
     return DecodeState(cache, mask, logits)
 
 
-def decode_one_token(backend: Backend, embed_table: np.ndarray, tokens: np.ndarray, state: DecodeState) -> DecodeState:
+def decode_one_token(
+    backend: Backend, embed_table: np.ndarray, tokens: np.ndarray, state: DecodeState
+) -> DecodeState:
     """Feeds tokens [B] at the next position; the cache grows by one."""
     embeds = embed_table[tokens][:, None, :]  # [B, 1, hidden]
     mask = np.concatenate([state.mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
@@ -91,7 +96,9 @@ def check_cache_capacity(backend: Backend, prompt: int, new_tokens: int) -> None
         return
     fix = f"re-export with `llava-export decoder --kv-cache static --max-seq-len {needed}`"
     if prompt > capacity:
-        raise PromptError(f"prompt is {prompt} positions with its images; the decoder's static KV cache holds {capacity}: shorten it or {fix}")
+        raise PromptError(
+            f"prompt is {prompt} positions with its images; the decoder's static KV cache holds {capacity}: shorten it or {fix}"
+        )
     raise PromptError(
         f"prompt ({prompt} positions with its images) and {new_tokens} new tokens need {needed} cache positions; "
         f"the decoder's static KV cache holds {capacity}: ask for at most {capacity - prompt + 1} new tokens or {fix}"

@@ -1,10 +1,10 @@
 """The Python API: `Pipeline.load(DIR)`, then `generate(...)` or `stream(...)`.
 
-    pipe = Pipeline.load("artifacts/")
-    answer = pipe.generate("What colour is the circle?", images=["cat.jpg"])
-    print(answer.text, answer.timings)
-    for piece in pipe.stream("Describe the image.", images=["cat.jpg"]):
-        print(piece, end="", flush=True)
+pipe = Pipeline.load("artifacts/")
+answer = pipe.generate("What colour is the circle?", images=["cat.jpg"])
+print(answer.text, answer.timings)
+for piece in pipe.stream("Describe the image.", images=["cat.jpg"]):
+    print(piece, end="", flush=True)
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -101,7 +101,9 @@ class TextStream:
 
 
 class Pipeline:
-    def __init__(self, folder: Path, manifest: contract.Manifest, backend, tokenizer, embed_table, chat_template):
+    def __init__(
+        self, folder: Path, manifest: contract.Manifest, backend, tokenizer, embed_table, chat_template
+    ):
         self.folder = folder
         self.manifest = manifest
         self.backend = backend
@@ -110,7 +112,7 @@ class Pipeline:
         self.chat_template = chat_template
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, backend: str = "ort") -> "Pipeline":
+    def load(cls, folder: str | os.PathLike, backend: str = "ort") -> Pipeline:
         """Opens an artifact folder; ArtifactError names any missing or unreadable file."""
         import tokenizers
 
@@ -118,22 +120,39 @@ class Pipeline:
         manifest = contract.read_manifest(folder)
         for graph in ("vision", "decoder"):
             if graph not in manifest.graphs:
-                raise ArtifactError(f"{folder} has no {graph} graph: export it with `llava-export all --out {folder}`")
+                raise ArtifactError(
+                    f"{folder} has no {graph} graph: export it with `llava-export all --out {folder}`"
+                )
         for name in (contract.EMBEDDINGS_FILE, contract.TOKENIZER_FILE):
             if not (folder / name).is_file():
-                raise ArtifactError(f"{folder / name} is missing: re-export with `llava-export all --out {folder}`")
+                raise ArtifactError(
+                    f"{folder / name} is missing: re-export with `llava-export all --out {folder}`"
+                )
         try:
             embed_table = np.load(folder / contract.EMBEDDINGS_FILE, mmap_mode="r")
         except (OSError, ValueError) as err:
-            raise ArtifactError(f"{folder / contract.EMBEDDINGS_FILE} is unreadable ({err}); re-export it") from None
+            raise ArtifactError(
+                f"{folder / contract.EMBEDDINGS_FILE} is unreadable ({err}); re-export it"
+            ) from None
         expected = (manifest.text.vocab_size, manifest.text.hidden_size)
         if embed_table.shape != expected:
-            raise ArtifactError(f"{folder / contract.EMBEDDINGS_FILE} has shape {embed_table.shape}, the manifest says {expected}")
+            raise ArtifactError(
+                f"{folder / contract.EMBEDDINGS_FILE} has shape {embed_table.shape}, the manifest says {expected}"
+            )
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(folder / contract.TOKENIZER_FILE))
         except Exception as err:
-            raise ArtifactError(f"{folder / contract.TOKENIZER_FILE} is unreadable ({err}); re-export it") from None
-        return cls(folder, manifest, load_backend(backend, folder, manifest), tokenizer, embed_table, read_chat_template(folder))
+            raise ArtifactError(
+                f"{folder / contract.TOKENIZER_FILE} is unreadable ({err}); re-export it"
+            ) from None
+        return cls(
+            folder,
+            manifest,
+            load_backend(backend, folder, manifest),
+            tokenizer,
+            embed_table,
+            read_chat_template(folder),
+        )
 
     # -- preparing inputs -------------------------------------------------------------------
 
@@ -158,7 +177,10 @@ class Pipeline:
     @property
     def max_positions(self) -> int:
         """Prompt + answer positions: the model's, or fewer where the backend's cache is smaller."""
-        return min(self.manifest.text.max_positions, getattr(self.backend, "max_positions", self.manifest.text.max_positions))
+        return min(
+            self.manifest.text.max_positions,
+            getattr(self.backend, "max_positions", self.manifest.text.max_positions),
+        )
 
     def pixel_values(self, images: Sequence) -> np.ndarray:
         """Paths or PIL images -> [N,3,H,W] float32."""
@@ -176,7 +198,9 @@ class Pipeline:
 
     # -- generating ---------------------------------------------------------------------------
 
-    def steps(self, requests: list[Request], max_new_tokens: int, sampling, timings: Timings) -> Iterator[list[int | None]]:
+    def steps(
+        self, requests: list[Request], max_new_tokens: int, sampling, timings: Timings
+    ) -> Iterator[list[int | None]]:
         """Per step, each request's new token (None once finished). Fills `timings` as it goes."""
         start = time.perf_counter()
         all_chunks = [self.tokenize(request) for request in requests]  # every check before any compute
@@ -187,7 +211,9 @@ class Pipeline:
                 f"(rebuild it with `llava-export engine --artifacts {self.folder} --max-batch {len(requests)}`)"
             )
         images = [image for request in requests for image in request.images]
-        embeds = np.zeros((0, self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size), self.backend.dtype)
+        embeds = np.zeros(
+            (0, self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size), self.backend.dtype
+        )
         if images:
             pixels = self.pixel_values(images)
             encode_start = time.perf_counter()
@@ -231,7 +257,9 @@ class Pipeline:
     ) -> Iterator[str]:
         """Yields the answer's text piece by piece as tokens come."""
         text = TextStream(self.tokenizer, self.manifest.tokens.eos)
-        for (token,) in self.steps([Request(prompt, images, template)], max_new_tokens, sampling, timings or Timings()):
+        for (token,) in self.steps(
+            [Request(prompt, images, template)], max_new_tokens, sampling, timings or Timings()
+        ):
             if token is not None:
                 piece = text.add(token)
                 if piece:
@@ -262,7 +290,11 @@ class Pipeline:
                     ids[row].append(token)
         eos = set(self.manifest.tokens.eos)
         return [
-            Answer(self.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True), row, timings)
+            Answer(
+                self.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True),
+                row,
+                timings,
+            )
             for row in ids
         ]
 

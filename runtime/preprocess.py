@@ -169,4 +169,3 @@ def preprocess(images: list[Image.Image], spec: PreprocessSpec) -> np.ndarray:
     if not images:
         raise ImageError("no images to preprocess")
     return np.stack([preprocess_one(image, spec) for image in images])
-

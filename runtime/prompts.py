@@ -163,7 +163,8 @@ def _render_chat(chat_template: str, message: str, num_images: int) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise PromptError(
-            "template 'chat' needs jinja2 (pip install jinja2); or pick a named template: " + ", ".join(TEMPLATES)
+            "template 'chat' needs jinja2 (pip install jinja2); or pick a named template: "
+            + ", ".join(TEMPLATES)
         ) from None
 
     class Generation(jinja2.ext.Extension):
@@ -219,7 +220,7 @@ def _render_chat(chat_template: str, message: str, num_images: int) -> str:
     )
 
 
-def tokenize_prompt(tokenizer: "tokenizers.Tokenizer", prompt: str, bos_id: int | None) -> list[list[int]]:
+def tokenize_prompt(tokenizer: tokenizers.Tokenizer, prompt: str, bos_id: int | None) -> list[list[int]]:
     """Token ids of the text chunks around each `<image>`: len(placeholders) + 1 chunks.
 
     Each chunk is encoded on its own without special tokens (so each gets the tokenizer's dummy

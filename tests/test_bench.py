@@ -17,7 +17,20 @@ import pytest
 from exporter.bench import roofline as rl
 
 LLAVA_BENCH = Path(sys.executable).with_name("llava-bench")
-QUICK = ["--prompt-len", "8", "--new-tokens", "4", "--warmup", "1", "--repeats", "2", "--bandwidth-mib", "8", "--gemm-size", "128"]
+QUICK = [
+    "--prompt-len",
+    "8",
+    "--new-tokens",
+    "4",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--bandwidth-mib",
+    "8",
+    "--gemm-size",
+    "128",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +43,17 @@ def tiny_hf(workshop) -> Path:
 # Roofline arithmetic
 
 # A LLaVA-7B-like decoder in round numbers: 4e9 weights in the layers, 1e9 in lm_head, float16.
-DECODER = rl.DecoderCost(layer_params=4_000_000_000, lm_head_params=1_000_000_000, num_layers=32, num_heads=32, head_dim=128, dtype="float16")
-MACHINE = rl.MachineRates(read_gb_s=20.0, copy_gb_s=15.0, gemm_gflop_s=1000.0, threads=8, buffer_mib=1024, gemm_size=2048)
+DECODER = rl.DecoderCost(
+    layer_params=4_000_000_000,
+    lm_head_params=1_000_000_000,
+    num_layers=32,
+    num_heads=32,
+    head_dim=128,
+    dtype="float16",
+)
+MACHINE = rl.MachineRates(
+    read_gb_s=20.0, copy_gb_s=15.0, gemm_gflop_s=1000.0, threads=8, buffer_mib=1024, gemm_size=2048
+)
 
 
 def test_decode_reads_every_decoder_weight_once_per_step():
@@ -50,15 +72,35 @@ def test_prefill_flops_by_hand():
 
 
 def test_vision_flops_by_hand():
-    cost = rl.VisionCost(patch_params=100, layer_params=1000, projector_params=50, num_layers=2, num_heads=2, head_dim=4, tower_tokens=5, image_tokens=4)
+    cost = rl.VisionCost(
+        patch_params=100,
+        layer_params=1000,
+        projector_params=50,
+        num_layers=2,
+        num_heads=2,
+        head_dim=4,
+        tower_tokens=5,
+        image_tokens=4,
+    )
     # patches 2*100*4 = 800; layers 2*1000*5 = 10000; attention 2*2*4*25*2*2 = 1600; projector 2*50*4 = 400
     assert cost.flops() == 12_800
     assert cost.flops(batch=2) == 25_600
 
 
 def test_roofline_bounds_by_hand():
-    vision = rl.VisionCost(patch_params=0, layer_params=300_000_000, projector_params=0, num_layers=24, num_heads=16, head_dim=64, tower_tokens=577, image_tokens=576)
-    bound = rl.roofline(MACHINE, DECODER, vision, batch=1, prompt_tokens=100, new_tokens=10, vision_dtype="float16")
+    vision = rl.VisionCost(
+        patch_params=0,
+        layer_params=300_000_000,
+        projector_params=0,
+        num_layers=24,
+        num_heads=16,
+        head_dim=64,
+        tower_tokens=577,
+        image_tokens=576,
+    )
+    bound = rl.roofline(
+        MACHINE, DECODER, vision, batch=1, prompt_tokens=100, new_tokens=10, vision_dtype="float16"
+    )
     # decode: 1e10 bytes at 20 GB/s = 500 ms; its compute (~1e10 FLOPs at 1 TFLOP/s, ~10 ms) is smaller
     assert bound.decode_step.memory_ms == pytest.approx(500.0)
     assert bound.decode_step.bound_by == "memory"
@@ -72,9 +114,13 @@ def test_roofline_bounds_by_hand():
     vision_flops = 2 * 3e8 * 577 + 2 * 2 * 64 * 577**2 * 16 * 24
     assert bound.image_encode.compute_ms == pytest.approx(vision_flops / 1e9)
     assert bound.image_encode.memory_ms == pytest.approx(30.0)
-    assert bound.end_to_end_ms == pytest.approx(bound.image_encode.ms + bound.prefill.ms + 10 * 500.0, rel=1e-3)
+    assert bound.end_to_end_ms == pytest.approx(
+        bound.image_encode.ms + bound.prefill.ms + 10 * 500.0, rel=1e-3
+    )
     # batch 4: the same weights serve four sequences per step
-    assert rl.roofline(MACHINE, DECODER, vision, 4, 100, 10).decode_tokens_per_s == pytest.approx(8.0, rel=1e-2)
+    assert rl.roofline(MACHINE, DECODER, vision, 4, 100, 10).decode_tokens_per_s == pytest.approx(
+        8.0, rel=1e-2
+    )
 
 
 def test_machine_measurements_are_rates():
@@ -105,12 +151,16 @@ def test_decoder_cost_counts_the_tiny_model(tiny_hf):
 
 def llava_bench(*args, timeout=180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([str(LLAVA_BENCH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [str(LLAVA_BENCH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_path):
     out = tmp_path / "bench.json"
-    result = llava_bench("--model", tiny_hf, "--artifacts", tiny_artifacts, *QUICK, "--threads", "1", "--json", out)
+    result = llava_bench(
+        "--model", tiny_hf, "--artifacts", tiny_artifacts, *QUICK, "--threads", "1", "--json", out
+    )
     assert result.returncode == 0, result.stderr
     table = result.stdout
     for label in ("image encode ms", "prefill ms (24 tok)", "decode tok/s", "end-to-end ms", "peak RSS MiB"):
@@ -125,7 +175,13 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     pytorch, ort = report["results"]["pytorch"], report["results"]["ort-cpu"]
     for side in (pytorch, ort):
         assert len(side["runs"]) == 2
-        for key in ("image_encode_ms", "prefill_ms", "decode_tokens_per_s", "end_to_end_ms", "time_to_first_token_ms"):
+        for key in (
+            "image_encode_ms",
+            "prefill_ms",
+            "decode_tokens_per_s",
+            "end_to_end_ms",
+            "time_to_first_token_ms",
+        ):
             assert side[key] > 0, key
         assert side["peak_rss_mib"] >= 0
         assert side["end_to_end_ms"] >= side["prefill_ms"]
@@ -140,16 +196,25 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     assert len(reads) == settings["repeats"] + 1 and min(reads) > 0  # before each repeat, after the last
     streamed = ort["decode_tokens_per_s"] * roof["decode_step"]["bytes"] / 1e9
     assert report["decode_weight_gb_s"]["ort-cpu"] == pytest.approx(streamed, rel=1e-2)
-    reference_streamed = pytorch["decode_tokens_per_s"] * 4 * report["model"]["decoder_params"] / 1e9  # float32
+    reference_streamed = (
+        pytorch["decode_tokens_per_s"] * 4 * report["model"]["decoder_params"] / 1e9
+    )  # float32
     assert report["decode_weight_gb_s"]["pytorch"] == pytest.approx(reference_streamed, rel=1e-2)
-    assert report["decode_share_of_read_between_repeats"]["ort-cpu"] == pytest.approx(streamed / np.median(reads), rel=2e-2)
+    assert report["decode_share_of_read_between_repeats"]["ort-cpu"] == pytest.approx(
+        streamed / np.median(reads), rel=2e-2
+    )
     assert "read bandwidth between repeats:" in table and "decode streamed weights at pytorch" in table
     # The ratio a backend at the roofline would show: PyTorch's distance from the roofline.
     ceiling = report["ratio_ceiling"]
-    assert ceiling["decode_tokens_per_s"] == pytest.approx(roof["decode_tokens_per_s"] / pytorch["decode_tokens_per_s"], rel=1e-2)
+    assert ceiling["decode_tokens_per_s"] == pytest.approx(
+        roof["decode_tokens_per_s"] / pytorch["decode_tokens_per_s"], rel=1e-2
+    )
     assert ceiling["prefill_ms"] == pytest.approx(pytorch["prefill_ms"] / roof["prefill_ms"], rel=1e-2)
     assert ceiling["peak_rss_mib"] is None
-    assert f"ceiling: a backend at the roofline would show {ceiling['image_encode_ms']:.2f}x on image encode" in table
+    assert (
+        f"ceiling: a backend at the roofline would show {ceiling['image_encode_ms']:.2f}x on image encode"
+        in table
+    )
     # The exported float32 graphs reproduce the reference: greedy tokens agree (the tiny model's
     # top-2 margins are far above float32 noise, as the generation parity tests show).
     assert report["greedy_tokens_matching"] == {"leading": 5, "of": 5}
@@ -177,7 +242,11 @@ def assert_user_error(result, *fragments):
 
 
 def test_trt_without_engine_is_an_engine_error(tiny_hf, tiny_artifacts):
-    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--backend", "trt"), "TensorRT engine", "llava-export engine")
+    assert_user_error(
+        invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--backend", "trt"),
+        "TensorRT engine",
+        "llava-export engine",
+    )
 
 
 def test_missing_artifacts(tiny_hf, tmp_path):
@@ -186,22 +255,46 @@ def test_missing_artifacts(tiny_hf, tmp_path):
 
 def test_prompt_too_long_for_the_model(tiny_hf, tiny_artifacts):
     # 250 text + 16 image + 4 new tokens > 256 positions
-    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--prompt-len", 250, "--new-tokens", 4), "--prompt-len 250", "at most 256")
+    assert_user_error(
+        invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--prompt-len", 250, "--new-tokens", 4),
+        "--prompt-len 250",
+        "at most 256",
+    )
 
 
 def test_json_into_a_missing_folder(tiny_hf, tiny_artifacts, tmp_path):
-    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--json", tmp_path / "no" / "x.json"), "--json", "does not exist")
+    assert_user_error(
+        invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--json", tmp_path / "no" / "x.json"),
+        "--json",
+        "does not exist",
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
-def test_plot_without_matplotlib_says_how_to_install(tiny_hf, tiny_artifacts, tmp_path):
-    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--plot", tmp_path / "p.png"), "pip install matplotlib")
+def test_plot_without_matplotlib_names_the_extra(tiny_hf, tiny_artifacts, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert_user_error(
+        invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--plot", tmp_path / "p.png"),
+        "--plot needs matplotlib",
+        "pip install 'llava-export[bench]'",
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="--plot needs matplotlib")
 def test_plot_sweeps_prompt_lengths(tiny_hf, tiny_artifacts, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    result = llava_bench("--model", tiny_hf, "--artifacts", tiny_artifacts, *QUICK, "--threads", "1", "--json", out, "--plot", png)
+    result = llava_bench(
+        "--model",
+        tiny_hf,
+        "--artifacts",
+        tiny_artifacts,
+        *QUICK,
+        "--threads",
+        "1",
+        "--json",
+        out,
+        "--plot",
+        png,
+    )
     assert result.returncode == 0, result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep = json.loads(out.read_text())["sweep"]

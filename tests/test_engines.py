@@ -33,7 +33,16 @@ H200 = GpuIdentity("NVIDIA H200", 9, 0, "10.13.3.9")
 
 
 def make_manifest(
-    image_size=336, patch=14, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, vocab=32064, positions=4096, strategy="default"
+    image_size=336,
+    patch=14,
+    hidden=4096,
+    layers=32,
+    heads=32,
+    kv_heads=32,
+    head_dim=128,
+    vocab=32064,
+    positions=4096,
+    strategy="default",
 ) -> Manifest:
     """A manifest without an export: LLaVA-1.5-7B-shaped by default."""
     vision = VisionSpec(image_size, patch, 1024, 24, -2, strategy, "mlp2x_gelu")
@@ -47,10 +56,21 @@ def make_manifest(
         template="vicuna_v1",
     )
     kv = ["batch", kv_heads, "past_sequence", head_dim]
-    inputs = {contract.INPUTS_EMBEDS: ["batch", "sequence", hidden], contract.ATTENTION_MASK: ["batch", "total_sequence"], contract.POSITION_IDS: ["batch", "sequence"]}
+    inputs = {
+        contract.INPUTS_EMBEDS: ["batch", "sequence", hidden],
+        contract.ATTENTION_MASK: ["batch", "total_sequence"],
+        contract.POSITION_IDS: ["batch", "sequence"],
+    }
     inputs.update({name: kv for name in contract.decoder_input_names(layers)[3:]})
     outputs = {contract.LOGITS: ["batch", vocab]}
-    manifest.graphs["vision"] = GraphSpec("vision.onnx", "float16", 18, {contract.PIXEL_VALUES: ["batch", 3, image_size, image_size]}, {contract.IMAGE_EMBEDS: ["batch", vision.num_image_tokens, hidden]}, "v" * 64)
+    manifest.graphs["vision"] = GraphSpec(
+        "vision.onnx",
+        "float16",
+        18,
+        {contract.PIXEL_VALUES: ["batch", 3, image_size, image_size]},
+        {contract.IMAGE_EMBEDS: ["batch", vision.num_image_tokens, hidden]},
+        "v" * 64,
+    )
     manifest.graphs["decoder"] = GraphSpec("decoder.onnx", "float16", 18, inputs, outputs, "d" * 64)
     return manifest
 
@@ -88,7 +108,13 @@ def test_bad_limits_name_the_flag(kwargs, flag):
 
 
 LIMIT_GRID = [(1, None, None), (4, None, None), (2, 600, 700), (8, 600, 600), (1, 4096, 4096)]
-SHAPES = [{}, {"kv_heads": 8}, {"kv_heads": 1, "layers": 2}, {"strategy": "full"}, {"image_size": 224, "patch": 16}]
+SHAPES = [
+    {},
+    {"kv_heads": 8},
+    {"kv_heads": 1, "layers": 2},
+    {"strategy": "full"},
+    {"image_size": 224, "patch": 16},
+]
 
 
 @pytest.mark.parametrize("limit_args", LIMIT_GRID)
@@ -105,7 +131,11 @@ def test_derived_profiles_are_valid_and_cover_what_the_runtime_sends(limit_args,
 
     def call(batch, sequence, past):
         kv = (batch, text.num_kv_heads, past, text.head_dim)
-        shapes = {contract.INPUTS_EMBEDS: (batch, sequence, text.hidden_size), contract.ATTENTION_MASK: (batch, past + sequence), contract.POSITION_IDS: (batch, sequence)}
+        shapes = {
+            contract.INPUTS_EMBEDS: (batch, sequence, text.hidden_size),
+            contract.ATTENTION_MASK: (batch, past + sequence),
+            contract.POSITION_IDS: (batch, sequence),
+        }
         return {**shapes, **{name: kv for name in contract.decoder_input_names(text.num_layers)[3:]}}
 
     top = limits.max_batch
@@ -124,7 +154,11 @@ def test_derived_profiles_are_valid_and_cover_what_the_runtime_sends(limit_args,
     assert engines.find_profile(decoder, call(top + 1, 1, 1)) is None
     assert engines.find_profile(decoder, call(1, 2, 1)) is None
     # the backend's per-token probe: one past stands for all
-    probe = {k: v for k, v in call(1, 1, 5).items() if not k.startswith("past_key_values.") or k == contract.past_key_name(0)}
+    probe = {
+        k: v
+        for k, v in call(1, 1, 5).items()
+        if not k.startswith("past_key_values.") or k == contract.past_key_name(0)
+    }
     assert engines.find_profile(decoder, probe, partial=True) == 1
     assert engines.find_profile(decoder, probe) is None  # not partial: every input is required
     assert engines.find_profile(decoder, {"no_such_input": (1,)}, partial=True) is None
@@ -134,7 +168,11 @@ def test_derived_profiles_are_valid_and_cover_what_the_runtime_sends(limit_args,
     assert prefill.shapes[contract.past_value_name(text.num_layers - 1)].max[2] == 0
     pixels = vision[0].shapes[contract.PIXEL_VALUES]
     size = manifest.preprocess.crop_size
-    assert (pixels.min, pixels.opt, pixels.max) == ((1, 3, size, size), (1, 3, size, size), (top, 3, size, size))
+    assert (pixels.min, pixels.opt, pixels.max) == (
+        (1, 3, size, size),
+        (1, 3, size, size),
+        (top, 3, size, size),
+    )
 
 
 def test_opt_shapes_are_a_typical_request():
@@ -142,7 +180,12 @@ def test_opt_shapes_are_a_typical_request():
     limits = engines.derive_limits(manifest)
     prefill, decode = engines.decoder_profiles(manifest, limits)
     assert prefill.shapes[contract.INPUTS_EMBEDS].opt == (1, 576 + engines.OPT_TEXT_TOKENS, 4096)
-    assert decode.shapes[contract.past_key_name(0)].opt == (1, 32, 576 + engines.OPT_TEXT_TOKENS + engines.OPT_ANSWER_TOKENS, 128)
+    assert decode.shapes[contract.past_key_name(0)].opt == (
+        1,
+        32,
+        576 + engines.OPT_TEXT_TOKENS + engines.OPT_ANSWER_TOKENS,
+        128,
+    )
 
 
 def test_profile_problems_are_found():
@@ -173,8 +216,14 @@ def test_profiles_round_trip_through_json():
 
 def test_folder_names():
     assert H200.folder_name == "nvidia-h200-sm90-trt10.13.3.9"
-    assert GpuIdentity("NVIDIA GeForce RTX 4090", 8, 9, "10.0.1").folder_name == "nvidia-geforce-rtx-4090-sm89-trt10.0.1"
-    assert GpuIdentity("NVIDIA A100-SXM4-80GB", 8, 0, "11.1.0").folder_name == "nvidia-a100-sxm4-80gb-sm80-trt11.1.0"
+    assert (
+        GpuIdentity("NVIDIA GeForce RTX 4090", 8, 9, "10.0.1").folder_name
+        == "nvidia-geforce-rtx-4090-sm89-trt10.0.1"
+    )
+    assert (
+        GpuIdentity("NVIDIA A100-SXM4-80GB", 8, 0, "11.1.0").folder_name
+        == "nvidia-a100-sxm4-80gb-sm80-trt11.1.0"
+    )
     assert engines.slug("  /weird  name!/ ") == "weird-name"
     assert engines.slug("???") == "gpu"
 
@@ -184,11 +233,16 @@ def write_engine_folder(artifacts: Path, manifest: Manifest, identity: GpuIdenti
     folder = artifacts / contract.ENGINES_DIR / identity.folder_name
     folder.mkdir(parents=True)
     limits = engines.derive_limits(manifest)
-    profiles = {"vision": engines.vision_profiles(manifest, limits), "decoder": engines.decoder_profiles(manifest, limits)}
+    profiles = {
+        "vision": engines.vision_profiles(manifest, limits),
+        "decoder": engines.decoder_profiles(manifest, limits),
+    }
     for graph in engines.GRAPHS:
         (folder / engines.PLANS[graph]).write_bytes(b"plan" * 10)
     sources = {g: manifest.graphs[g].sha256 for g in engines.GRAPHS}
-    record = engines.engine_record(identity, manifest, limits, profiles, sources, {g: 40 for g in engines.GRAPHS})
+    record = engines.engine_record(
+        identity, manifest, limits, profiles, sources, {g: 40 for g in engines.GRAPHS}
+    )
     record.update(changes)
     engines.write_engine_json(folder, record)
     return folder
@@ -238,13 +292,17 @@ def test_no_engines(fake_artifacts):
 def test_engines_for_another_gpu(fake_artifacts):
     artifacts, manifest = fake_artifacts
     write_engine_folder(artifacts, manifest, GpuIdentity("NVIDIA A100-SXM4-80GB", 8, 0, "10.13.3.9"))
-    assert_engine_error(artifacts, manifest, "NVIDIA A100-SXM4-80GB (sm80)", "this machine is NVIDIA H200 (sm90)")
+    assert_engine_error(
+        artifacts, manifest, "NVIDIA A100-SXM4-80GB (sm80)", "this machine is NVIDIA H200 (sm90)"
+    )
 
 
 def test_engines_for_another_tensorrt_version(fake_artifacts):
     artifacts, manifest = fake_artifacts
     write_engine_folder(artifacts, manifest, GpuIdentity("NVIDIA H200", 9, 0, "10.8.0.43"))
-    assert_engine_error(artifacts, manifest, "built with TensorRT 10.8.0.43", "this machine has TensorRT 10.13.3.9")
+    assert_engine_error(
+        artifacts, manifest, "built with TensorRT 10.8.0.43", "this machine has TensorRT 10.13.3.9"
+    )
 
 
 def test_missing_or_malformed_engine_json(fake_artifacts):
@@ -258,7 +316,9 @@ def test_missing_or_malformed_engine_json(fake_artifacts):
     assert_engine_error(artifacts, manifest, "not a llava-export-engine record")
     (folder / "engine.json").write_text(json.dumps({"format": engines.ENGINE_FORMAT, "format_version": 99}))
     assert_engine_error(artifacts, manifest, "format version 99")
-    (folder / "engine.json").write_text(json.dumps({"format": engines.ENGINE_FORMAT, "format_version": 1, "gpu": {}}))
+    (folder / "engine.json").write_text(
+        json.dumps({"format": engines.ENGINE_FORMAT, "format_version": 1, "gpu": {}})
+    )
     assert_engine_error(artifacts, manifest, "incomplete")
 
 
@@ -320,9 +380,13 @@ def leftovers(artifacts: Path) -> list[str]:
 
 def test_build_writes_a_complete_engine_folder(fake_gpu, artifacts, tmp_path):
     cache = tmp_path / "cache" / "timing.cache"
-    result = engine_cli("--artifacts", artifacts, "--timing-cache", cache, "--max-batch", 2, "--workspace", 1.5)
+    result = engine_cli(
+        "--artifacts", artifacts, "--timing-cache", cache, "--max-batch", 2, "--workspace", 1.5
+    )
     assert result.exit_code == 0, result.output
-    assert "wrote" in result.stderr and "Building engine" in result.stderr and "decoder/decode" in result.stderr
+    assert (
+        "wrote" in result.stderr and "Building engine" in result.stderr and "decoder/decode" in result.stderr
+    )
     assert leftovers(artifacts) == [FAKE_FOLDER]
     folder = artifacts / "engines" / FAKE_FOLDER
     assert sorted(p.name for p in folder.iterdir()) == ["decoder.plan", "engine.json", "vision.plan"]
@@ -341,8 +405,13 @@ def test_build_writes_a_complete_engine_folder(fake_gpu, artifacts, tmp_path):
     plan = json.loads((folder / "decoder.plan").read_text())
     limits = engines.derive_limits(manifest, max_batch=2)
     expected = engines.decoder_profiles(manifest, limits)
-    assert plan["profiles"] == [{n: [list(r.min), list(r.opt), list(r.max)] for n, r in p.shapes.items()} for p in expected]
-    assert engines.select_engine(artifacts, manifest, GpuIdentity("NVIDIA Fake 100", 9, 0, "10.99.1")).path == folder
+    assert plan["profiles"] == [
+        {n: [list(r.min), list(r.opt), list(r.max)] for n, r in p.shapes.items()} for p in expected
+    ]
+    assert (
+        engines.select_engine(artifacts, manifest, GpuIdentity("NVIDIA Fake 100", 9, 0, "10.99.1")).path
+        == folder
+    )
 
 
 def test_rebuild_reuses_the_timing_cache_and_replaces_the_folder(fake_gpu, artifacts, tmp_path):
@@ -374,7 +443,9 @@ def test_a_corrupt_timing_cache_is_replaced(fake_gpu, artifacts, tmp_path):
 def test_parser_rejection_names_the_node_and_op(fake_gpu, artifacts):
     fake_gpu.reject = ("decoder.onnx", "GatherND")
     line = error_line(engine_cli("--artifacts", artifacts))
-    assert "TensorRT's ONNX parser rejected decoder.onnx" in line and "(GatherND): unsupported attribute" in line
+    assert (
+        "TensorRT's ONNX parser rejected decoder.onnx" in line and "(GatherND): unsupported attribute" in line
+    )
     assert leftovers(artifacts) == []
 
 
@@ -451,7 +522,10 @@ def test_backend_answers_like_onnx_runtime(fake_gpu, artifacts, image):
     build(artifacts, "--max-batch", 2)
     trt_pipe, ort_pipe = Pipeline.load(artifacts, backend="trt"), Pipeline.load(artifacts, backend="ort")
     assert trt_pipe.backend.name == "trt" and trt_pipe.backend.dtype == np.float32
-    assert trt_pipe.generate(PROMPT, [image], max_new_tokens=8).token_ids == ort_pipe.generate(PROMPT, [image], max_new_tokens=8).token_ids
+    assert (
+        trt_pipe.generate(PROMPT, [image], max_new_tokens=8).token_ids
+        == ort_pipe.generate(PROMPT, [image], max_new_tokens=8).token_ids
+    )
     requests = [Request(PROMPT, [image]), Request("Describe it in detail, please.", [image, image])]
     ours = [a.token_ids for a in trt_pipe.generate_batch(requests, max_new_tokens=6)]
     theirs = [a.token_ids for a in ort_pipe.generate_batch(requests, max_new_tokens=6)]
@@ -474,8 +548,14 @@ def test_kv_cache_stays_on_the_device_and_ping_pongs(fake_gpu, artifacts, image)
     for before, after in zip(runs, runs[1:]):
         for layer in range(layers):
             # this step's present is next step's past: no copy in between
-            assert after["addresses"][contract.past_key_name(layer)] == before["addresses"][contract.present_key_name(layer)]
-            assert after["addresses"][contract.past_value_name(layer)] == before["addresses"][contract.present_value_name(layer)]
+            assert (
+                after["addresses"][contract.past_key_name(layer)]
+                == before["addresses"][contract.present_key_name(layer)]
+            )
+            assert (
+                after["addresses"][contract.past_value_name(layer)]
+                == before["addresses"][contract.present_value_name(layer)]
+            )
     assert runs[2]["addresses"][contract.past_key_name(0)] == runs[0]["addresses"][contract.past_key_name(0)]
     # per decode step only the new token's embedding, mask and position go up, and the logits come down
     hidden, vocab = manifest.text.hidden_size, manifest.text.vocab_size
@@ -499,7 +579,9 @@ def test_prompt_longer_than_the_engine_is_refused_before_any_compute(fake_gpu, a
     from runtime.pipeline import Pipeline, Request
 
     ort_pipe = Pipeline.load(artifacts, backend="ort")
-    short = prompts.count_prompt_tokens(ort_pipe.tokenize(Request("Hi", [image])), ort_pipe.manifest.vision.num_image_tokens)
+    short = prompts.count_prompt_tokens(
+        ort_pipe.tokenize(Request("Hi", [image])), ort_pipe.manifest.vision.num_image_tokens
+    )
     limit, capacity = short + 2, short + 12
     build(artifacts, "--max-input-len", limit, "--max-seq-len", capacity)
     pipe = Pipeline.load(artifacts, backend="trt")
@@ -510,7 +592,11 @@ def test_prompt_longer_than_the_engine_is_refused_before_any_compute(fake_gpu, a
     # an answer stops at the engine's capacity instead of overrunning it
     answer = pipe.generate("Hi", [image], max_new_tokens=100)
     assert len(answer.token_ids) == capacity - short + 1 or 2 in answer.token_ids
-    widest = max(run["shapes"][contract.ATTENTION_MASK][1] for run in fake_gpu.executions if run["plan"] == "decoder.onnx")
+    widest = max(
+        run["shapes"][contract.ATTENTION_MASK][1]
+        for run in fake_gpu.executions
+        if run["plan"] == "decoder.onnx"
+    )
     assert widest <= capacity
 
 
@@ -531,9 +617,16 @@ def test_backend_limits_and_stale_cache_handles(fake_gpu, artifacts):
     with pytest.raises(EngineError, match="latest"):
         backend.decode(embeds, mask, positions, cache)  # the old handle: its slab is being reused
     with pytest.raises(EngineError, match="profile"):
-        backend.decode(np.zeros((1, 2, hidden), np.float32), np.ones((1, 5), np.int64), np.arange(3, 5)[None], newer)
+        backend.decode(
+            np.zeros((1, 2, hidden), np.float32), np.ones((1, 5), np.int64), np.arange(3, 5)[None], newer
+        )
     with pytest.raises(PromptError, match="--max-input-len"):
-        backend.decode(np.zeros((1, 300, hidden), np.float32), np.ones((1, 300), np.int64), np.arange(300)[None], backend.empty_cache(1))
+        backend.decode(
+            np.zeros((1, 300, hidden), np.float32),
+            np.ones((1, 300), np.int64),
+            np.arange(300)[None],
+            backend.empty_cache(1),
+        )
     backend.close()
     backend.close()  # idempotent
 
@@ -543,11 +636,15 @@ def test_engines_from_another_gpu_or_tensorrt_are_refused_at_load(fake_gpu, arti
 
     build(artifacts)
     fake_gpu.cudart.props.name = b"NVIDIA Other 200\0"
-    with pytest.raises(EngineError, match=rf"NVIDIA Fake 100 \(sm90\).*llava-export engine --artifacts {artifacts}"):
+    with pytest.raises(
+        EngineError, match=rf"NVIDIA Fake 100 \(sm90\).*llava-export engine --artifacts {artifacts}"
+    ):
         Pipeline.load(artifacts, backend="trt")
     fake_gpu.cudart.props.name = b"NVIDIA Fake 100\0"
     sys.modules["tensorrt"].__version__ = "10.99.2"
-    with pytest.raises(EngineError, match=r"built with TensorRT 10\.99\.1, this machine has TensorRT 10\.99\.2"):
+    with pytest.raises(
+        EngineError, match=r"built with TensorRT 10\.99\.1, this machine has TensorRT 10\.99\.2"
+    ):
         Pipeline.load(artifacts, backend="trt")
 
 
@@ -584,17 +681,24 @@ def test_gpu_check_benchmark_flow_on_the_fakes(fake_gpu, artifacts, workshop, tm
 
     build(artifacts)
     source = load_source(str(workshop.tiny(TinyConfig())["hf"]))
-    monkeypatch.setattr(gpu_check, "prepare_model", lambda *a, **k: (artifacts, source, artifacts / "engines" / FAKE_FOLDER))
+    monkeypatch.setattr(
+        gpu_check, "prepare_model", lambda *a, **k: (artifacts, source, artifacts / "engines" / FAKE_FOLDER)
+    )
     monkeypatch.setattr(gpu_check, "ort_cuda_status", lambda: "no CUDA here")
     monkeypatch.setattr(gpu_check, "torch_cuda_status", lambda: "no CUDA here")
     args = SimpleNamespace(text_layers=2, prompt_len=8, new_tokens=4, repeats=2, encode_repeats=2)
-    report = {"environment": {"stacks": {"tensorrt": None, "onnxruntime-cuda": "no", "torch-cuda": "no"}}, "errors": {}}
+    report = {
+        "environment": {"stacks": {"tensorrt": None, "onnxruntime-cuda": "no", "torch-cuda": "no"}},
+        "errors": {},
+    }
     gpu_check.run_benchmark(args, tmp_path, report, gpu_check_progress())
     bench = report["benchmark"]
     assert bench["bandwidth_gb_s"] == {"measured_copy": None, "nominal": 4800.0}
     assert bench["decoder_weight_bytes_per_token"] > 0 and bench["roofline_decode_tokens_per_s"] > 0
     side = bench["sides"]["tensorrt"]
-    assert side["image_encode_ms"] > 0 and side["time_to_first_token_ms"] > 0 and side["decode_tokens_per_s"] > 0
+    assert (
+        side["image_encode_ms"] > 0 and side["time_to_first_token_ms"] > 0 and side["decode_tokens_per_s"] > 0
+    )
     assert side["fraction_of_roofline"] is not None and "tokens" not in side
     text = gpu_check.markdown({**report, "seconds": 1.0})
     assert "| tensorrt |" in text and "4800.0 GB/s" in text
@@ -620,6 +724,12 @@ def test_engine_command_needs_no_torch(artifacts):
         "from exporter.cli import main\n"
         "main(['engine', '--artifacts', sys.argv[1], '--dry-run'])\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(artifacts)], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(artifacts)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
     assert done.returncode == 0, done.stderr
     assert "profile decoder/decode" in done.stderr

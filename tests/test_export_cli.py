@@ -20,14 +20,14 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from exporter import parity  # noqa: E402
-from exporter.graphs import onnx_io  # noqa: E402
 from exporter.cli import main  # noqa: E402
+from exporter.graphs import onnx_io  # noqa: E402
 from exporter.graphs.decoder import export_decoder  # noqa: E402
+from exporter.graphs.vision import export_vision  # noqa: E402
 from exporter.parity import OutputParity, ParityError  # noqa: E402
 from exporter.progress import Progress  # noqa: E402
 from exporter.source import load_source  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
-from exporter.graphs.vision import export_vision  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.errors import ArtifactError  # noqa: E402
 from tests.support.graphs import pixels, run_vision  # noqa: E402
@@ -81,25 +81,56 @@ def test_missing_model(tmp_path, command):
 def test_plain_llama_is_not_llava(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=320).save_pretrained(tmp_path / "llama")
-    assert_user_error(invoke("all", "--model", tmp_path / "llama", "--out", tmp_path / "out", "--quiet"), "not a LLaVA model")
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=320).save_pretrained(
+        tmp_path / "llama"
+    )
+    assert_user_error(
+        invoke("all", "--model", tmp_path / "llama", "--out", tmp_path / "out", "--quiet"),
+        "not a LLaVA model",
+    )
 
 
 def test_unloadable_tower_names_the_flag(workshop, tmp_path):
-    model = copy_with_config(workshop.tiny(DEFAULT)["original"], tmp_path / "model", mm_vision_tower=str(tmp_path / "gone" / "clip"))
-    assert_user_error(invoke("vision", "--model", model, "--out", tmp_path / "out", "--quiet"), "--vision-tower")
-    assert_user_error(invoke("vision", "--model", model, "--vision-tower", tmp_path / "nope", "--out", tmp_path / "out", "--quiet"), "--vision-tower")
+    model = copy_with_config(
+        workshop.tiny(DEFAULT)["original"],
+        tmp_path / "model",
+        mm_vision_tower=str(tmp_path / "gone" / "clip"),
+    )
+    assert_user_error(
+        invoke("vision", "--model", model, "--out", tmp_path / "out", "--quiet"), "--vision-tower"
+    )
+    assert_user_error(
+        invoke(
+            "vision",
+            "--model",
+            model,
+            "--vision-tower",
+            tmp_path / "nope",
+            "--out",
+            tmp_path / "out",
+            "--quiet",
+        ),
+        "--vision-tower",
+    )
     assert leftovers(tmp_path / "out") == []
 
 
 def test_unknown_projector(workshop, tmp_path):
-    model = copy_with_config(workshop.tiny(DEFAULT)["original"], tmp_path / "model", mm_projector_type="resampler")
-    assert_user_error(invoke("vision", "--model", model, "--out", tmp_path / "out", "--quiet"), "mm_projector_type", "resampler")
+    model = copy_with_config(
+        workshop.tiny(DEFAULT)["original"], tmp_path / "model", mm_projector_type="resampler"
+    )
+    assert_user_error(
+        invoke("vision", "--model", model, "--out", tmp_path / "out", "--quiet"),
+        "mm_projector_type",
+        "resampler",
+    )
 
 
 def test_unwritable_out(workshop, tmp_path):
     (tmp_path / "file").write_text("a regular file")  # root ignores chmod; nothing can go under a file
-    result = invoke("decoder", "--model", workshop.tiny(DEFAULT)["hf"], "--out", tmp_path / "file" / "out", "--quiet")
+    result = invoke(
+        "decoder", "--model", workshop.tiny(DEFAULT)["hf"], "--out", tmp_path / "file" / "out", "--quiet"
+    )
     assert_user_error(result, "cannot write to output folder", "--out")
 
 
@@ -107,7 +138,9 @@ def test_errors_print_progress_and_one_error_line(tmp_path):
     """Without --quiet the stages still end in a single `error:` line and no traceback."""
     result = invoke("vision", "--model", tmp_path / "missing", "--out", tmp_path / "out")
     assert result.exit_code == 2
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [result.stderr.strip().splitlines()[-1]]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        result.stderr.strip().splitlines()[-1]
+    ]
     assert "Traceback" not in result.output
 
 
@@ -117,7 +150,15 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     if not script.exists():
         pytest.skip(f"console script not installed next to {sys.executable}")
     process = subprocess.run(
-        [str(script), "vision", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--quiet"],
+        [
+            str(script),
+            "vision",
+            "--model",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -146,7 +187,9 @@ def test_refuses_another_models_folder_unless_force(workshop, tmp_path):
 
     result = invoke("vision", "--model", model, "--out", out, "--quiet", "--force")
     assert result.exit_code == 0, result.output
-    assert not (out / contract.DECODER_FILE).exists() and not (out / contract.EMBEDDINGS_FILE).exists()  # the other model's
+    assert (
+        not (out / contract.DECODER_FILE).exists() and not (out / contract.EMBEDDINGS_FILE).exists()
+    )  # the other model's
     written = contract.read_manifest(out)
     assert written.source["weights_sha256"] == load_source(str(model)).weights_sha256()
     assert list(written.graphs) == ["vision"]
@@ -156,13 +199,17 @@ def test_vision_tower_flag_overrides(workshop, tmp_path):
     """An original checkpoint whose mm_vision_tower is unreachable exports with --vision-tower,
     to the same graph as the original checkpoint with its tower in place."""
     folders = workshop.tiny(DEFAULT)
-    model = copy_with_config(folders["original"], tmp_path / "model", mm_vision_tower="openai/clip-unreachable")
+    model = copy_with_config(
+        folders["original"], tmp_path / "model", mm_vision_tower="openai/clip-unreachable"
+    )
     out = tmp_path / "out"
     result = invoke("vision", "--model", model, "--vision-tower", folders["clip"], "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     expected = graph_initializers(workshop.artifacts(DEFAULT, "original") / contract.VISION_FILE)
     actual = graph_initializers(out / contract.VISION_FILE)
-    assert sorted(actual) == sorted(expected) and all(np.array_equal(actual[k], expected[k]) for k in expected)
+    assert sorted(actual) == sorted(expected) and all(
+        np.array_equal(actual[k], expected[k]) for k in expected
+    )
     assert contract.read_manifest(out).source["format"] == "original"
 
 
@@ -202,7 +249,9 @@ def test_same_weights_read_differently_is_another_model(workshop, tmp_path):
     out = tmp_path / "out"
     assert invoke("vision", "--model", folders["original"], "--out", out, "--quiet").exit_code == 0
     edited = copy_with_config(folders["original"], tmp_path / "edited", mm_vision_select_layer=-1)
-    assert_user_error(invoke("vision", "--model", edited, "--out", out, "--quiet"), "another model", "--force")
+    assert_user_error(
+        invoke("vision", "--model", edited, "--out", out, "--quiet"), "another model", "--force"
+    )
 
 
 @pytest.mark.parametrize("command", ["vision", "decoder"])
@@ -231,7 +280,12 @@ def test_manifest_records_the_export(workshop):
     assert manifest.source["format"] == "hf" and manifest.source["weights_sha256"] == source.weights_sha256()
     assert manifest.vision == source.vision and manifest.text == source.text
     assert manifest.vision.num_image_tokens == (DEFAULT.image_size // DEFAULT.patch_size) ** 2
-    assert (manifest.text.hidden_size, manifest.text.num_layers, manifest.text.num_kv_heads, manifest.text.vocab_size) == (64, 2, 2, 320)
+    assert (
+        manifest.text.hidden_size,
+        manifest.text.num_layers,
+        manifest.text.num_kv_heads,
+        manifest.text.vocab_size,
+    ) == (64, 2, 2, 320)
     assert manifest.embeddings == {"file": contract.EMBEDDINGS_FILE, "dtype": "float32", "shape": [320, 64]}
     assert manifest.tokens.bos == 1 and 2 in manifest.tokens.eos
     for graph in ("vision", "decoder"):  # the parity figures measured at export time
@@ -250,18 +304,27 @@ def test_manifest_io_spec_matches_the_graph(workshop, graph):
     def dims(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
 
-    for declared, actual in ((spec.inputs, dims(model.graph.input)), (spec.outputs, dims(model.graph.output))):
+    for declared, actual in (
+        (spec.inputs, dims(model.graph.input)),
+        (spec.outputs, dims(model.graph.output)),
+    ):
         assert list(declared) == list(actual)  # names, in graph order
         for name, shape in declared.items():
             assert len(shape) == len(actual[name]), name
             for want, got in zip(shape, actual[name]):
-                assert want == got if isinstance(want, int) else isinstance(got, str), (name, shape, actual[name])
+                assert want == got if isinstance(want, int) else isinstance(got, str), (
+                    name,
+                    shape,
+                    actual[name],
+                )
     if graph == "vision":
         assert spec.outputs[contract.IMAGE_EMBEDS][1:] == [16, 64]
         pix = pixels(DEFAULT, 2).numpy()
         assert run_vision(folder, pix).shape == (2, 16, 64)
     else:
-        assert list(spec.inputs) == contract.decoder_input_names(2) and list(spec.outputs) == contract.decoder_output_names(2)
+        assert list(spec.inputs) == contract.decoder_input_names(2) and list(
+            spec.outputs
+        ) == contract.decoder_output_names(2)
 
 
 def test_read_manifest_refuses_an_unknown_format_version(workshop, tmp_path):

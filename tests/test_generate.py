@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from runtime.generate import Sampling, decode_one_token, generate, left_pad, positions, prefill
 from runtime.pipeline import TextStream
-from tests.support.fake_backends import EMBED_TABLE, EOS, HIDDEN, VOCAB, ScriptedBackend, sequence
+from tests.support.fake_backends import EMBED_TABLE, EOS, HIDDEN, ScriptedBackend, sequence
 
 # -- left padding and positions -------------------------------------------------------------
 

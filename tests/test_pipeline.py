@@ -142,7 +142,9 @@ def test_an_image_without_placeholder_goes_in_front(pipe, images):
     with Recorder(pipe.backend) as calls:
         implicit = pipe.generate(PROMPTS[0], images=[images["a"]], max_new_tokens=8)
         explicit = pipe.generate("<image>\n" + PROMPTS[0], images=[images["a"]], max_new_tokens=8)
-        behind = pipe.generate(PROMPTS[0] + "\n<image>", images=[images["a"]], max_new_tokens=1)
+        pipe.generate(
+            PROMPTS[0] + "\n<image>", images=[images["a"]], max_new_tokens=1
+        )  # prefill: decoded[-1]
     np.testing.assert_array_equal(calls.prefill_embeds, calls.decoded[len(implicit.token_ids)][0])
     assert implicit.token_ids == explicit.token_ids
     assert not np.array_equal(calls.prefill_embeds, calls.decoded[-1][0])  # placement matters

@@ -24,7 +24,11 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 SIZES = [(17, 31), (64, 64), (300, 200), (33, 500), (1, 1)]  # (width, height)
 MODES = ["RGB", "RGBA", "LA", "L", "P", "P+transparency", "CMYK"]
-SMALL_SPECS = [(32, 32), (40, 32), (25, 32)]  # (shortest_edge, crop): equal, crop smaller, crop larger (odd pad)
+SMALL_SPECS = [
+    (32, 32),
+    (40, 32),
+    (25, 32),
+]  # (shortest_edge, crop): equal, crop smaller, crop larger (odd pad)
 ASPECTS = ["crop", "pad"]
 
 
@@ -56,7 +60,7 @@ def spec_for(shortest: int, crop: int, aspect: str) -> PreprocessSpec:
     return PreprocessSpec(shortest_edge=shortest, crop_size=crop, mean=CLIP_MEAN, std=CLIP_STD, aspect=aspect)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_processor(shortest: int, crop: int, aspect: str):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil

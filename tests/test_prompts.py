@@ -216,4 +216,6 @@ def test_count_prompt_tokens():
 
 def test_prompts_module_stays_light():
     code = "import sys, runtime.prompts; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    )

@@ -19,8 +19,8 @@ pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
 from exporter import parity  # noqa: E402
-from exporter.graphs import onnx_io, quantize  # noqa: E402
 from exporter.cli import main  # noqa: E402
+from exporter.graphs import onnx_io, quantize  # noqa: E402
 from exporter.graphs.decoder import decoder_parity  # noqa: E402
 from exporter.source import load_source  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
@@ -92,15 +92,26 @@ def test_every_linear_layer_is_matmulnbits(quantized, quant):
     for node in nbits:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert node.domain == "com.microsoft"
-        assert attrs["bits"] == quantize.QUANT_BITS[quant] and attrs["accuracy_level"] == quantize.DEFAULT_ACCURACY_LEVEL
+        assert (
+            attrs["bits"] == quantize.QUANT_BITS[quant]
+            and attrs["accuracy_level"] == quantize.DEFAULT_ACCURACY_LEVEL
+        )
         # int8's default block (128) is wider than the tiny model's K = 64: narrowed to 64
         assert attrs["block_size"] == min(quantize.DEFAULT_BLOCK_SIZE[attrs["bits"]], 64)
     float_types = (TensorProto.FLOAT, TensorProto.FLOAT16)
     for node in graph.node:
         if node.op_type in ("MatMul", "Gemm"):  # attention's activation products only
-            assert not any(name in weights for name in node.input), (node.op_type, node.name, list(node.input))
+            assert not any(name in weights for name in node.input), (
+                node.op_type,
+                node.name,
+                list(node.input),
+            )
     scales = {node.input[2] for node in nbits}
-    big_floats = [t.name for t in graph.initializer if t.data_type in float_types and np.prod(t.dims) >= 16 * 16 and t.name not in scales]
+    big_floats = [
+        t.name
+        for t in graph.initializer
+        if t.data_type in float_types and np.prod(t.dims) >= 16 * 16 and t.name not in scales
+    ]
     assert big_floats == []
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
 
@@ -157,15 +168,31 @@ def test_dequantized_weights_are_what_matmulnbits_computes_with(bits, rows, bloc
     weight = np.random.default_rng(bits + rows).standard_normal((rows, columns)).astype(np.float32)
     packed, scales, zero_points = quantize.quantize_blocks(weight, bits, block)
     node = helper.make_node(
-        "MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=rows, N=columns, bits=bits, block_size=block, accuracy_level=1
+        "MatMulNBits",
+        ["x", "b", "s", "z"],
+        ["y"],
+        domain="com.microsoft",
+        K=rows,
+        N=columns,
+        bits=bits,
+        block_size=block,
+        accuracy_level=1,
     )
     tensors = [numpy_helper.from_array(a, n) for a, n in ((packed, "b"), (scales, "s"), (zero_points, "z"))]
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, rows])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, columns])], tensors
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, columns])],
+        tensors,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     x = np.random.default_rng(0).standard_normal((3, rows)).astype(np.float32)
-    actual = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    actual = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
     dequantized = quantize.dequantize_blocks(packed, scales, zero_points, bits, rows)
     np.testing.assert_allclose(actual, x @ dequantized, rtol=1e-5, atol=1e-4)
     step = (weight.max() - weight.min()) / (2**bits - 1)
@@ -181,7 +208,10 @@ def test_big_graph_goes_to_external_data(workshop, tmp_path, monkeypatch):
     folder = workshop.artifacts(DEFAULT)
     out = tmp_path / contract.DECODER_FILE
     quantize.quantize_decoder(folder / contract.DECODER_FILE, out, bits=4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [contract.DECODER_FILE, contract.DECODER_FILE + ".data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        contract.DECODER_FILE,
+        contract.DECODER_FILE + ".data",
+    ]
     inline = onnx.load(str(out), load_external_data=False).graph.initializer
     assert not [t.name for t in inline if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) > 1024]
     feed = prefill_feed(folder)
@@ -207,20 +237,31 @@ def test_requantizing_in_place_is_refused_and_failure_leaves_nothing(workshop, t
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"bits": 3}, "4 or 8 bits"), ({"bits": 4, "block_size": 48}, "power of two"), ({"bits": 4, "block_size": 8}, "power of two"), ({"bits": 4, "accuracy_level": 7}, "accuracy_level")],
+    [
+        ({"bits": 3}, "4 or 8 bits"),
+        ({"bits": 4, "block_size": 48}, "power of two"),
+        ({"bits": 4, "block_size": 8}, "power of two"),
+        ({"bits": 4, "accuracy_level": 7}, "accuracy_level"),
+    ],
 )
 def test_bad_settings_are_user_errors(workshop, tmp_path, settings, message):
     with pytest.raises(LlavaError, match=message):
-        quantize.quantize_decoder(workshop.artifacts(DEFAULT) / contract.DECODER_FILE, tmp_path / "q.onnx", **settings)
+        quantize.quantize_decoder(
+            workshop.artifacts(DEFAULT) / contract.DECODER_FILE, tmp_path / "q.onnx", **settings
+        )
     assert not (tmp_path / "q.onnx").exists()
 
 
 def test_explicit_block_wider_than_k_is_padded(workshop, tmp_path):
     folder = workshop.artifacts(DEFAULT)
-    stats = quantize.quantize_decoder(folder / contract.DECODER_FILE, tmp_path / "q.onnx", bits=4, block_size=256)
+    stats = quantize.quantize_decoder(
+        folder / contract.DECODER_FILE, tmp_path / "q.onnx", bits=4, block_size=256
+    )
     assert stats.block_size == 256 and stats.layers == LINEAR_LAYERS
     feed = prefill_feed(folder)
-    cosine = parity.cosine_rows(run(tmp_path / "q.onnx", feed)[0], run(folder / contract.DECODER_FILE, feed)[0]).min()
+    cosine = parity.cosine_rows(
+        run(tmp_path / "q.onnx", feed)[0], run(folder / contract.DECODER_FILE, feed)[0]
+    ).min()
     assert cosine >= 0.5  # one scale per column at 4 bits: coarse, but the same function
 
 
@@ -235,7 +276,10 @@ def test_manifest_records_quant(workshop, cli_int4):
     assert manifest.graphs["decoder"].sha256 == onnx_io.file_sha256(cli_int4 / contract.DECODER_FILE)
     figures = manifest.parity["decoder"]
     assert figures["min_cosine"] >= parity.QUANT_MIN_COSINE["int4"]
-    assert 0 <= figures["unquantized_top1_agreement"] <= 1 and figures["unquantized_min_cosine"] < figures["min_cosine"]
+    assert (
+        0 <= figures["unquantized_top1_agreement"] <= 1
+        and figures["unquantized_min_cosine"] < figures["min_cosine"]
+    )
     assert sorted(p.name for p in cli_int4.iterdir() if p.name.startswith(".staging")) == []
 
 
@@ -258,7 +302,10 @@ def test_runtime_generates_from_quantized_artifacts(cli_int4):
 
     pipe = Pipeline.load(cli_int4)
     answer = pipe.generate("What is in the picture?", max_new_tokens=4)
-    assert isinstance(answer.text, str) and answer.text == pipe.generate("What is in the picture?", max_new_tokens=4).text
+    assert (
+        isinstance(answer.text, str)
+        and answer.text == pipe.generate("What is in the picture?", max_new_tokens=4).text
+    )
 
 
 def test_cli_reports_the_quantization(cli_export):
@@ -269,7 +316,9 @@ def test_cli_reports_the_quantization(cli_export):
 
 @pytest.mark.parametrize("command", ["decoder", "all"])
 def test_bad_quant_value_is_a_click_error(workshop, tmp_path, command):
-    result = invoke(command, "--model", workshop.tiny(DEFAULT)["hf"], "--out", tmp_path / "out", "--quant", "int3")
+    result = invoke(
+        command, "--model", workshop.tiny(DEFAULT)["hf"], "--out", tmp_path / "out", "--quant", "int3"
+    )
     assert result.exit_code == 2 and "Invalid value for '--quant'" in result.output
     assert "int8" in result.output and "int4" in result.output
     assert not (tmp_path / "out").exists()
@@ -290,12 +339,43 @@ def test_bench_counts_the_quantized_weight_bytes(workshop, cli_int4, tmp_path):
     import sys
 
     out = tmp_path / "bench.json"
-    quick = ["--prompt-len", "8", "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--bandwidth-mib", "8", "--gemm-size", "128", "--threads", "1"]
+    quick = [
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--bandwidth-mib",
+        "8",
+        "--gemm-size",
+        "128",
+        "--threads",
+        "1",
+    ]
     bench = Path(sys.executable).with_name("llava-bench")
-    result = subprocess.run([str(bench), "--model", str(workshop.tiny(DEFAULT)["hf"]), "--artifacts", str(cli_int4), *quick, "--json", str(out)], capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [
+            str(bench),
+            "--model",
+            str(workshop.tiny(DEFAULT)["hf"]),
+            "--artifacts",
+            str(cli_int4),
+            *quick,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr
     assert "(ort-cpu, float32, int4 weights)" in result.stdout
     report = json.loads(out.read_text())
     assert report["model"]["decoder_quant"] == "int4" and report["model"]["reference_dtype"] == "float32"
     params = report["model"]["decoder_params"]
-    assert report["model"]["decoder_weight_bytes"] == round(params * quantize.bytes_per_weight(4, 32))  # 0.64 B, not 4
+    assert report["model"]["decoder_weight_bytes"] == round(
+        params * quantize.bytes_per_weight(4, 32)
+    )  # 0.64 B, not 4

@@ -21,7 +21,12 @@ PROMPT = "What is shown in the image?"
 def llava_run(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     return subprocess.run(
-        [str(LLAVA_RUN), *map(str, args)], capture_output=True, text=True, encoding="utf-8", env=env, timeout=120
+        [str(LLAVA_RUN), *map(str, args)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=120,
     )
 
 
@@ -32,7 +37,9 @@ def expected(tiny_artifacts, images):
 
 
 def test_streams_the_answer(tiny_artifacts, images, expected):
-    result = llava_run("--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--max-new-tokens", 12)
+    result = llava_run(
+        "--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--max-new-tokens", 12
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected.text + "\n"
     assert "Traceback" not in result.stderr
@@ -40,7 +47,15 @@ def test_streams_the_answer(tiny_artifacts, images, expected):
 
 def test_timings_go_to_stderr_after_the_answer(tiny_artifacts, images, expected):
     result = llava_run(
-        "--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--max-new-tokens", 12, "--timings"
+        "--artifacts",
+        tiny_artifacts,
+        "--image",
+        images["a"],
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        12,
+        "--timings",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected.text + "\n"
@@ -50,7 +65,15 @@ def test_timings_go_to_stderr_after_the_answer(tiny_artifacts, images, expected)
 
 def test_json_prints_answer_and_timings(tiny_artifacts, images, expected):
     result = llava_run(
-        "--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--max-new-tokens", 12, "--json"
+        "--artifacts",
+        tiny_artifacts,
+        "--image",
+        images["a"],
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        12,
+        "--json",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -99,7 +122,9 @@ def test_prompt_too_long(tiny_artifacts, images):
 
 
 def test_placeholders_do_not_match_images(tiny_artifacts, images):
-    result = llava_run("--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", "<image> vs <image>?")
+    result = llava_run(
+        "--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", "<image> vs <image>?"
+    )
     assert_user_error(result, "prompt", "<image> placeholder", "1 image")
 
 
@@ -118,5 +143,7 @@ def test_broken_artifacts(broken_artifacts, images, name, says):
 
 
 def test_trt_without_engines_names_the_build_command(tiny_artifacts, images):
-    result = llava_run("--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--backend", "trt")
+    result = llava_run(
+        "--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--backend", "trt"
+    )
     assert_user_error(result, "llava-export engine", "TensorRT")

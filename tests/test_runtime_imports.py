@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 FORBIDDEN = ("torch", "transformers")
 REPO = Path(__file__).resolve().parents[1]  # run this checkout's runtime
 
@@ -50,7 +49,9 @@ def test_runtime_runs_without_torch_or_transformers(tiny_artifacts, images):
 
 def test_the_check_sees_an_import(tiny_artifacts, images, monkeypatch, tmp_path):
     """The detector itself works: a module named transformers, planted at startup, is reported."""
-    (tmp_path / "sitecustomize.py").write_text("import sys, types\nsys.modules['transformers'] = types.ModuleType('transformers')\n")
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys, types\nsys.modules['transformers'] = types.ModuleType('transformers')\n"
+    )
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     report = run_fresh(str(tiny_artifacts), str(images["a"]))
     assert "transformers" in report["heavy"]

@@ -46,7 +46,9 @@ def assert_same_weights(a, b):
 # Both formats
 
 
-@pytest.mark.parametrize("config", [DEFAULT, TinyConfig(weights="bin", shards=2)], ids=["safetensors", "bin_2_shards"])
+@pytest.mark.parametrize(
+    "config", [DEFAULT, TinyConfig(weights="bin", shards=2)], ids=["safetensors", "bin_2_shards"]
+)
 def test_original_loads_the_same_model_as_hf(workshop, config):
     hf = load_source(str(workshop.tiny(DEFAULT)["hf"]))
     original = load_source(str(workshop.tiny(config)["original"]))
@@ -55,20 +57,36 @@ def test_original_loads_the_same_model_as_hf(workshop, config):
     assert hf.vision == original.vision and hf.text == original.text and hf.preprocess == original.preprocess
     pix = pixels(DEFAULT, 1)
     with torch.no_grad():
-        assert torch.equal(hf.model.get_image_features(pixel_values=pix).pooler_output[0], original.model.get_image_features(pixel_values=pix).pooler_output[0])
+        assert torch.equal(
+            hf.model.get_image_features(pixel_values=pix).pooler_output[0],
+            original.model.get_image_features(pixel_values=pix).pooler_output[0],
+        )
 
 
 def test_specs_describe_the_model(workshop):
     source = load_source(str(workshop.tiny(DEFAULT)["hf"]))
     assert source.vision.num_image_tokens == (DEFAULT.image_size // DEFAULT.patch_size) ** 2
-    assert (source.vision.select_layer, source.vision.select_strategy, source.vision.projector) == (-2, "default", "mlp2x_gelu")
+    assert (source.vision.select_layer, source.vision.select_strategy, source.vision.projector) == (
+        -2,
+        "default",
+        "mlp2x_gelu",
+    )
     text = source.text
-    assert (text.family, text.hidden_size, text.num_layers, text.num_heads, text.num_kv_heads) == ("llama", 64, 2, 4, 2)
+    assert (text.family, text.hidden_size, text.num_layers, text.num_heads, text.num_kv_heads) == (
+        "llama",
+        64,
+        2,
+        4,
+        2,
+    )
     assert text.head_dim == 16 and text.vocab_size == 320
     assert source.preprocess.aspect == "pad" and source.preprocess.crop_size == DEFAULT.image_size
     assert len(source.weights_sha256()) == 64
     assert next(source.model.parameters()).dtype == torch.float32
-    assert next(load_source(str(workshop.tiny(DEFAULT)["hf"]), dtype=torch.float16).model.parameters()).dtype == torch.float16
+    assert (
+        next(load_source(str(workshop.tiny(DEFAULT)["hf"]), dtype=torch.float16).model.parameters()).dtype
+        == torch.float16
+    )
 
 
 def test_original_keeps_rope_scaling(workshop):
@@ -106,11 +124,17 @@ def test_vision_tower_overrides_mm_vision_tower(workshop, tmp_path):
     overridden = load_source(str(model), vision_tower=str(folders["clip"])).model.model.vision_tower
     clip = CLIPVisionModel.from_pretrained(folders["clip"])
     assert_same_weights(overridden, clip)
-    assert not torch.equal(state(named)["encoder.layers.0.mlp.fc1.weight"], state(clip)["encoder.layers.0.mlp.fc1.weight"])
+    assert not torch.equal(
+        state(named)["encoder.layers.0.mlp.fc1.weight"], state(clip)["encoder.layers.0.mlp.fc1.weight"]
+    )
 
 
 def test_unloadable_vision_tower_names_the_flag(workshop, tmp_path):
-    model = edited_copy(workshop.tiny(DEFAULT)["original"], tmp_path / "model", mm_vision_tower=str(tmp_path / "gone" / "clip"))
+    model = edited_copy(
+        workshop.tiny(DEFAULT)["original"],
+        tmp_path / "model",
+        mm_vision_tower=str(tmp_path / "gone" / "clip"),
+    )
     with pytest.raises(SourceError, match="--vision-tower"):
         load_source(str(model))
     with pytest.raises(SourceError, match="--vision-tower"):
@@ -155,7 +179,9 @@ def test_folder_without_config(tmp_path):
 def test_plain_llama_is_not_llava(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=320).save_pretrained(tmp_path)
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=320).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(SourceError, match="not a LLaVA model"):
         load_source(str(tmp_path))
 

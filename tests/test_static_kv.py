@@ -72,7 +72,10 @@ class StaticBackend(ScriptedBackend):
 def test_generate_refuses_more_tokens_than_the_cache_holds_before_any_compute():
     backend = StaticBackend([[5]], kv_capacity=10)
     steps = generate(backend, EMBED_TABLE, [sequence(4, 1.0)], max_new_tokens=8, eos_ids=[])
-    with pytest.raises(PromptError, match="need 11 cache positions; .* holds 10: ask for at most 7 new tokens .*--max-seq-len 11"):
+    with pytest.raises(
+        PromptError,
+        match="need 11 cache positions; .* holds 10: ask for at most 7 new tokens .*--max-seq-len 11",
+    ):
         next(steps)
     assert backend.calls == []
 
@@ -93,7 +96,9 @@ def test_a_prompt_longer_than_the_cache_says_so():
 def test_the_longest_row_of_a_batch_counts():
     backend = StaticBackend([[5], [6]], kv_capacity=6)
     with pytest.raises(PromptError, match="prompt \\(5 positions"):
-        next(generate(backend, EMBED_TABLE, [sequence(2, 1.0), sequence(5, 2.0)], max_new_tokens=3, eos_ids=[]))
+        next(
+            generate(backend, EMBED_TABLE, [sequence(2, 1.0), sequence(5, 2.0)], max_new_tokens=3, eos_ids=[])
+        )
 
 
 def test_a_growing_cache_has_no_limit():
@@ -117,7 +122,10 @@ def invoke(*args):
     "options, message",
     [
         (["--max-seq-len", "64"], "--max-seq-len sizes the static KV cache: it takes --kv-cache static"),
-        (["--kv-cache", "static", "--max-seq-len", "257"], "--max-seq-len 257 must be from 2 .* to the model's 256 positions"),
+        (
+            ["--kv-cache", "static", "--max-seq-len", "257"],
+            "--max-seq-len 257 must be from 2 .* to the model's 256 positions",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["decoder", "all"])

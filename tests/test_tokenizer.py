@@ -158,7 +158,9 @@ def test_save_tokenizer_from_folder(tiny, tmp_path):
 def test_save_tokenizer_takes_a_processor_chat_template(tmp_path):
     src = tmp_path / "hf"
     build_tiny_tokenizer(src)
-    (src / "chat_template.json").write_text(json.dumps({"chat_template": "USER: {{ messages[0]['content'] }}"}))
+    (src / "chat_template.json").write_text(
+        json.dumps({"chat_template": "USER: {{ messages[0]['content'] }}"})
+    )
     assert save_tokenizer(src, tmp_path / "art")["chat_template"] == "USER: {{ messages[0]['content'] }}"
 
 

@@ -99,12 +99,34 @@ def test_training_smoke(tmp_path):
     started = time.monotonic()
     out = tmp_path / "toy-llava"
     accuracy = train.main(
-        ["--out", str(out), "--steps", "3", "--vision-steps", "2", "--pool", "8", "--batch-size", "4",
-         "--caption-batch-size", "4", "--eval-images", "1", "--log-every", "1"]
+        [
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--vision-steps",
+            "2",
+            "--pool",
+            "8",
+            "--batch-size",
+            "4",
+            "--caption-batch-size",
+            "4",
+            "--eval-images",
+            "1",
+            "--log-every",
+            "1",
+        ]
     )
     assert 0.0 <= accuracy <= 1.0
     for folder, files in {
-        out: ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "training.json"],
+        out: [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "preprocessor_config.json",
+            "training.json",
+        ],
         tmp_path / "toy-llava-original": ["config.json", "model.safetensors", "tokenizer.json"],
         tmp_path / "toy-clip": ["config.json", "model.safetensors", "preprocessor_config.json"],
     }.items():

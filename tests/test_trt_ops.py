@@ -23,7 +23,11 @@ def exported(workshop):
     """{(family, fp16): artifact folder} for every family, float32 and float16."""
     from exporter.testing.tiny import TinyConfig
 
-    return {(family, fp16): workshop.artifacts(TinyConfig(family=family), "hf", fp16) for family in FAMILIES for fp16 in (False, True)}
+    return {
+        (family, fp16): workshop.artifacts(TinyConfig(family=family), "hf", fp16)
+        for family in FAMILIES
+        for fp16 in (False, True)
+    }
 
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
@@ -46,8 +50,19 @@ def test_our_graphs_need_no_late_tensorrt_release(exported):
 
 def test_the_list_is_the_parsers_list():
     # spot checks against onnx-tensorrt's table: supported, not supported, added late
-    assert {"LayerNormalization", "Softmax", "GatherND", "Erf", "Range", "Trilu", "CastLike"} <= trt_ops.SUPPORTED_OPS
-    assert not {"Unique", "StringNormalizer", "SequenceAt", "Multinomial", "BitShift", "DFT"} & trt_ops.SUPPORTED_OPS
+    assert {
+        "LayerNormalization",
+        "Softmax",
+        "GatherND",
+        "Erf",
+        "Range",
+        "Trilu",
+        "CastLike",
+    } <= trt_ops.SUPPORTED_OPS
+    assert (
+        not {"Unique", "StringNormalizer", "SequenceAt", "Multinomial", "BitShift", "DFT"}
+        & trt_ops.SUPPORTED_OPS
+    )
     assert set(trt_ops.LATE_OPS) <= trt_ops.SUPPORTED_OPS
     assert "10.15" in trt_ops.TENSORRT_DOCS
 
@@ -70,22 +85,44 @@ def save(model, tmp_path, name="m.onnx"):
 
 
 def test_unsupported_node_is_named_with_its_op(tmp_path):
-    model = model_with([helper.make_node("Relu", ["x"], ["a"], name="ok"), helper.make_node("Unique", ["a"], ["y"], name="bad")])
+    model = model_with(
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="ok"),
+            helper.make_node("Unique", ["a"], ["y"], name="bad"),
+        ]
+    )
     assert trt_ops.unsupported_ops(save(model, tmp_path)) == [("bad", "Unique")]
 
 
 def test_other_domains_and_unnamed_nodes(tmp_path):
-    model = model_with([helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")], domains=["com.microsoft"])
+    model = model_with(
+        [helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")],
+        domains=["com.microsoft"],
+    )
     assert trt_ops.unsupported_ops(save(model, tmp_path)) == [("#0", "com.microsoft.FusedMatMul")]
 
 
 def test_subgraphs_are_searched(tmp_path):
-    then = helper.make_graph([helper.make_node("Unique", ["x"], ["t"], name="inner")], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="fine")], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    then = helper.make_graph(
+        [helper.make_node("Unique", ["x"], ["t"], name="inner")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"], name="fine")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])],
+    )
     cond = helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then, else_branch=other)
     graph = helper.make_graph(
-        [cond], "g",
-        [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [cond],
+        "g",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -93,19 +130,36 @@ def test_subgraphs_are_searched(tmp_path):
 
 
 def test_local_functions_are_inlined(tmp_path):
-    body = [helper.make_node("Relu", ["a"], ["b"], name="r"), helper.make_node("Unique", ["b"], ["c"], name="u")]
+    body = [
+        helper.make_node("Relu", ["a"], ["b"], name="r"),
+        helper.make_node("Unique", ["b"], ["c"], name="u"),
+    ]
     function = helper.make_function("local", "MyOp", ["a"], ["c"], body, [helper.make_opsetid("", 18)])
-    model = model_with([helper.make_node("MyOp", ["x"], ["y"], domain="local", name="call")], functions=[function], domains=["local"])
+    model = model_with(
+        [helper.make_node("MyOp", ["x"], ["y"], domain="local", name="call")],
+        functions=[function],
+        domains=["local"],
+    )
     assert trt_ops.unsupported_ops(save(model, tmp_path)) == [("call/u", "Unique")]
 
 
 def test_opset_out_of_range_and_late_ops(tmp_path):
-    assert ("<model>", "opset 8") in trt_ops.unsupported_ops(save(model_with([helper.make_node("Relu", ["x"], ["y"])], opset=8), tmp_path))
-    late = model_with([helper.make_node("Gelu", ["x"], ["a"]), helper.make_node("Attention", ["x", "x", "x"], ["y"], name="attn")], opset=23)
+    assert ("<model>", "opset 8") in trt_ops.unsupported_ops(
+        save(model_with([helper.make_node("Relu", ["x"], ["y"])], opset=8), tmp_path)
+    )
+    late = model_with(
+        [
+            helper.make_node("Gelu", ["x"], ["a"]),
+            helper.make_node("Attention", ["x", "x", "x"], ["y"], name="attn"),
+        ],
+        opset=23,
+    )
     path = save(late, tmp_path, "late.onnx")
     assert trt_ops.unsupported_ops(path) == []
     assert trt_ops.unsupported_ops(path, tensorrt_version="10.15.1") == []
-    assert trt_ops.unsupported_ops(path, tensorrt_version="10.8.0") == [("attn", "Attention (needs TensorRT 10.14+)")]
+    assert trt_ops.unsupported_ops(path, tensorrt_version="10.8.0") == [
+        ("attn", "Attention (needs TensorRT 10.14+)")
+    ]
 
 
 def test_describe_names_nodes_ops_and_the_source(tmp_path):
@@ -117,14 +171,16 @@ def test_describe_names_nodes_ops_and_the_source(tmp_path):
 
 def test_engine_command_reports_an_unsupported_node_before_anything_else(workshop, tmp_path):
     """`llava-export engine` runs the op check first, with or without TensorRT installed."""
-    from exporter.graphs import onnx_io
     from exporter.cli import main
+    from exporter.graphs import onnx_io
     from exporter.testing.tiny import TinyConfig
 
     folder = shutil.copytree(workshop.artifacts(TinyConfig(), "hf"), tmp_path / "artifacts")
     model = onnx.load(str(folder / contract.VISION_FILE))
     first = model.graph.node[0]
-    model.graph.node.insert(1, helper.make_node("Unique", [first.output[0]], ["unused_unique"], name="sneaky_unique"))
+    model.graph.node.insert(
+        1, helper.make_node("Unique", [first.output[0]], ["unused_unique"], name="sneaky_unique")
+    )
     onnx.save(model, str(folder / contract.VISION_FILE))
     manifest = contract.read_manifest(folder)  # the manifest agrees: only the op check can object
     manifest.graphs["vision"].sha256 = onnx_io.file_sha256(folder / contract.VISION_FILE)

@@ -93,7 +93,9 @@ def ort_cuda_status() -> str | None:
         model.ir_version = min(model.ir_version, 10)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CUDAExecutionProvider"]
+        )
         if "CUDAExecutionProvider" not in session.get_providers():
             return "onnxruntime's CUDAExecutionProvider did not load (CUDA or cuDNN libraries missing, or no GPU)"
     except Exception as err:
@@ -113,7 +115,11 @@ def torch_cuda_status() -> str | None:
 
 def environment() -> dict:
     info: dict = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
-    info["stacks"] = {"tensorrt": tensorrt_status(), "onnxruntime-cuda": ort_cuda_status(), "torch-cuda": torch_cuda_status()}
+    info["stacks"] = {
+        "tensorrt": tensorrt_status(),
+        "onnxruntime-cuda": ort_cuda_status(),
+        "torch-cuda": torch_cuda_status(),
+    }
     for module in ("tensorrt", "onnxruntime", "torch", "transformers", "onnx"):
         try:
             info[module] = __import__(module).__version__
@@ -138,7 +144,11 @@ def gpu_properties() -> dict | None:
 
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            info = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1)}
+            info = {
+                "name": props.name,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30, 1),
+            }
             nominal = nominal_bandwidth_gb_s()
             if nominal:
                 info["nominal_bandwidth_gb_s"] = nominal
@@ -149,7 +159,11 @@ def gpu_properties() -> dict | None:
         from runtime.backends.trt import Cuda
 
         name, major, minor = Cuda().device()
-        return {"name": name, "compute_capability": f"{major}.{minor}", "nominal_bandwidth_gb_s": nominal_bandwidth_gb_s()}
+        return {
+            "name": name,
+            "compute_capability": f"{major}.{minor}",
+            "nominal_bandwidth_gb_s": nominal_bandwidth_gb_s(),
+        }
     return None
 
 
@@ -161,7 +175,9 @@ def nominal_bandwidth_gb_s() -> float | None:
         cuda = Cuda()
         attr = cuda.rt.cudaDeviceAttr
         clock_khz = cuda.call("clock", cuda.rt.cudaDeviceGetAttribute(attr.cudaDevAttrMemoryClockRate, 0))
-        width_bits = cuda.call("bus width", cuda.rt.cudaDeviceGetAttribute(attr.cudaDevAttrGlobalMemoryBusWidth, 0))
+        width_bits = cuda.call(
+            "bus width", cuda.rt.cudaDeviceGetAttribute(attr.cudaDevAttrGlobalMemoryBusWidth, 0)
+        )
         return round(2 * clock_khz * 1e3 * width_bits / 8 / 1e9, 1)
     except Exception:
         return None
@@ -196,7 +212,19 @@ def measured_bandwidth_gb_s(mib: int = 2048, repeats: int = 10) -> float | None:
 
 def run_parity(work: Path, timeout_s: float) -> dict:
     junit = work / "parity.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", PARITY_FILE, "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        PARITY_FILE,
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+    ]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(timeout_s, 30))
@@ -211,11 +239,28 @@ def run_parity(work: Path, timeout_s: float) -> dict:
                 found = case.find(tag)
                 if found is not None:
                     outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                    message = (found.get("message") or found.text or "").strip().splitlines()[0][:300] if (found.get("message") or found.text) else ""
+                    message = (
+                        (found.get("message") or found.text or "").strip().splitlines()[0][:300]
+                        if (found.get("message") or found.text)
+                        else ""
+                    )
                     break
-            tests.append({"test": case.get("name"), "outcome": outcome, "message": message, "seconds": float(case.get("time") or 0)})
+            tests.append(
+                {
+                    "test": case.get("name"),
+                    "outcome": outcome,
+                    "message": message,
+                    "seconds": float(case.get("time") or 0),
+                }
+            )
     tail = output.strip().splitlines()[-40:]
-    return {"command": " ".join(command), "exit": code, "seconds": round(time.perf_counter() - start, 1), "tests": tests, "output_tail": tail}
+    return {
+        "command": " ".join(command),
+        "exit": code,
+        "seconds": round(time.perf_counter() - start, 1),
+        "tests": tests,
+        "output_tail": tail,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +276,10 @@ def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int
     (artifacts folder, LlavaSource loaded in float16, engines folder or None)."""
     import torch
 
-    from exporter.testing import scale
     from exporter.graphs.decoder import export_decoder
-    from exporter.source import load_source
     from exporter.graphs.vision import export_vision
+    from exporter.source import load_source
+    from exporter.testing import scale
     from runtime import contract
 
     checkpoint = work / f"llava7b-{text_layers}l"
@@ -242,7 +287,9 @@ def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int
     timings = report.setdefault("prepare_s", {})
     if not (checkpoint / "config.json").is_file():
         start = time.perf_counter()
-        with progress.stage(f"writing a random LLaVA-1.5-7B-shaped checkpoint ({text_layers} decoder layers)"):
+        with progress.stage(
+            f"writing a random LLaVA-1.5-7B-shaped checkpoint ({text_layers} decoder layers)"
+        ):
             scale.write_checkpoint(checkpoint, text_layers)
         timings["checkpoint"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
@@ -322,10 +369,17 @@ class TorchCudaSide:
                 token = self.forward(self.embed(token)[:, None], mask, positions, cache).argmax(-1)
                 tokens.append(token)
             done = self.clock()
-        return {"encode": encoded - start, "ttft": first - start, "decode": done - first, "tokens": torch.stack(tokens, 1).tolist()}
+        return {
+            "encode": encoded - start,
+            "ttft": first - start,
+            "decode": done - first,
+            "tokens": torch.stack(tokens, 1).tolist(),
+        }
 
     def forward(self, embeds, mask, positions, cache):
-        hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        hidden = self.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        ).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
     def encode_only(self, inputs) -> float:
@@ -352,7 +406,9 @@ class RuntimeGpuSide:
         image = backend.encode_images(inputs.pixels)
         encoded = time.perf_counter()
         sequences = [
-            np.concatenate([table[inputs.before[row]], image[row], table[inputs.after[row]]]).astype(backend.dtype, copy=False)
+            np.concatenate([table[inputs.before[row]], image[row], table[inputs.after[row]]]).astype(
+                backend.dtype, copy=False
+            )
             for row in range(inputs.batch)
         ]
         state = generate.prefill(backend, sequences)
@@ -364,7 +420,12 @@ class RuntimeGpuSide:
             token = state.logits.argmax(-1)
             tokens.append(token)
         done = time.perf_counter()
-        return {"encode": encoded - start, "ttft": first - start, "decode": done - first, "tokens": np.stack(tokens, 1).tolist()}
+        return {
+            "encode": encoded - start,
+            "ttft": first - start,
+            "decode": done - first,
+            "tokens": np.stack(tokens, 1).tolist(),
+        }
 
     def encode_only(self, inputs) -> float:
         start = time.perf_counter()
@@ -387,7 +448,9 @@ def measure_side(side, inputs, new_tokens: int, repeats: int, encode_repeats: in
 
 
 def agreement(ours: list[int], reference: list[int]) -> int:
-    return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+    return next(
+        (i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference))
+    )
 
 
 def run_benchmark(args, work: Path, report: dict, progress) -> None:
@@ -395,15 +458,24 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
     from runtime import contract
     from runtime.pipeline import Pipeline
 
-    bench = report["benchmark"] = {"text_layers": args.text_layers, "prompt_text_tokens": args.prompt_len, "new_tokens": args.new_tokens}
-    artifacts, source, engine_folder = prepare_model(work, args.text_layers, args.prompt_len, args.new_tokens, bench, progress)
+    bench = report["benchmark"] = {
+        "text_layers": args.text_layers,
+        "prompt_text_tokens": args.prompt_len,
+        "new_tokens": args.new_tokens,
+    }
+    artifacts, source, engine_folder = prepare_model(
+        work, args.text_layers, args.prompt_len, args.new_tokens, bench, progress
+    )
     manifest = contract.read_manifest(artifacts)
-    if engine_folder is not None:  # plan sizes next to the graphs' weights: two profiles, one copy of the weights?
+    if (
+        engine_folder is not None
+    ):  # plan sizes next to the graphs' weights: two profiles, one copy of the weights?
         record = json.loads((engine_folder / "engine.json").read_text())
         bench["plan_bytes"] = {g: record["plans"][g]["bytes"] for g in record["plans"]}
         bench["build_seconds"] = record.get("build_seconds")
     bench["onnx_bytes"] = {
-        g: sum(p.stat().st_size for p in artifacts.glob(manifest.graphs[g].file + "*")) for g in ("vision", "decoder")
+        g: sum(p.stat().st_size for p in artifacts.glob(manifest.graphs[g].file + "*"))
+        for g in ("vision", "decoder")
     }
     inputs = make_inputs(manifest, 1, args.prompt_len, seed=0)
     bench["prompt_tokens"] = inputs.prompt_tokens
@@ -429,7 +501,9 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
     for side in sides:
         with progress.stage(f"benchmarking {side.name}"):
             try:
-                results[side.name] = measure_side(side, inputs, args.new_tokens, args.repeats, args.encode_repeats)
+                results[side.name] = measure_side(
+                    side, inputs, args.new_tokens, args.repeats, args.encode_repeats
+                )
             except Exception as err:
                 results[side.name] = {"error": f"{type(err).__name__}: {err}"}
         if getattr(side, "backend", None) is not None and hasattr(side.backend, "close"):
@@ -439,7 +513,9 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
         if "error" in result:
             continue
         roof = bench["roofline_decode_tokens_per_s"]
-        result["fraction_of_roofline"] = round(result["decode_tokens_per_s"] / roof, 3) if roof and result["decode_tokens_per_s"] else None
+        result["fraction_of_roofline"] = (
+            round(result["decode_tokens_per_s"] / roof, 3) if roof and result["decode_tokens_per_s"] else None
+        )
         if reference and name != TorchCudaSide.name:
             result["greedy_tokens_agreeing_with_pytorch"] = agreement(result["tokens"], reference)
         result.pop("tokens", None)
@@ -451,9 +527,16 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = ["# llava-export GPU check", "", f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {report.get('seconds', '?')} s in all", ""]
+    lines = [
+        "# llava-export GPU check",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {report.get('seconds', '?')} s in all",
+        "",
+    ]
     gpu = env.get("gpu") or {}
-    lines.append(f"GPU: {gpu.get('name', 'none visible')} (compute {gpu.get('compute_capability', '?')}, {gpu.get('memory_gib', '?')} GiB)")
+    lines.append(
+        f"GPU: {gpu.get('name', 'none visible')} (compute {gpu.get('compute_capability', '?')}, {gpu.get('memory_gib', '?')} GiB)"
+    )
     lines.append(
         f"Versions: tensorrt {env.get('tensorrt')}, cuda-python {env.get('cuda-python')}, onnxruntime {env.get('onnxruntime')}, "
         f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}"
@@ -466,7 +549,11 @@ def markdown(report: dict) -> str:
         counts = {}
         for test in parity["tests"]:
             counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
-        lines += ["", f"## Parity ({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no tests ran'}; {parity['seconds']} s)", ""]
+        lines += [
+            "",
+            f"## Parity ({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no tests ran'}; {parity['seconds']} s)",
+            "",
+        ]
         lines += ["| test | outcome | note |", "|---|---|---|"]
         for test in parity["tests"]:
             lines.append(f"| {test['test']} | {test['outcome']} | {test['message'].replace('|', '/')} |")
@@ -474,7 +561,11 @@ def markdown(report: dict) -> str:
             lines += ["", "```", *parity["output_tail"], "```"]
     bench = report.get("benchmark")
     if bench:
-        lines += ["", f"## Benchmark: LLaVA-1.5-7B-shaped, float16, {bench['text_layers']} of 32 decoder layers", ""]
+        lines += [
+            "",
+            f"## Benchmark: LLaVA-1.5-7B-shaped, float16, {bench['text_layers']} of 32 decoder layers",
+            "",
+        ]
         lines.append(
             f"Prompt: one 336px image + {bench.get('prompt_text_tokens')} text tokens = {bench.get('prompt_tokens')} positions; "
             f"{bench.get('new_tokens')} greedy decode steps, batch 1."
@@ -491,10 +582,17 @@ def markdown(report: dict) -> str:
         if bench.get("plan_bytes"):
             lines.append(
                 "Sizes (MiB): "
-                + ", ".join(f"{g}.plan {bench['plan_bytes'][g] / 2**20:.0f} vs {g}.onnx {bench['onnx_bytes'][g] / 2**20:.0f}" for g in bench["plan_bytes"])
+                + ", ".join(
+                    f"{g}.plan {bench['plan_bytes'][g] / 2**20:.0f} vs {g}.onnx {bench['onnx_bytes'][g] / 2**20:.0f}"
+                    for g in bench["plan_bytes"]
+                )
                 + f"; build s: {bench.get('build_seconds')}"
             )
-        lines += ["", "| side | image encode ms (b=1) | time to first token ms | decode tok/s | of roofline | greedy tokens = PyTorch |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| side | image encode ms (b=1) | time to first token ms | decode tok/s | of roofline | greedy tokens = PyTorch |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, r in bench.get("sides", {}).items():
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error'][:200]} | | | | |")
@@ -505,7 +603,9 @@ def markdown(report: dict) -> str:
                 f"{'' if fraction is None else f'{fraction:.0%}'} | {r.get('greedy_tokens_agreeing_with_pytorch', '-')} |"
             )
         lines.append("")
-        lines.append("Random weights: greedy agreement counts leading tokens equal to PyTorch's (near ties make later ones meaningless).")
+        lines.append(
+            "Random weights: greedy agreement counts leading tokens equal to PyTorch's (near ties make later ones meaningless)."
+        )
     for stage, message in report.get("errors", {}).items():
         lines += ["", f"## {stage} failed", "", "```", message.strip(), "```"]
     return "\n".join(lines) + "\n"
@@ -520,15 +620,33 @@ def write_report(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from exporter.progress import Progress
 
-    parser = argparse.ArgumentParser(prog="python -m exporter.bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--report", type=Path, default=REPO / "gpu_check_report.md", help="Markdown report (JSON beside it)")
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "llava-gpu-check", help="checkpoints, exports, engines (reused by a second run)")
-    parser.add_argument("--text-layers", type=int, default=2, help="decoder layers of the 7B-shaped benchmark model (32 = full depth, minutes more)")
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter.bench.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--report", type=Path, default=REPO / "gpu_check_report.md", help="Markdown report (JSON beside it)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "llava-gpu-check",
+        help="checkpoints, exports, engines (reused by a second run)",
+    )
+    parser.add_argument(
+        "--text-layers",
+        type=int,
+        default=2,
+        help="decoder layers of the 7B-shaped benchmark model (32 = full depth, minutes more)",
+    )
     parser.add_argument("--prompt-len", type=int, default=32, help="text tokens next to the image")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--encode-repeats", type=int, default=10)
-    parser.add_argument("--budget-s", type=float, default=290, help="stop starting new stages after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=float, default=290, help="stop starting new stages after this many seconds"
+    )
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args(argv)
@@ -538,7 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"environment": environment(), "errors": {}}
     env = report["environment"]
-    progress.say(f"gpu check: {(env.get('gpu') or {}).get('name', 'no GPU visible')}; " + ", ".join(f"{k}: {'yes' if v is None else 'no'}" for k, v in env["stacks"].items()))
+    progress.say(
+        f"gpu check: {(env.get('gpu') or {}).get('name', 'no GPU visible')}; "
+        + ", ".join(f"{k}: {'yes' if v is None else 'no'}" for k, v in env["stacks"].items())
+    )
     if not args.skip_parity:
         with progress.stage("parity tests (parity_tests/test_tensorrt.py)"):
             report["parity"] = run_parity(args.work, timeout_s=args.budget_s * 0.45)
@@ -550,7 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not usable:
         report["errors"]["benchmark"] = "no GPU stack is usable here (see the table above)"
     elif elapsed > args.budget_s * 0.6:
-        report["errors"]["benchmark"] = f"skipped: {elapsed:.0f} s of the {args.budget_s:.0f} s budget already spent"
+        report["errors"]["benchmark"] = (
+            f"skipped: {elapsed:.0f} s of the {args.budget_s:.0f} s budget already spent"
+        )
     else:
         try:
             run_benchmark(args, args.work, report, progress)

@@ -101,7 +101,9 @@ def gemm_flops(size: int) -> float:
     return 2.0 * size**3
 
 
-def measure_machine(threads: int, buffer_mib: int = 1024, gemm_size: int = 2048, repeats: int = 5) -> MachineRates:
+def measure_machine(
+    threads: int, buffer_mib: int = 1024, gemm_size: int = 2048, repeats: int = 5
+) -> MachineRates:
     read, copy = measure_bandwidth(buffer_mib, repeats)
     return MachineRates(read, copy, measure_gemm(gemm_size, repeats), threads, buffer_mib, gemm_size)
 
@@ -174,7 +176,9 @@ class VisionCost:
         patches = self.tower_tokens - 1
         embed = 2.0 * self.patch_params * patches
         layers = 2.0 * self.layer_params * self.tower_tokens
-        attention = 2 * 2.0 * self.head_dim * self.tower_tokens**2 * self.num_heads * self.num_layers  # not causal
+        attention = (
+            2 * 2.0 * self.head_dim * self.tower_tokens**2 * self.num_heads * self.num_layers
+        )  # not causal
         projector = 2.0 * self.projector_params * self.image_tokens
         return (embed + layers + attention + projector) * batch
 
@@ -212,7 +216,9 @@ class Phase:
 
 
 def phase(machine: MachineRates, nbytes: float, flops: float) -> Phase:
-    return Phase(nbytes, flops, nbytes / (machine.read_gb_s * 1e9) * 1e3, flops / (machine.gemm_gflop_s * 1e9) * 1e3)
+    return Phase(
+        nbytes, flops, nbytes / (machine.read_gb_s * 1e9) * 1e3, flops / (machine.gemm_gflop_s * 1e9) * 1e3
+    )
 
 
 @dataclass
@@ -255,7 +261,9 @@ def roofline(
 ) -> Roofline:
     """Bounds for a run: `batch` images encoded, a `prompt_tokens` prefill per sequence, then
     `new_tokens` decode steps (each reads the decoder weights once for the whole batch)."""
-    vision_bytes = (vision.patch_params + vision.layer_params + vision.projector_params) * BYTES_PER_ELEMENT[vision_dtype]
+    vision_bytes = (vision.patch_params + vision.layer_params + vision.projector_params) * BYTES_PER_ELEMENT[
+        vision_dtype
+    ]
     mean_context = prompt_tokens + (new_tokens + 1) / 2  # step i attends to prompt + i positions
     return Roofline(
         image_encode=phase(machine, vision_bytes, vision.flops(batch)),

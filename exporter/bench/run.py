@@ -25,7 +25,6 @@ phase). Both sides live in one process, so each figure is what that side added.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from exporter.bench import roofline as rl
 from exporter.progress import Progress
 from runtime import contract, generate
 from runtime.errors import LlavaError, PromptError
+from runtime.extras import require
 
 REFERENCE = "pytorch"
 PLOT_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # --plot sweeps these fractions of --prompt-len
@@ -81,7 +81,9 @@ class BenchConfig:
             if value < least:
                 raise LlavaError(f"{flag} must be at least {least}, not {value}")
         if self.reference_dtype not in ("auto", "float32", "float16"):
-            raise LlavaError(f"--reference-dtype must be auto, float32 or float16, not {self.reference_dtype!r}")
+            raise LlavaError(
+                f"--reference-dtype must be auto, float32 or float16, not {self.reference_dtype!r}"
+            )
 
 
 def available_cpus() -> int:
@@ -259,7 +261,9 @@ class ReferenceSide:
                 token = self.forward(self.embed(token)[:, None], mask, positions, cache).argmax(-1)
                 tokens.append(token)
             decode_ms = ms_since(decode_start)
-        return RunTimes(encode_ms, splice_ms, prefill_ms, decode_ms, ms_since(start), torch.stack(tokens, 1).tolist())
+        return RunTimes(
+            encode_ms, splice_ms, prefill_ms, decode_ms, ms_since(start), torch.stack(tokens, 1).tolist()
+        )
 
     def forward(self, embeds, mask, positions, cache):
         """embeds [B,S,hidden] -> logits [B,vocab] of the last position; `cache` grows by S."""
@@ -284,7 +288,9 @@ class RuntimeSide:
         encode_ms = ms_since(start)
         splice_start = time.perf_counter()
         sequences = [
-            np.concatenate([table[inputs.before[row]], image_embeds[row], table[inputs.after[row]]]).astype(backend.dtype, copy=False)
+            np.concatenate([table[inputs.before[row]], image_embeds[row], table[inputs.after[row]]]).astype(
+                backend.dtype, copy=False
+            )
             for row in range(inputs.batch)
         ]
         splice_ms = ms_since(splice_start)
@@ -299,7 +305,9 @@ class RuntimeSide:
             token = state.logits.argmax(-1)
             tokens.append(token)
         decode_ms = ms_since(decode_start)
-        return RunTimes(encode_ms, splice_ms, prefill_ms, decode_ms, ms_since(start), np.stack(tokens, 1).tolist())
+        return RunTimes(
+            encode_ms, splice_ms, prefill_ms, decode_ms, ms_since(start), np.stack(tokens, 1).tolist()
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +356,8 @@ class SideResult:
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
             "memory_mib": {key: round(value, 1) for key, value in asdict(self.memory).items()},
             "runs": [
-                {key: round(value, 3) for key, value in asdict(run).items() if key != "tokens"} for run in self.runs
+                {key: round(value, 3) for key, value in asdict(run).items() if key != "tokens"}
+                for run in self.runs
             ],
         }
 
@@ -427,7 +436,9 @@ class BenchReport:
     torch_threads: int
     ort_threads: int | None
     greedy_match: int
-    reads_between_repeats: list[float] = field(default_factory=list)  # GB/s, before each repeat and after the last
+    reads_between_repeats: list[float] = field(
+        default_factory=list
+    )  # GB/s, before each repeat and after the last
     sweep: list[SweepPoint] = field(default_factory=list)
 
     def decode_weight_bytes(self, side: SideResult) -> float:
@@ -502,11 +513,16 @@ class BenchReport:
             "results": {side.name: side.as_dict() for side in self.sides},
             "ratios": {key: _round(ratio(run[key], ref[key]), 4) for key, _, _ in METRICS},
             "efficiency": {
-                side.name: {key: _round(efficiency(value, bound[key], higher[key]), 4) for key, value in side.metrics().items()}
+                side.name: {
+                    key: _round(efficiency(value, bound[key], higher[key]), 4)
+                    for key, value in side.metrics().items()
+                }
                 for side in self.sides
             },
             "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 4) for side in self.sides},
-            "decode_share_of_read_between_repeats": {side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides},
+            "decode_share_of_read_between_repeats": {
+                side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides
+            },
             "ratio_ceiling": {key: _round(ceiling, 4) for key, ceiling in self.ratio_ceilings().items()},
             "greedy_tokens_matching": {"leading": self.greedy_match, "of": config.new_tokens + 1},
             "sweep": [asdict(point) for point in self.sweep],
@@ -532,7 +548,15 @@ class BenchReport:
             "",
         ]
         name = self.runtime.name
-        header = ["metric", "pytorch", name, f"ratio ({name.split('-')[0]}/pt)", "roofline", "pt/roof", f"{name.split('-')[0]}/roof"]
+        header = [
+            "metric",
+            "pytorch",
+            name,
+            f"ratio ({name.split('-')[0]}/pt)",
+            "roofline",
+            "pt/roof",
+            f"{name.split('-')[0]}/roof",
+        ]
         rows = [header]
         for key, label, higher in METRICS:
             if key == "prefill_ms":
@@ -550,7 +574,12 @@ class BenchReport:
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         for row in rows:
-            lines.append("  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]))
+            lines.append(
+                "  ".join(
+                    [row[0].ljust(widths[0])]
+                    + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+                )
+            )
         lines += [""]
         if self.overloaded:
             lines.append(
@@ -561,7 +590,8 @@ class BenchReport:
         if self.reads_between_repeats:
             reads = self.reads_between_repeats
             streamed = ", ".join(
-                f"{side.name} {self.decode_weight_gb_s(side):.1f} GB/s ({_pct(self.decode_share_of_reads(side)).strip()})" for side in self.sides
+                f"{side.name} {self.decode_weight_gb_s(side):.1f} GB/s ({_pct(self.decode_share_of_reads(side)).strip()})"
+                for side in self.sides
             )
             lines.append(
                 f"  read bandwidth between repeats: {min(reads):.1f} to {max(reads):.1f} GB/s, median {statistics.median(reads):.1f}; "
@@ -569,7 +599,11 @@ class BenchReport:
             )
         lines += [
             f"  greedy tokens: the runtime matches pytorch on the first {self.greedy_match} of {config.new_tokens + 1}"
-            + (" (random weights have near-tied logits; divergence is not an error)" if self.greedy_match <= config.new_tokens else ""),
+            + (
+                " (random weights have near-tied logits; divergence is not an error)"
+                if self.greedy_match <= config.new_tokens
+                else ""
+            ),
             "  ratio < 1: the runtime is faster (ms) or smaller (RSS); > 1 on tok/s: faster. x/roof: fraction of the roofline reached",
             f"  peak RSS: {self.memory_method}",
         ]
@@ -583,7 +617,11 @@ class BenchReport:
     def ceiling_line(self) -> str:
         """What the roofline leaves for any backend against this PyTorch run, phase by phase."""
         ceilings = self.ratio_ceilings()
-        phases = ", ".join(f"{ceilings[key]:.2f}x on {phase}" for key, phase in CEILING_PHASES.items() if ceilings[key] is not None)
+        phases = ", ".join(
+            f"{ceilings[key]:.2f}x on {phase}"
+            for key, phase in CEILING_PHASES.items()
+            if ceilings[key] is not None
+        )
         return f"  ceiling: a backend at the roofline would show {phases} against this pytorch run"
 
 
@@ -618,10 +656,14 @@ def decoder_cost(source, dtype: str, bytes_per_weight: float | None = None) -> r
     `bytes_per_weight`: a weight-quantized decoder's (norms are counted at it too: a rounding)."""
     model = source.model
     language_model = model.model.language_model
-    layer_params = sum(p.numel() for name, p in language_model.named_parameters() if not name.startswith("embed_tokens."))
+    layer_params = sum(
+        p.numel() for name, p in language_model.named_parameters() if not name.startswith("embed_tokens.")
+    )
     lm_head_params = sum(p.numel() for p in model.lm_head.parameters())
     text = source.text
-    return rl.DecoderCost(layer_params, lm_head_params, text.num_layers, text.num_heads, text.head_dim, dtype, bytes_per_weight)
+    return rl.DecoderCost(
+        layer_params, lm_head_params, text.num_layers, text.num_heads, text.head_dim, dtype, bytes_per_weight
+    )
 
 
 def quantized_bytes_per_weight(path: Path, graph: contract.GraphSpec) -> float:
@@ -658,9 +700,18 @@ def machine_info() -> dict:
     memory_gib = None
     cpuinfo, meminfo = Path("/proc/cpuinfo"), Path("/proc/meminfo")
     if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
     if meminfo.is_file():
-        total = next((line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), None)
+        total = next(
+            (line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), None
+        )
         memory_gib = round(int(total.split()[1]) / 2**20, 1) if total else None
     return {
         "cpu": cpu,
@@ -704,8 +755,8 @@ def check_outputs(config: BenchConfig) -> None:
             raise LlavaError(f"{flag} {path}: folder {Path(path).parent} does not exist")
         if path is not None and Path(path).is_dir():
             raise LlavaError(f"{flag} {path} is a folder; give a file path")
-    if config.plot_path is not None and importlib.util.find_spec("matplotlib") is None:
-        raise LlavaError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    if config.plot_path is not None:
+        require("bench", "--plot")
 
 
 def check_prompt(manifest: contract.Manifest, config: BenchConfig) -> None:
@@ -718,7 +769,10 @@ def check_prompt(manifest: contract.Manifest, config: BenchConfig) -> None:
 
 
 def check_same_model(source, manifest: contract.Manifest, config: BenchConfig) -> None:
-    for what, ours, theirs in (("text", source.text, manifest.text), ("vision", source.vision, manifest.vision)):
+    for what, ours, theirs in (
+        ("text", source.text, manifest.text),
+        ("vision", source.vision, manifest.vision),
+    ):
         if ours != theirs:
             differ = next(k for k in asdict(ours) if asdict(ours)[k] != asdict(theirs).get(k))
             raise LlavaError(
@@ -732,7 +786,12 @@ def reference_dtype(config: BenchConfig, manifest: contract.Manifest) -> str:
 
 
 def measure(
-    sides, inputs: BenchInputs, config: BenchConfig, meter: RssMeter, memory: dict[str, SideMemory], progress: Progress,
+    sides,
+    inputs: BenchInputs,
+    config: BenchConfig,
+    meter: RssMeter,
+    memory: dict[str, SideMemory],
+    progress: Progress,
     reads: list[float] | None = None,
 ) -> dict[str, list[RunTimes]]:
     """`warmup` discarded runs per side, then `repeats` runs alternating between the sides.
@@ -752,7 +811,11 @@ def measure(
             done.append(f"{side.name} {result.end_to_end_ms:.0f} ms")
             if not warm:
                 runs[side.name].append(result)
-        what = f"warm-up {index + 1}/{config.warmup}" if warm else f"repeat {index + 1 - config.warmup}/{config.repeats}"
+        what = (
+            f"warm-up {index + 1}/{config.warmup}"
+            if warm
+            else f"repeat {index + 1 - config.warmup}/{config.repeats}"
+        )
         progress.say(f"  {what}: " + ", ".join(done))
     if reads is not None:
         reads.append(rl.measure_read(config.bandwidth_mib))
@@ -785,7 +848,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
 
     torch.set_num_threads(config.threads)
     machine = machine_info()
-    with progress.stage(f"measuring this machine ({config.bandwidth_mib} MiB buffer, {config.gemm_size}^3 GEMM, {config.threads} threads)"):
+    with progress.stage(
+        f"measuring this machine ({config.bandwidth_mib} MiB buffer, {config.gemm_size}^3 GEMM, {config.threads} threads)"
+    ):
         rates = rl.measure_machine(config.threads, config.bandwidth_mib, config.gemm_size)
 
     dtype = reference_dtype(config, manifest)
@@ -800,21 +865,44 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     check_same_model(source, manifest, config)
 
     graph = manifest.graphs["decoder"]
-    decoder = decoder_cost(source, graph.dtype, quantized_bytes_per_weight(config.artifacts / graph.file, graph) if graph.quant else None)
+    decoder = decoder_cost(
+        source,
+        graph.dtype,
+        quantized_bytes_per_weight(config.artifacts / graph.file, graph) if graph.quant else None,
+    )
     vision = vision_cost(source)
     sides = [reference, runtime]
     inputs = make_inputs(manifest, config.batch, config.prompt_len, config.seed)
-    progress.say(f"running {inputs.prompt_tokens}-token prefill + {config.new_tokens} decode steps, batch {config.batch}")
+    progress.say(
+        f"running {inputs.prompt_tokens}-token prefill + {config.new_tokens} decode steps, batch {config.batch}"
+    )
     reads: list[float] = []
     runs = measure(sides, inputs, config, meter, memory, progress, reads)
     with progress.stage("measuring this machine again (the best of before and after counts)"):
         first = rates
-        rates = rl.best_rates(first, rl.measure_machine(config.threads, config.bandwidth_mib, config.gemm_size))
+        rates = rl.best_rates(
+            first, rl.measure_machine(config.threads, config.bandwidth_mib, config.gemm_size)
+        )
     results = {
-        side.name: SideResult(side.name, runs[side.name], memory[side.name], config.batch, config.new_tokens, inputs.prompt_tokens)
+        side.name: SideResult(
+            side.name,
+            runs[side.name],
+            memory[side.name],
+            config.batch,
+            config.new_tokens,
+            inputs.prompt_tokens,
+        )
         for side in sides
     }
-    bound = rl.roofline(rates, decoder, vision, config.batch, inputs.prompt_tokens, config.new_tokens, manifest.graphs["vision"].dtype)
+    bound = rl.roofline(
+        rates,
+        decoder,
+        vision,
+        config.batch,
+        inputs.prompt_tokens,
+        config.new_tokens,
+        manifest.graphs["vision"].dtype,
+    )
 
     sweep = []
     if config.plot_path is not None:
@@ -897,7 +985,9 @@ def run_sweep(sides, results, config, manifest, rates, decoder, vision, progress
             progress.say(f"sweep: {inputs.prompt_tokens}-token prompt")
             runs = measure(sides, inputs, config, RssMeter(), {s.name: SideMemory() for s in sides}, progress)
             measured = {
-                s.name: SideResult(s.name, runs[s.name], SideMemory(), config.batch, config.new_tokens, inputs.prompt_tokens)
+                s.name: SideResult(
+                    s.name, runs[s.name], SideMemory(), config.batch, config.new_tokens, inputs.prompt_tokens
+                )
                 for s in sides
             }
         prompt_tokens = text_tokens + manifest.vision.num_image_tokens
@@ -908,7 +998,9 @@ def run_sweep(sides, results, config, manifest, rates, decoder, vision, progress
                 prompt_tokens=prompt_tokens,
                 prefill_tokens_per_s={name: round(r.prefill_tokens_per_s, 2) for name, r in measured.items()},
                 decode_tokens_per_s={name: round(r.decode_tokens_per_s, 2) for name, r in measured.items()},
-                roofline_prefill_tokens_per_s=round(config.batch * prompt_tokens / (bound.prefill.ms / 1000), 2),
+                roofline_prefill_tokens_per_s=round(
+                    config.batch * prompt_tokens / (bound.prefill.ms / 1000), 2
+                ),
                 roofline_decode_tokens_per_s=round(bound.decode_tokens_per_s, 2),
             )
         )
@@ -930,8 +1022,19 @@ def plot(report: BenchReport, path: Path) -> None:
         (axes[1], "decode_tokens_per_s", "roofline_decode_tokens_per_s", "decode (new tokens/s)"),
     ):
         for side in report.sides:
-            axis.plot(x, [getattr(point, attribute)[side.name] for point in report.sweep], marker="o", label=side.name)
-        axis.plot(x, [getattr(point, bound_attribute) for point in report.sweep], linestyle="--", color="gray", label="roofline")
+            axis.plot(
+                x,
+                [getattr(point, attribute)[side.name] for point in report.sweep],
+                marker="o",
+                label=side.name,
+            )
+        axis.plot(
+            x,
+            [getattr(point, bound_attribute) for point in report.sweep],
+            linestyle="--",
+            color="gray",
+            label="roofline",
+        )
         axis.set_title(title)
         axis.set_xlabel("prompt tokens (text + image)")
         axis.set_ylabel("tokens/s")

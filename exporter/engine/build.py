@@ -49,6 +49,7 @@ class EnginePlan:
             f"limits: batch <= {self.limits.max_batch}, prompt <= {self.limits.max_input_len} tokens "
             f"(an image is {self.manifest.vision.num_image_tokens}), prompt + answer <= {self.limits.max_seq_len}"
         ]
+
         def span(r, axis: int) -> str:
             values = (r.min[axis], r.opt[axis], r.max[axis])
             return str(values[0]) if len(set(values)) == 1 else "..".join(map(str, values))
@@ -79,25 +80,36 @@ def plan_engines(
     manifest = contract.read_manifest(artifacts)
     for graph in engines.GRAPHS:
         if graph not in manifest.graphs:
-            raise ArtifactError(f"{artifacts} has no {graph} graph: export it with `llava-export all --out {artifacts}`")
+            raise ArtifactError(
+                f"{artifacts} has no {graph} graph: export it with `llava-export all --out {artifacts}`"
+            )
         if not (artifacts / manifest.graphs[graph].file).is_file():
-            raise ArtifactError(f"{artifacts / manifest.graphs[graph].file} is missing: re-export with `llava-export all --out {artifacts}`")
+            raise ArtifactError(
+                f"{artifacts / manifest.graphs[graph].file} is missing: re-export with `llava-export all --out {artifacts}`"
+            )
     refusal = onnx_runtime_only(manifest.graphs["decoder"])
     if refusal:
         raise EngineError(refusal)
     limits = engines.derive_limits(manifest, max_batch, max_input_len, max_seq_len)
-    profiles = {"vision": engines.vision_profiles(manifest, limits), "decoder": engines.decoder_profiles(manifest, limits)}
+    profiles = {
+        "vision": engines.vision_profiles(manifest, limits),
+        "decoder": engines.decoder_profiles(manifest, limits),
+    }
     for graph in engines.GRAPHS:
         problems = engines.profile_problems(manifest, limits, graph, profiles[graph])
         if problems:
-            raise EngineError(f"the {graph} profiles derived from {artifacts} are invalid: {'; '.join(problems)}")
+            raise EngineError(
+                f"the {graph} profiles derived from {artifacts} are invalid: {'; '.join(problems)}"
+            )
     sources = {}
     with progress.stage("checking the ONNX files against the manifest"):
         for graph in engines.GRAPHS:
             path = artifacts / manifest.graphs[graph].file
             sources[graph] = file_sha256(path)
             if sources[graph] != manifest.graphs[graph].sha256:
-                raise ArtifactError(f"{path} is not the graph its manifest describes (sha256 differs): re-export with `llava-export all --out {artifacts}`")
+                raise ArtifactError(
+                    f"{path} is not the graph its manifest describes (sha256 differs): re-export with `llava-export all --out {artifacts}`"
+                )
     with progress.stage("checking operators against the TensorRT ONNX parser"):
         for graph in engines.GRAPHS:
             path = artifacts / manifest.graphs[graph].file
@@ -194,7 +206,9 @@ def network_flags(trt) -> int:
     the flag is accepted and the default; opted into on 10)."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if flag is None:
-        raise EngineError(f"TensorRT {trt.__version__} cannot build strongly typed networks: install TensorRT 10 or 11")
+        raise EngineError(
+            f"TensorRT {trt.__version__} cannot build strongly typed networks: install TensorRT 10 or 11"
+        )
     return 1 << int(flag)
 
 
@@ -272,7 +286,9 @@ def build_plan(
     names = {network.get_input(i).name for i in range(network.num_inputs)}
     for profile in profiles:
         if set(profile.shapes) != names:
-            raise EngineError(f"{path.name}'s inputs {sorted(names)} do not match profile {profile.name}: re-export the artifacts")
+            raise EngineError(
+                f"{path.name}'s inputs {sorted(names)} do not match profile {profile.name}: re-export the artifacts"
+            )
     config = builder.create_builder_config()
     tf32 = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
     if tf32 is not None:
@@ -290,13 +306,17 @@ def build_plan(
     timing.attach(config)
     monitor = BuildProgress(trt, graph, progress).monitor
     config.progress_monitor = monitor
-    progress.say(f"  building the {graph} engine ({len(profiles)} profile{'s' * (len(profiles) > 1)}; minutes for a 7B decoder)")
+    progress.say(
+        f"  building the {graph} engine ({len(profiles)} profile{'s' * (len(profiles) > 1)}; minutes for a 7B decoder)"
+    )
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if monitor.cancelled:
         raise KeyboardInterrupt
     if serialized is None:
-        raise EngineError(f"TensorRT could not build the {graph} engine from {path.name} (its messages above say why)")
+        raise EngineError(
+            f"TensorRT could not build the {graph} engine from {path.name} (its messages above say why)"
+        )
     timing.save(config)
     with open(out, "wb") as handle:
         handle.write(memoryview(serialized))
@@ -327,16 +347,23 @@ def build_engines(
     artifacts = Path(artifacts)
     plan = plan_engines(artifacts, max_batch, max_input_len, max_seq_len, progress=progress)
     trt, identity = gpu_and_tensorrt()
-    unsupported = {g: trt_ops.unsupported_ops(artifacts / plan.manifest.graphs[g].file, identity.tensorrt) for g in engines.GRAPHS}
+    unsupported = {
+        g: trt_ops.unsupported_ops(artifacts / plan.manifest.graphs[g].file, identity.tensorrt)
+        for g in engines.GRAPHS
+    }
     for graph, problems in unsupported.items():
         if problems:
-            raise EngineError(trt_ops.describe_unsupported(artifacts / plan.manifest.graphs[graph].file, problems))
+            raise EngineError(
+                trt_ops.describe_unsupported(artifacts / plan.manifest.graphs[graph].file, problems)
+            )
     progress.say(f"  for {identity.describe()}")
     for line in plan.describe():
         progress.say(f"  {line}")
     for graph in engines.GRAPHS:
         if plan.manifest.graphs[graph].dtype == "float32":
-            progress.say(f"  note: {graph}.onnx is float32, so is its engine (export with --fp16 for a float16 engine)")
+            progress.say(
+                f"  note: {graph}.onnx is float32, so is its engine (export with --fp16 for a float16 engine)"
+            )
     root = artifacts / contract.ENGINES_DIR
     final = root / identity.folder_name
     stage = root / f".staging-{identity.folder_name}-{os.getpid()}"
@@ -352,10 +379,26 @@ def build_engines(
         for graph in engines.GRAPHS:
             start = time.perf_counter()
             path = artifacts / plan.manifest.graphs[graph].file
-            sizes[graph] = build_plan(trt, graph, path, plan.profiles[graph], stage / engines.PLANS[graph], timing, workspace_gb, progress)
+            sizes[graph] = build_plan(
+                trt,
+                graph,
+                path,
+                plan.profiles[graph],
+                stage / engines.PLANS[graph],
+                timing,
+                workspace_gb,
+                progress,
+            )
             seconds[graph] = round(time.perf_counter() - start, 1)
-        extra = {"build_seconds": seconds, "tf32": False, "timing_cache": str(timing.path), "tools": tool_versions(trt)}
-        record = engines.engine_record(identity, plan.manifest, plan.limits, plan.profiles, plan.sources, sizes, extra)
+        extra = {
+            "build_seconds": seconds,
+            "tf32": False,
+            "timing_cache": str(timing.path),
+            "tools": tool_versions(trt),
+        }
+        record = engines.engine_record(
+            identity, plan.manifest, plan.limits, plan.profiles, plan.sources, sizes, extra
+        )
         engines.write_engine_json(stage, record)
         replace_folder(stage, final)
     finally:

@@ -72,7 +72,9 @@ def _graph_nodes(graph, prefix: str = ""):
                     yield from _graph_nodes(sub, f"{name}/{attribute.name}[{k}]/")
 
 
-def unsupported_ops(model_path: str | os.PathLike, tensorrt_version: str | None = None) -> list[tuple[str, str]]:
+def unsupported_ops(
+    model_path: str | os.PathLike, tensorrt_version: str | None = None
+) -> list[tuple[str, str]]:
     """[(node name, op)] of the nodes TensorRT's ONNX parser would not take, in graph order.
 
     Reads only the graph structure (external weights stay on disk). A node of a model-local
@@ -86,7 +88,9 @@ def unsupported_ops(model_path: str | os.PathLike, tensorrt_version: str | None 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError, OSError, ...
-        raise ArtifactError(f"{model_path} is not a readable ONNX graph ({str(err)[:120]}): re-export it") from None
+        raise ArtifactError(
+            f"{model_path} is not a readable ONNX graph ({str(err)[:120]}): re-export it"
+        ) from None
     problems: list[tuple[str, str]] = []
     for opset in model.opset_import:
         if opset.domain in ONNX_DOMAINS and not MIN_OPSET <= opset.version <= MAX_OPSET:
@@ -102,7 +106,9 @@ def unsupported_ops(model_path: str | os.PathLike, tensorrt_version: str | None 
         op = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}.{node.op_type}"
         if node.domain not in ONNX_DOMAINS or node.op_type not in SUPPORTED_OPS:
             problems.append((name, op))
-        elif tensorrt_version and node.op_type in LATE_OPS and _older(tensorrt_version, LATE_OPS[node.op_type]):
+        elif (
+            tensorrt_version and node.op_type in LATE_OPS and _older(tensorrt_version, LATE_OPS[node.op_type])
+        ):
             problems.append((name, f"{op} (needs TensorRT {LATE_OPS[node.op_type]}+)"))
 
     for name, node in _graph_nodes(model.graph):

@@ -30,10 +30,10 @@ from torch import nn
 
 from exporter import parity
 from exporter.graphs import onnx_io, quantize
+from exporter.graphs.tokenizer import save_tokenizer
 from exporter.manifest import open_manifest
 from exporter.progress import Progress
 from exporter.source import LlavaSource
-from exporter.graphs.tokenizer import save_tokenizer
 from runtime import contract
 from runtime.contract import GraphSpec, TokenSpec
 from runtime.errors import LlavaError
@@ -76,7 +76,9 @@ class DecoderWithPast(nn.Module):
 STATIC_ATTENTION = "llava_export_static_kv"  # the transformers attention implementation below
 
 
-def group_query_attention(query, key, value, past_key, past_value, attention_bias, num_heads: int, kv_num_heads: int, scale: float):
+def group_query_attention(
+    query, key, value, past_key, past_value, attention_bias, num_heads: int, kv_num_heads: int, scale: float
+):
     """ONNX Runtime's com.microsoft.GroupQueryAttention on a preallocated cache: the ONNX node
     while exporting, the same arithmetic in PyTorch otherwise.
 
@@ -89,13 +91,27 @@ def group_query_attention(query, key, value, past_key, past_value, attention_bia
     ends every row at the same column, and the bias hides the padding. Its own causal mask
     agrees with the bias'."""
     if not torch.onnx.is_in_onnx_export():
-        return group_query_attention_reference(query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale)
+        return group_query_attention_reference(
+            query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale
+        )
     batch, total = query.shape[0], attention_bias.shape[-1]
     seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
     total_sequence_length = torch.full((), total, dtype=torch.int32)
     return torch.onnx.ops.symbolic_multi_out(
         "com.microsoft::GroupQueryAttention",
-        [query, key, value, past_key, past_value, seqlens_k, total_sequence_length, None, None, None, attention_bias],
+        [
+            query,
+            key,
+            value,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_sequence_length,
+            None,
+            None,
+            None,
+            attention_bias,
+        ],
         {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": scale},
         dtypes=[query.dtype, past_key.dtype, past_value.dtype],
         shapes=[query.shape, past_key.shape, past_value.shape],
@@ -103,7 +119,9 @@ def group_query_attention(query, key, value, past_key, past_value, attention_bia
     )
 
 
-def group_query_attention_reference(query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale):
+def group_query_attention_reference(
+    query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale
+):
     """group_query_attention in PyTorch ops (same arguments and results)."""
     batch, new, _ = query.shape
     total, head_dim = attention_bias.shape[-1], past_key.shape[-1]
@@ -120,7 +138,9 @@ def group_query_attention_reference(query, key, value, past_key, past_value, att
     return output.transpose(1, 2).reshape(batch, new, num_heads * head_dim), presents[0], presents[1]
 
 
-def static_kv_attention(module, query, key, value, attention_mask, scaling, static_kv=None, sliding_window=None, **kwargs):
+def static_kv_attention(
+    module, query, key, value, attention_mask, scaling, static_kv=None, sliding_window=None, **kwargs
+):
     """A transformers attention implementation over the static cache `static_kv` (a list of
     [key, value] buffers per layer, replaced by the presents). query [B,heads,S,hd], key/value
     [B,kv,S,hd] (the new positions only: no transformers cache is involved), attention_mask the
@@ -129,8 +149,12 @@ def static_kv_attention(module, query, key, value, attention_mask, scaling, stat
     batch, heads, new, head_dim = query.shape
     kv_heads = key.shape[1]
     layer = static_kv[module.layer_idx]
-    flat = [states.transpose(1, 2).reshape(batch, new, -1) for states in (query, key, value)]  # [B,S,heads*hd]
-    output, layer[0], layer[1] = group_query_attention(*flat, layer[0], layer[1], attention_mask, heads, kv_heads, scaling)
+    flat = [
+        states.transpose(1, 2).reshape(batch, new, -1) for states in (query, key, value)
+    ]  # [B,S,heads*hd]
+    output, layer[0], layer[1] = group_query_attention(
+        *flat, layer[0], layer[1], attention_mask, heads, kv_heads, scaling
+    )
     return output.view(batch, new, heads, head_dim), None
 
 
@@ -163,7 +187,9 @@ class DecoderWithStaticCache(DecoderWithPast):
         try:
             hidden = self.language_model(
                 inputs_embeds=inputs_embeds,
-                attention_mask=attention_bias(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype),  # 4D: used as is
+                attention_mask=attention_bias(
+                    attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype
+                ),  # 4D: used as is
                 position_ids=position_ids,
                 use_cache=False,
                 static_kv=static_kv,
@@ -223,7 +249,10 @@ def positions_from_mask(mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 def empty_past(source: LlavaSource, batch: int, dtype: torch.dtype, length: int = 0) -> list:
     shape = (batch, source.text.num_kv_heads, length, source.text.head_dim)
-    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(source.text.num_layers)]
+    return [
+        (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        for _ in range(source.text.num_layers)
+    ]
 
 
 def in_buffers(past: list, length: int) -> list:
@@ -238,7 +267,10 @@ def trace_sample(source: LlavaSource, dtype: torch.dtype, kv_cache: str = contra
     embeds = torch.randn(2, 3, source.text.hidden_size, generator=generator).to(dtype)
     mask = torch.ones(2, 5, dtype=torch.long)
     positions = positions_from_mask(mask, 3)
-    past = [(k.normal_(generator=generator), v.normal_(generator=generator)) for k, v in empty_past(source, 2, torch.float32, 2)]
+    past = [
+        (k.normal_(generator=generator), v.normal_(generator=generator))
+        for k, v in empty_past(source, 2, torch.float32, 2)
+    ]
     past = [(k.to(dtype), v.to(dtype)) for k, v in past]
     if kv_cache == contract.KV_STATIC:
         past = in_buffers(past, TRACE_BUFFER)
@@ -273,11 +305,15 @@ def export_decoder(
     manifest = open_manifest(out, source, force, template)
     dtype_name = "float16" if fp16 else "float32"
     dtype = getattr(torch, dtype_name)
-    decoder = (DecoderWithStaticCache if kv_cache == contract.KV_STATIC else DecoderWithPast)(source.model).eval()
+    decoder = (DecoderWithStaticCache if kv_cache == contract.KV_STATIC else DecoderWithPast)(
+        source.model
+    ).eval()
     if next(decoder.parameters()).dtype != dtype:
         decoder = decoder.to(dtype)  # in place: load the source in the export dtype to avoid this
     with onnx_io.staging(out, "decoder") as stage:
-        with progress.stage(f"tracing the decoder graph ({dtype_name}, {source.text.num_layers} layers, opset {opset}, {kv_cache} KV cache)"):
+        with progress.stage(
+            f"tracing the decoder graph ({dtype_name}, {source.text.num_layers} layers, opset {opset}, {kv_cache} KV cache)"
+        ):
             program = onnx_io.trace_to_onnx(
                 decoder,
                 trace_sample(source, dtype, kv_cache),
@@ -315,7 +351,15 @@ def export_decoder(
         onnx_io.publish(stage, out, contract.DECODER_FILE)
     inputs, outputs = io_spec(source, kv_cache)
     manifest.graphs["decoder"] = GraphSpec(
-        contract.DECODER_FILE, dtype_name, opset, inputs, outputs, sha, quant=quant, kv_cache=kv_cache, max_seq_len=max_seq_len
+        contract.DECODER_FILE,
+        dtype_name,
+        opset,
+        inputs,
+        outputs,
+        sha,
+        quant=quant,
+        kv_cache=kv_cache,
+        max_seq_len=max_seq_len,
     )
     manifest.embeddings = embeddings
     manifest.tokens = TokenSpec(bos=tokens["bos"], eos=tokens["eos"], pad=tokens["pad"])
@@ -337,12 +381,16 @@ def check_kv_cache(source: LlavaSource, kv_cache: str, max_seq_len: int | None) 
             raise LlavaError("--max-seq-len sizes the static KV cache: it takes --kv-cache static")
         return None
     if getattr(source.model.config.text_config, "sliding_window", None) is not None:
-        raise LlavaError("--kv-cache static does not take sliding-window attention (this model has it): use --kv-cache concat")
+        raise LlavaError(
+            "--kv-cache static does not take sliding-window attention (this model has it): use --kv-cache concat"
+        )
     positions = source.text.max_positions
     if max_seq_len is None:
         return min(DEFAULT_MAX_SEQ_LEN, positions)
     if not 2 <= max_seq_len <= positions:
-        raise LlavaError(f"--max-seq-len {max_seq_len} must be from 2 (a prompt token and an answer token) to the model's {positions} positions")
+        raise LlavaError(
+            f"--max-seq-len {max_seq_len} must be from 2 (a prompt token and an answer token) to the model's {positions} positions"
+        )
     return max_seq_len
 
 
@@ -361,7 +409,9 @@ def write_embeddings(source: LlavaSource, folder: Path, dtype_name: str) -> dict
     return {"file": contract.EMBEDDINGS_FILE, "dtype": dtype_name, "shape": list(array.shape)}
 
 
-def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int = 2, quant: str | None = None) -> list[parity.OutputParity]:
+def decoder_parity(
+    source: LlavaSource, path: Path, dtype_name: str, steps: int = 2, quant: str | None = None
+) -> list[parity.OutputParity]:
     """The graph at `path` against PyTorch (in the dtype the source was loaded in): prefill a
     left-padded batch of 2 (lengths 6 and 4), then `steps` decode steps feeding the reference's
     present back as past; compares logits every step and the final cache at real positions.
@@ -386,7 +436,15 @@ def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int 
 
     def reference(embeds, mask, positions, past) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [t.float() for t in decoder(embeds.to(model_dtype), mask, positions, [(k.to(model_dtype), v.to(model_dtype)) for k, v in past])]
+            return [
+                t.float()
+                for t in decoder(
+                    embeds.to(model_dtype),
+                    mask,
+                    positions,
+                    [(k.to(model_dtype), v.to(model_dtype)) for k, v in past],
+                )
+            ]
 
     generator = torch.Generator().manual_seed(1)
     embeds = torch.randn(2, 6, source.text.hidden_size, generator=generator)
@@ -394,7 +452,11 @@ def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int 
     past = empty_past(source, 2, torch.float32)
     buffer = embeds.shape[1] + steps + 4  # the static layout's: 4 spare columns at the end
     results, steps_run = [], []
-    with quantize.quantized_linears(decoder, *quantize.graph_settings(path)) if quant else contextlib.nullcontext():
+    with (
+        quantize.quantized_linears(decoder, *quantize.graph_settings(path))
+        if quant
+        else contextlib.nullcontext()
+    ):
         for step in range(steps + 1):
             positions = positions_from_mask(mask, embeds.shape[1])
             expected = reference(embeds, mask, positions, past)
@@ -409,7 +471,9 @@ def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int 
             actual = session.run(names, feed)
             if static:
                 actual[1:] = [present[:, :, : mask.shape[1]] for present in actual[1:]]  # the live columns
-            results.append(parity.compare(f"logits step {step}", actual[0], expected[0].numpy(), min_cosine=min_cosine))
+            results.append(
+                parity.compare(f"logits step {step}", actual[0], expected[0].numpy(), min_cosine=min_cosine)
+            )
             steps_run.append(((embeds, mask, positions, past), actual[0]))
             past = [(expected[1 + 2 * i], expected[2 + 2 * i]) for i in range(source.text.num_layers)]
             next_ids = expected[0].argmax(-1)
@@ -421,6 +485,11 @@ def decoder_parity(source: LlavaSource, path: Path, dtype_name: str, steps: int 
         results.append(parity.compare(name, kept[0], kept[1], min_cosine=min_cosine))
     if quant:  # the same steps against the unquantized weights
         for step, (inputs, logits) in enumerate(steps_run):
-            effect = parity.compare(f"logits step {step} vs {dtype_name} weights", logits, reference(*inputs)[0].numpy(), top1=True)
+            effect = parity.compare(
+                f"logits step {step} vs {dtype_name} weights",
+                logits,
+                reference(*inputs)[0].numpy(),
+                top1=True,
+            )
             results.append(dataclasses.replace(effect, gated=False))
     return results

@@ -69,7 +69,9 @@ def check_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise LlavaError(f"cannot write to output folder {folder} ({err.strerror or err}); choose another --out") from None
+        raise LlavaError(
+            f"cannot write to output folder {folder} ({err.strerror or err}); choose another --out"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -100,7 +102,9 @@ def check_graph(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
-        raise LlavaError(f"exported graph {path.name} fails onnx.checker: {str(err).splitlines()[0]}") from None
+        raise LlavaError(
+            f"exported graph {path.name} fails onnx.checker: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def publish(stage: Path, folder: Path, file_name: str) -> None:

@@ -95,7 +95,9 @@ def check_settings(bits: int, block_size: int, accuracy_level: int) -> None:
     if block_size < 16 or block_size & (block_size - 1):
         raise LlavaError(f"quantization block size must be a power of two >= 16, not {block_size}")
     if accuracy_level not in range(5):
-        raise LlavaError(f"MatMulNBits accuracy_level is 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8), not {accuracy_level}")
+        raise LlavaError(
+            f"MatMulNBits accuracy_level is 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8), not {accuracy_level}"
+        )
 
 
 def quantize_decoder(
@@ -128,11 +130,15 @@ def quantize_decoder(
     gemms_to_matmuls(model.graph)
     targets, excluded = linear_matmuls(model.graph)
     if not targets:
-        raise LlavaError(f"{path_in} has no MatMul with a weight of at least {MIN_WEIGHT_SIDE}x{MIN_WEIGHT_SIDE}: nothing to quantize")
+        raise LlavaError(
+            f"{path_in} has no MatMul with a weight of at least {MIN_WEIGHT_SIDE}x{MIN_WEIGHT_SIDE}: nothing to quantize"
+        )
     weights = {t.name: t for t in model.graph.initializer}
     if block_size is None:
         narrowest = min(weights[node.input[1]].dims[0] for node in targets)  # K
-        block_size = min(DEFAULT_BLOCK_SIZE[bits], 1 << (narrowest - 1).bit_length())  # >= 16: MIN_WEIGHT_SIDE
+        block_size = min(
+            DEFAULT_BLOCK_SIZE[bits], 1 << (narrowest - 1).bit_length()
+        )  # >= 16: MIN_WEIGHT_SIDE
     float_bytes = sum(tensor_bytes(weights[node.input[1]]) for node in targets)
     before = {t.name for t in model.graph.initializer}
 
@@ -145,7 +151,16 @@ def quantize_decoder(
     path_out.parent.mkdir(parents=True, exist_ok=True)
     with onnx_io.staging(path_out.parent, f"quantize-{path_out.name}") as stage:
         staged = stage / path_out.name
-        save_kwargs = {"save_as_external_data": True, "all_tensors_to_one_file": True, "location": path_out.name + ".data", "size_threshold": 1024} if external else {}
+        save_kwargs = (
+            {
+                "save_as_external_data": True,
+                "all_tensors_to_one_file": True,
+                "location": path_out.name + ".data",
+                "size_threshold": 1024,
+            }
+            if external
+            else {}
+        )
         onnx.save_model(model, str(staged), **save_kwargs)
         del model
         onnx_io.check_graph(staged)
@@ -170,18 +185,25 @@ def run_quantizer(model, bits: int, block_size: int, accuracy_level: int, exclud
     return quantizer.model.model
 
 
-def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_blocks(
+    weight: np.ndarray, bits: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ONNX Runtime's own block quantization of a [K, N] weight, as the quantizer stores it in
     MatMulNBits: (packed [N, K_blocks, block bytes] uint8, scales [N, K_blocks] in the weight's
     dtype, zero points [N, K_blocks] uint8 (two 4-bit ones per byte at int4))."""
     import_quantizer()
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
 
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
     return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(weight))
 
 
-def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, rows: int) -> np.ndarray:
+def dequantize_blocks(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, rows: int
+) -> np.ndarray:
     """The [K, N] float32 weight MatMulNBits computes with: (q - zero point) * scale per block
     of K, the padding past `rows` = K dropped. 4-bit values and zero points pack two to a
     byte, the first in the low nibble."""
@@ -191,7 +213,9 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.nd
         zero = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(columns, -1)[:, :blocks]
     else:
         q, zero = packed, zero_points[:, :blocks]
-    values = (q.astype(np.float32) - zero[..., None]) * scales.astype(np.float32)[..., None]  # [N, blocks, block]
+    values = (q.astype(np.float32) - zero[..., None]) * scales.astype(np.float32)[
+        ..., None
+    ]  # [N, blocks, block]
     return np.ascontiguousarray(values.reshape(columns, -1)[:, :rows].T)
 
 
@@ -212,7 +236,9 @@ def graph_settings(path: str | Path) -> tuple[int, int]:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             settings.add((attrs["bits"], attrs["block_size"]))
     if len(settings) != 1:
-        raise LlavaError(f"{path} is not a decoder quantized by llava-export (MatMulNBits settings: {sorted(settings) or 'none'})")
+        raise LlavaError(
+            f"{path} is not a decoder quantized by llava-export (MatMulNBits settings: {sorted(settings) or 'none'})"
+        )
     return settings.pop()
 
 
@@ -229,7 +255,9 @@ def quantized_linears(module, bits: int, block_size: int):
         for layer in module.modules():
             if isinstance(layer, torch.nn.Linear) and min(layer.weight.shape) >= MIN_WEIGHT_SIDE:
                 weight = layer.weight.detach()
-                kn = weight.T.float().numpy() if weight.dtype == torch.bfloat16 else weight.T.numpy()  # [K, N], as the graph
+                kn = (
+                    weight.T.float().numpy() if weight.dtype == torch.bfloat16 else weight.T.numpy()
+                )  # [K, N], as the graph
                 new = torch.from_numpy(fake_quantized(kn, bits, block_size).T.copy()).to(weight.dtype)
                 swapped.append((layer, layer.weight))
                 layer.weight = torch.nn.Parameter(new, requires_grad=False)
@@ -252,7 +280,9 @@ def import_quantizer():
         for handler in root.handlers[:]:
             if handler not in handlers:
                 root.removeHandler(handler)
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
+        logging.WARNING
+    )  # a line per node
     return MatMulNBitsQuantizer
 
 
@@ -308,8 +338,15 @@ def gemms_to_matmuls(graph) -> int:
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         weight = weights.get(node.input[1]) if node.op_type == "Gemm" else None
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
-        if weight is None or not plain or not is_linear_weight(list(weight.dims)) or consumers[weight.name] != 1:
+        plain = (
+            attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        )
+        if (
+            weight is None
+            or not plain
+            or not is_linear_weight(list(weight.dims))
+            or consumers[weight.name] != 1
+        ):
             nodes.append(node)
             continue
         array = numpy_helper.to_array(weight)  # [N, K] with transB, as nn.Linear stores it
@@ -320,9 +357,13 @@ def gemms_to_matmuls(graph) -> int:
         name = node.name or f"gemm_{rewritten}"
         has_bias = len(node.input) > 2 and node.input[2]
         product = node.output[0] + "_matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], weight.name], [product], name=name + "_matmul"))
+        nodes.append(
+            helper.make_node("MatMul", [node.input[0], weight.name], [product], name=name + "_matmul")
+        )
         if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=name + "_bias"))
+            nodes.append(
+                helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=name + "_bias")
+            )
         rewritten += 1
     if rewritten:
         graph.ClearField("node")

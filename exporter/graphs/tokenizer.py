@@ -92,7 +92,9 @@ def _processor_chat_template(folder: Path) -> str | None:
     """A processor's template (llava-hf keeps its chat template in chat_template.json, not the tokenizer's)."""
     path = folder / "chat_template.json"
     try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
+        template = (
+            json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
+        )
     except (OSError, ValueError, AttributeError):
         return None
     return template if isinstance(template, str) else None
@@ -182,7 +184,9 @@ def save_tokenizer(src: str | os.PathLike | Any, out_dir: str | os.PathLike) -> 
         tokenizer = src
         template = _chat_template(tokenizer)
     else:
-        raise SourceError(f"cannot read a tokenizer from {type(src).__name__} (give a model folder or a fast tokenizer)")
+        raise SourceError(
+            f"cannot read a tokenizer from {type(src).__name__} (give a model folder or a fast tokenizer)"
+        )
 
     _write_tokenizer(tokenizer, out, template)
 
@@ -191,5 +195,12 @@ def save_tokenizer(src: str | os.PathLike | Any, out_dir: str | os.PathLike) -> 
     for token_id in [tokenizer.eos_token_id, *eos_extra]:
         if token_id is not None and token_id not in eos:
             eos.append(int(token_id))
-    pad = next((t for t in (tokenizer.pad_token_id, eos[0] if eos else None, tokenizer.unk_token_id) if t is not None), 0)
+    pad = next(
+        (
+            t
+            for t in (tokenizer.pad_token_id, eos[0] if eos else None, tokenizer.unk_token_id)
+            if t is not None
+        ),
+        0,
+    )
     return {"bos": bos, "eos": eos, "pad": int(pad), "chat_template": template}

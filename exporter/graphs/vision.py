@@ -1,6 +1,6 @@
 """`llava-export vision`: CLIP tower + feature selection + projector as ONE ONNX graph.
 
-    pixel_values [B,3,H,W] -> image_embeds [B,N_img,hidden]     (batch dynamic)
+pixel_values [B,3,H,W] -> image_embeds [B,N_img,hidden]     (batch dynamic)
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def export_vision(
         file=contract.VISION_FILE,
         dtype=dtype_name,
         opset=opset,
-        inputs={contract.PIXEL_VALUES: ["batch", 3, source.preprocess.crop_size, source.preprocess.crop_size]},
+        inputs={
+            contract.PIXEL_VALUES: ["batch", 3, source.preprocess.crop_size, source.preprocess.crop_size]
+        },
         outputs={contract.IMAGE_EMBEDS: ["batch", source.vision.num_image_tokens, source.text.hidden_size]},
         sha256=sha,
     )

@@ -73,13 +73,17 @@ def original_config(model: nn.Module, tower: str, projector: str, aspect: str) -
     family = text["model_type"]
     text.update(
         {
-            "architectures": ["LlavaLlamaForCausalLM" if family == "llama" else f"Llava{family.title()}ForCausalLM"],
+            "architectures": [
+                "LlavaLlamaForCausalLM" if family == "llama" else f"Llava{family.title()}ForCausalLM"
+            ],
             "model_type": {"llama": "llava_llama", "mistral": "llava_mistral", "qwen2": "llava_qwen"}[family],
             "mm_vision_tower": tower,
             "mm_projector_type": projector,
             "mm_hidden_size": config.vision_config.hidden_size,
             "mm_vision_select_layer": config.vision_feature_layer,
-            "mm_vision_select_feature": "patch" if config.vision_feature_select_strategy == "default" else "cls_patch",
+            "mm_vision_select_feature": "patch"
+            if config.vision_feature_select_strategy == "default"
+            else "cls_patch",
             "mm_use_im_start_end": False,
             "mm_use_im_patch_token": False,
             "image_aspect_ratio": aspect,

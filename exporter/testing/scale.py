@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from exporter.testing.original_format import write_processor_config
 from exporter.source import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_empty_model
+from exporter.testing.original_format import write_processor_config
 from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 from runtime.contract import PreprocessSpec
 
@@ -56,7 +56,9 @@ def vicuna_7b(layers: int) -> dict:
 def write_checkpoint(out: Path, text_layers: int, seed: int = 0) -> None:
     from transformers import LlavaConfig
 
-    config = LlavaConfig(vision_config=CLIP_L_336, text_config=vicuna_7b(text_layers), image_token_index=32000)
+    config = LlavaConfig(
+        vision_config=CLIP_L_336, text_config=vicuna_7b(text_layers), image_token_index=32000
+    )
     model = build_empty_model(config, depth=2, dtype=torch.float16)
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -72,7 +74,9 @@ def write_checkpoint(out: Path, text_layers: int, seed: int = 0) -> None:
         del fill
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size="2GB")
-    spec = PreprocessSpec(shortest_edge=336, crop_size=336, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, aspect="pad")
+    spec = PreprocessSpec(
+        shortest_edge=336, crop_size=336, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, aspect="pad"
+    )
     write_processor_config(out, spec, "LlavaImageProcessor")
     build_tiny_tokenizer(out)  # a stand-in tokenizer: the scale check is about the graphs
 
@@ -83,12 +87,25 @@ def measure(command: list[str]) -> int:
     code = subprocess.call(command)
     wall = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"command": " ".join(command), "exit": code, "wall_s": round(wall, 1), "peak_rss_gib": round(peak_gb, 2)}))
+    print(
+        json.dumps(
+            {
+                "command": " ".join(command),
+                "exit": code,
+                "wall_s": round(wall, 1),
+                "peak_rss_gib": round(peak_gb, 2),
+            }
+        )
+    )
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporter.testing.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter.testing.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     make = sub.add_parser("checkpoint", help="write a random LLaVA-1.5-7B-shaped checkpoint")
     make.add_argument("--out", type=Path, required=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from exporter.testing.original_format import write_clip_tower, write_original, write_processor_config
 from exporter.source import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_empty_model, projector_depth
+from exporter.testing.original_format import write_clip_tower, write_original, write_processor_config
 from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 from runtime.contract import PreprocessSpec
 
@@ -124,7 +124,13 @@ def write_tiny(root: Path, tiny: TinyConfig = TinyConfig()) -> dict[str, Path]:
     folders = {"original": root / "original", "clip": root / "clip"}
     write_clip_tower(model, folders["clip"], tiny.preprocess)
     write_original(
-        model, folders["original"], str(folders["clip"].resolve()), tiny.projector, tiny.aspect, tiny.weights, tiny.shards
+        model,
+        folders["original"],
+        str(folders["clip"].resolve()),
+        tiny.projector,
+        tiny.aspect,
+        tiny.weights,
+        tiny.shards,
     )
     build_tiny_tokenizer(folders["original"], vocab_size=TOKENIZER_VOCAB)
     if tiny.projector == "mlp2x_gelu":
@@ -143,7 +149,10 @@ def write_hf(model, folder: Path, tiny: TinyConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m exporter.testing.tiny", description="Write a tiny random LLaVA (hf, original, clip folders).")
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter.testing.tiny",
+        description="Write a tiny random LLaVA (hf, original, clip folders).",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     for name, folder in write_tiny(args.out).items():

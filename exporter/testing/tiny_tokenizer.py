@@ -80,7 +80,12 @@ def _llama_pipeline(tokenizer) -> None:
     tokenizer.normalizer = None
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1),
+        ]
     )
 
 
@@ -99,7 +104,9 @@ def build_tiny_tokenizer(
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors, trainers
 
     if vocab_size < MIN_VOCAB:
-        raise ValueError(f"vocab_size {vocab_size} is too small: the specials and 256 byte tokens need {MIN_VOCAB}")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: the specials and 256 byte tokens need {MIN_VOCAB}"
+        )
     lines = default_corpus() if corpus is None else list(corpus)
     alphabet = sorted({ch for line in lines for ch in line.replace(" ", "▁")} | {"▁"})
 
@@ -126,7 +133,9 @@ def build_tiny_tokenizer(
         )
 
     # The final tokenizer: only <unk> <s> </s> are added (special) tokens; bytes live in the vocab.
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    )
     _llama_pipeline(tokenizer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -122,7 +122,9 @@ def render(scene: Scene) -> Image.Image:
         elif obj.shape == "square":
             draw.rectangle(box, fill=colour)
         else:  # triangle, apex up
-            draw.polygon([(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)], fill=colour)
+            draw.polygon(
+                [(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)], fill=colour
+            )
     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
     noise = np.random.default_rng(scene.seed).normal(0, rng.uniform(0, 5), (IMAGE_SIZE, IMAGE_SIZE, 3))
     noisy = np.asarray(image, dtype=np.float32) + noise
@@ -130,7 +132,7 @@ def render(scene: Scene) -> Image.Image:
 
 
 def _a(phrase: str) -> str:
-    """"orange circle" -> "an orange circle"."""
+    """ "orange circle" -> "an orange circle"."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -166,13 +168,38 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     unique_shape = [o for o in objects if shape_counts[o.shape] == 1]
     if unique_shape:
         obj = rng.choice(unique_shape)
-        qa.append((rng.choice([f"What colour is the {obj.shape} in the image?", f"What is the colour of the {obj.shape} here?"]), obj.colour))
+        qa.append(
+            (
+                rng.choice(
+                    [
+                        f"What colour is the {obj.shape} in the image?",
+                        f"What is the colour of the {obj.shape} here?",
+                    ]
+                ),
+                obj.colour,
+            )
+        )
     unique_colour = [o for o in objects if colour_counts[o.colour] == 1]
     if unique_colour:
         obj = rng.choice(unique_colour)
-        qa.append((rng.choice([f"What shape is the {obj.colour} object?", f"What is the shape of the {obj.colour} object?"]), obj.shape))
+        qa.append(
+            (
+                rng.choice(
+                    [
+                        f"What shape is the {obj.colour} object?",
+                        f"What is the shape of the {obj.colour} object?",
+                    ]
+                ),
+                obj.shape,
+            )
+        )
     obj = rng.choice(objects)
-    qa.append((rng.choice([f"Where is the {obj.noun} in the image?", f"Where is the {obj.noun} located?"]), obj.position))
+    qa.append(
+        (
+            rng.choice([f"Where is the {obj.noun} in the image?", f"Where is the {obj.noun} located?"]),
+            obj.position,
+        )
+    )
     obj = rng.choice(objects)
     qa.append((f"Is the {obj.noun} small or large?", obj.size))
     return qa
@@ -201,7 +228,13 @@ def split(name: str, n: int) -> list[tuple[Image.Image, str, list[tuple[str, str
 
 def vocabulary_text() -> list[str]:
     """Every word the data can use, in sentences: material for the tokenizer's corpus."""
-    lines = [f"{_a(s)} {c} {sh} at the {p}, {_a(c)} {sh}" for s in SIZES for c in COLOURS for sh in SHAPES for p in POSITIONS]
+    lines = [
+        f"{_a(s)} {c} {sh} at the {p}, {_a(c)} {sh}"
+        for s in SIZES
+        for c in COLOURS
+        for sh in SHAPES
+        for p in POSITIONS
+    ]
     lines += [f"on a {b} background" for b in BACKGROUNDS]
     lines += [" ".join(str(i) for i in range(MAX_OBJECTS + 1))]
     return lines

@@ -27,7 +27,11 @@ BOS_ID, EOS_ID = 1, 2
 def toy_preprocess(image_size: int) -> PreprocessSpec:
     """The toy model's image preprocessing: pad to square (LLaVA-1.5), bicubic to image_size."""
     return PreprocessSpec(
-        shortest_edge=image_size, crop_size=image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, aspect="pad"
+        shortest_edge=image_size,
+        crop_size=image_size,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        aspect="pad",
     )
 
 

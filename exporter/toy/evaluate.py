@@ -59,7 +59,9 @@ def reference_answers(source, pipe: Pipeline, questions: list[Question]) -> list
     eos = manifest.tokens.eos
     answers = []
     for item in questions:
-        chunks = tokenize_prompt(pipe.tokenizer, render_prompt(manifest.template, item.question, 1), manifest.tokens.bos)
+        chunks = tokenize_prompt(
+            pipe.tokenizer, render_prompt(manifest.template, item.question, 1), manifest.tokens.bos
+        )
         ids = torch.tensor([chunks[0] + placeholder + chunks[1]])
         pixels = torch.from_numpy(preprocess([item.image], manifest.preprocess))
         with torch.no_grad():
@@ -97,7 +99,14 @@ def evaluate(model: str, folders: list[Path], questions: list[Question]) -> list
         start = time.perf_counter()
         answers = runtime_answers(pipe, questions)
         identical = sum(a == r for a, r in zip(answers, reference)) / len(questions)
-        rows.append(Row(f"{folder.name} ({variant_name(folder)})", accuracy(answers, questions), identical, time.perf_counter() - start))
+        rows.append(
+            Row(
+                f"{folder.name} ({variant_name(folder)})",
+                accuracy(answers, questions),
+                identical,
+                time.perf_counter() - start,
+            )
+        )
     return rows
 
 
@@ -106,7 +115,10 @@ def accuracy(answers: list[str], questions: list[Question]) -> float:
 
 
 def table(rows: list[Row], count: int) -> str:
-    lines = [f"{count} held-out questions", f"{'variant':32} {'accuracy':>9} {'identical to reference':>23} {'time s':>7}"]
+    lines = [
+        f"{count} held-out questions",
+        f"{'variant':32} {'accuracy':>9} {'identical to reference':>23} {'time s':>7}",
+    ]
     for row in rows:
         identical = "-" if row.identical_to_reference is None else f"{row.identical_to_reference:.1%}"
         lines.append(f"{row.name:32} {row.accuracy:>9.1%} {identical:>23} {row.seconds:>7.1f}")
@@ -114,9 +126,17 @@ def table(rows: list[Row], count: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporter.toy.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the toy model's source folder (HF or original format)")
-    parser.add_argument("--artifacts", type=Path, nargs="+", required=True, help="artifact folders exported from it")
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter.toy.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="the toy model's source folder (HF or original format)"
+    )
+    parser.add_argument(
+        "--artifacts", type=Path, nargs="+", required=True, help="artifact folders exported from it"
+    )
     parser.add_argument("--images", type=int, default=60, help="held-out images (several questions each)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)

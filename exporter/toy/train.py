@@ -181,7 +181,9 @@ def conversation_sequence(tokenizer, qa: list[tuple[str, str]], config) -> tuple
         if turn == 0:
             prompt = prompt_ids(tokenizer, question, config)
         else:
-            prompt = tokenizer.encode(f"{user}: {question}{template.sep}{assistant}:", add_special_tokens=False).ids
+            prompt = tokenizer.encode(
+                f"{user}: {question}{template.sep}{assistant}:", add_special_tokens=False
+            ).ids
         target = answer_ids(tokenizer, answer) + [EOS_ID]
         ids += prompt + target
         mask += [False] * len(prompt) + [True] * len(target)
@@ -209,7 +211,10 @@ class Pool:
         seeds = data.split_seeds("train", n_images)
         self.scenes = [data.make_scene(seed) for seed in seeds]
         self.pixels = torch.cat(
-            [pixel_values([data.render(s) for s in self.scenes[i : i + chunk]], spec) for i in range(0, n_images, chunk)]
+            [
+                pixel_values([data.render(s) for s in self.scenes[i : i + chunk]], spec)
+                for i in range(0, n_images, chunk)
+            ]
         )  # [n,3,H,W]
 
     def __len__(self) -> int:
@@ -233,12 +238,14 @@ class Batches:
         return taken
 
 
-def vision_batch(batches: Batches, toy: "ToyConfig"):
+def vision_batch(batches: Batches, toy: ToyConfig):
     """Stage 0: pixels [B,3,H,W] and per-patch labels [B,P] (colour, shape, size: 0 = empty;
     cell: 0..8), background [B]. A patch takes the labels of the grid cell its centre falls in."""
     index = batches.indices()
     grid = toy.image_size // toy.patch_size
-    centres = [int((g + 0.5) * toy.patch_size * 3 // toy.image_size) for g in range(grid)]  # patch row/col -> cell row/col
+    centres = [
+        int((g + 0.5) * toy.patch_size * 3 // toy.image_size) for g in range(grid)
+    ]  # patch row/col -> cell row/col
     cell_of_patch = [3 * centres[r] + centres[c] for r in range(grid) for c in range(grid)]
     colours, shapes, sizes, backgrounds = [], [], [], []
     for i in index:
@@ -366,11 +373,15 @@ class VisionHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(hidden, len(data.SHAPES) + 1)
         self.size = torch.nn.Linear(hidden, len(data.SIZES) + 1)
         self.background = torch.nn.Linear(hidden, len(data.BACKGROUNDS))
-        self.cell = torch.nn.Linear(hidden, len(data.POSITIONS))  # where the patch is: features keep their place
+        self.cell = torch.nn.Linear(
+            hidden, len(data.POSITIONS)
+        )  # where the patch is: features keep their place
 
     def loss(self, model, pixels, labels) -> tuple[torch.Tensor, str]:
         layer = model.config.vision_feature_layer
-        patches = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # [B,P,D]
+        patches = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][
+            :, 1:
+        ]  # [B,P,D]
         loss = torch.nn.functional.cross_entropy(self.background(patches.mean(1)), labels["background"])
         accuracy = []
         for name in ("colour", "shape", "size", "cell"):
@@ -387,7 +398,9 @@ def optimize(name, params, step_loss, steps, peak_lr, deadline, log_every, start
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, betas=(0.9, 0.98)
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=peak_lr,
+        betas=(0.9, 0.98),
     )
     warmup = max(1, min(50, steps // 10))
     smoothed = None
@@ -436,7 +449,9 @@ def train(
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_tokenizer(Path(scratch), toy.vocab_size)
-        tokenizer_files = {name: (Path(scratch) / name).read_bytes() for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)}
+        tokenizer_files = {
+            name: (Path(scratch) / name).read_bytes() for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+        }
     config = llava_config(toy)
     spec = toy_preprocess(toy.image_size)
     check_answer_tokens(tokenizer, data.split("test", 20))
@@ -470,6 +485,7 @@ def train(
             input_ids, attention, labels, pixels = make()
             loss, right = loss_and_hits(model, input_ids, attention, labels, pixels)
             return loss, f"exact {right.float().mean().item():.2f}"
+
         return step
 
     batches = Batches(pool, caption_batch_size, seed + 1)
@@ -486,13 +502,17 @@ def train(
     if eval_images:
         result = evaluate_reference(model, tokenizer, data.split("test", eval_images), spec)
         accuracy, total = result.accuracy, result.total
-        print(f"held-out reference accuracy (HF generate, greedy, exact match): {result.summary()}", flush=True)
+        print(
+            f"held-out reference accuracy (HF generate, greedy, exact match): {result.summary()}", flush=True
+        )
         for question, expected, got in result.misses[:10]:
             print(f"  miss: {question!r} expected {expected!r} got {got!r}", flush=True)
 
     write_folders(model, tokenizer_files, spec, out, original_out, clip_out)
     info = {
-        "command": "python -m exporter.toy.train " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("train.py") else None,
+        "command": "python -m exporter.toy.train " + " ".join(sys.argv[1:])
+        if sys.argv[0].endswith("train.py")
+        else None,
         "toy_config": asdict(toy),
         "vision_steps": vision_steps,
         "caption_steps": stage1,
@@ -513,7 +533,9 @@ def train(
     return accuracy
 
 
-def write_folders(model, tokenizer_files: dict[str, bytes], spec, out: Path, original_out: Path, clip_out: Path) -> None:
+def write_folders(
+    model, tokenizer_files: dict[str, bytes], spec, out: Path, original_out: Path, clip_out: Path
+) -> None:
     """HF folder (save_pretrained), its original-format twin and the CLIP tower that twin names."""
     for folder in (out, original_out, clip_out):
         if folder.exists():
@@ -535,15 +557,24 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--original-out", type=Path, help="original-format twin (default: OUT-original)")
     parser.add_argument("--clip-out", type=Path, help="CLIP tower folder (default: toy-clip beside OUT)")
     parser.add_argument("--steps", type=int, default=2400, help="optimizer steps of stages 1 and 2 together")
-    parser.add_argument("--stage1-fraction", type=float, default=0.25, help="share of --steps spent on captions")
+    parser.add_argument(
+        "--stage1-fraction", type=float, default=0.25, help="share of --steps spent on captions"
+    )
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 0 steps (batch 64)")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 2 batch (conversations)")
     parser.add_argument("--caption-batch-size", type=int, default=64, help="stage 1 batch (captions)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--pool", type=int, default=10000, help="training images (rendered once, reused)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap (13 min suffice on 2 idle cores): stages stop early past it")
-    parser.add_argument("--eval-images", type=int, default=40, help="held-out images for the final reference eval")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=40.0,
+        help="wall-clock cap (13 min suffice on 2 idle cores): stages stop early past it",
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=40, help="held-out images for the final reference eval"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args(argv)

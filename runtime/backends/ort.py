@@ -46,7 +46,9 @@ def open_session(path: Path, provider_list: list):
         return ort.InferenceSession(str(path), options, providers=provider_list)
     except Exception as err:  # ORT raises its own exception types for parse and load errors
         reason = str(err).strip().splitlines()[0][:200]
-        raise ArtifactError(f"{path} cannot be loaded (truncated or corrupt? {reason}); re-export it") from None
+        raise ArtifactError(
+            f"{path} cannot be loaded (truncated or corrupt? {reason}); re-export it"
+        ) from None
 
 
 class OrtBackend(Backend):
@@ -85,7 +87,10 @@ class OrtBackend(Backend):
             empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.dtype)
             return [self.ort.OrtValue.ortvalue_from_numpy(empty, self.device)] * len(self.past_names)
         shape = (batch, self.kv_shape[0], self.kv_capacity, self.kv_shape[1])
-        return [self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device) for _ in self.past_names]
+        return [
+            self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device)
+            for _ in self.past_names
+        ]
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache):
         binding = self.decoder.io_binding()

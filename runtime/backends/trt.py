@@ -47,7 +47,9 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise EngineError(f"TensorRT is not installed, so TensorRT engines can neither be built nor run: {INSTALL}") from None
+        raise EngineError(
+            f"TensorRT is not installed, so TensorRT engines can neither be built nor run: {INSTALL}"
+        ) from None
     return tensorrt
 
 
@@ -59,7 +61,9 @@ def import_cudart():
         try:
             from cuda import cudart as runtime
         except ImportError:
-            raise EngineError(f"cuda-python is not installed (the TensorRT backend allocates device memory with it): {INSTALL}") from None
+            raise EngineError(
+                f"cuda-python is not installed (the TensorRT backend allocates device memory with it): {INSTALL}"
+            ) from None
     return runtime
 
 
@@ -107,7 +111,9 @@ class Cuda:
 
     def malloc_host(self, nbytes: int) -> int:
         """Page-locked host memory: copies from it are truly asynchronous, and faster."""
-        return int(self.call(f"cudaMallocHost({nbytes} bytes)", self.rt.cudaMallocHost(max(aligned(nbytes), ALIGN))))
+        return int(
+            self.call(f"cudaMallocHost({nbytes} bytes)", self.rt.cudaMallocHost(max(aligned(nbytes), ALIGN)))
+        )
 
     def free_host(self, pointer: int) -> None:
         self.call("cudaFreeHost", self.rt.cudaFreeHost(pointer))
@@ -142,12 +148,16 @@ class Staging:
         self.cuda, self.nbytes = cuda, nbytes
         self.device = cuda.malloc(nbytes)
         self.host = cuda.malloc_host(nbytes)
-        self.host_bytes = np.frombuffer((ctypes.c_char * aligned(max(nbytes, 1))).from_address(self.host), dtype=np.uint8)
+        self.host_bytes = np.frombuffer(
+            (ctypes.c_char * aligned(max(nbytes, 1))).from_address(self.host), dtype=np.uint8
+        )
 
     def host_view(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         count = int(np.prod(shape, dtype=np.int64))
         if count * np.dtype(dtype).itemsize > self.nbytes:
-            raise EngineError(f"internal: {shape} {np.dtype(dtype)} exceeds a staging buffer of {self.nbytes} bytes")
+            raise EngineError(
+                f"internal: {shape} {np.dtype(dtype)} exceeds a staging buffer of {self.nbytes} bytes"
+            )
         return self.host_bytes[: count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
     def upload(self, array: np.ndarray, stream) -> tuple[int, ...]:
@@ -177,7 +187,9 @@ class EngineRunner:
         except OSError as err:
             raise EngineError(f"{plan} is unreadable ({err}): rebuild with `{rebuild}`") from None
         if engine is None:
-            raise EngineError(f"TensorRT cannot load {plan} (corrupt, or built by another TensorRT): rebuild with `{rebuild}`")
+            raise EngineError(
+                f"TensorRT cannot load {plan} (corrupt, or built by another TensorRT): rebuild with `{rebuild}`"
+            )
         self.trt, self.engine, self.plan, self.stream = trt, engine, plan, stream_handle
         self.context = engine.create_execution_context()
         if self.context is None:
@@ -201,7 +213,9 @@ class EngineRunner:
             self.profile = profile
         for name, shape in shapes.items():
             if not context.set_input_shape(name, tuple(int(d) for d in shape)):
-                raise EngineError(f"TensorRT refused shape {tuple(shape)} for {name} in {self.plan.name} (profile {profile})")
+                raise EngineError(
+                    f"TensorRT refused shape {tuple(shape)} for {name} in {self.plan.name} (profile {profile})"
+                )
         for name, address in addresses.items():
             if not context.set_tensor_address(name, int(address)):
                 raise EngineError(f"TensorRT refused the address of {name} in {self.plan.name}")
@@ -213,7 +227,16 @@ class KvSlabs:
     """Two device slabs for the ping-pong KV cache; each holds `tensors` tensors of up to
     [batch, kv_heads, max_seq_len, head_dim], `stride` bytes apart."""
 
-    def __init__(self, cuda: Cuda, tensors: int, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: np.dtype):
+    def __init__(
+        self,
+        cuda: Cuda,
+        tensors: int,
+        batch: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: np.dtype,
+    ):
         self.cuda, self.batch = cuda, batch
         self.stride = aligned(batch * kv_heads * max_seq_len * head_dim * np.dtype(dtype).itemsize)
         self.bases: list[int] = []
@@ -259,7 +282,11 @@ class TrtBackend(Backend):
         self.engine_folder = engines.select_engine(folder, manifest, self.identity)
         self.rebuild = engines.rebuild_command(folder)
         limits = self.engine_folder.limits
-        self.max_batch, self.max_input_len, self.max_positions = limits.max_batch, limits.max_input_len, limits.max_seq_len
+        self.max_batch, self.max_input_len, self.max_positions = (
+            limits.max_batch,
+            limits.max_input_len,
+            limits.max_seq_len,
+        )
         self.vision_profiles = self.engine_folder.profiles("vision")
         self.decoder_profiles = self.engine_folder.profiles("decoder")
         self.manifest = manifest
@@ -277,11 +304,17 @@ class TrtBackend(Backend):
         self.runtime = trt.Runtime(self.logger)
         self.vision = EngineRunner(trt, self.runtime, self.engine_folder.plan("vision"), stream, self.rebuild)
         self.vision.check_io([contract.PIXEL_VALUES], [contract.IMAGE_EMBEDS])
-        self.decoder = EngineRunner(trt, self.runtime, self.engine_folder.plan("decoder"), stream, self.rebuild)
-        self.decoder.check_io(contract.decoder_input_names(text.num_layers), contract.decoder_output_names(text.num_layers))
+        self.decoder = EngineRunner(
+            trt, self.runtime, self.engine_folder.plan("decoder"), stream, self.rebuild
+        )
+        self.decoder.check_io(
+            contract.decoder_input_names(text.num_layers), contract.decoder_output_names(text.num_layers)
+        )
         self.dtype = self.decoder.dtypes[contract.INPUTS_EMBEDS]
         if self.dtype != np.dtype(manifest.graphs["decoder"].dtype):
-            raise EngineError(f"{self.engine_folder.plan('decoder')} runs in {self.dtype}, the decoder graph in {manifest.graphs['decoder'].dtype}: rebuild with `{self.rebuild}`")
+            raise EngineError(
+                f"{self.engine_folder.plan('decoder')} runs in {self.dtype}, the decoder graph in {manifest.graphs['decoder'].dtype}: rebuild with `{self.rebuild}`"
+            )
         self.kv_dtype = self.decoder.dtypes[self.past_names[0]]
 
         size, tokens = manifest.preprocess.crop_size, manifest.vision.num_image_tokens
@@ -314,7 +347,9 @@ class TrtBackend(Backend):
             shapes = {contract.PIXEL_VALUES: chunk.shape}
             profile = engines.find_profile(self.vision_profiles, shapes)
             if profile is None:
-                raise EngineError(f"the vision engine takes images of shape {self.vision_profiles[0].shapes[contract.PIXEL_VALUES].max[1:]}, not {chunk.shape[1:]}: rebuild with `{self.rebuild}`")
+                raise EngineError(
+                    f"the vision engine takes images of shape {self.vision_profiles[0].shapes[contract.PIXEL_VALUES].max[1:]}, not {chunk.shape[1:]}: rebuild with `{self.rebuild}`"
+                )
             self.pixels.upload(chunk, self.stream)
             addresses = {contract.PIXEL_VALUES: self.pixels.device, contract.IMAGE_EMBEDS: self.images.device}
             self.vision.run(profile, shapes, addresses)
@@ -335,7 +370,15 @@ class TrtBackend(Backend):
             if self.kv is not None:
                 self.kv.free()
                 self.kv = None
-            self.kv = KvSlabs(self.cuda, len(self.past_names), batch, self.kv_heads, self.max_positions, self.head_dim, self.kv_dtype)
+            self.kv = KvSlabs(
+                self.cuda,
+                len(self.past_names),
+                batch,
+                self.kv_heads,
+                self.max_positions,
+                self.head_dim,
+                self.kv_dtype,
+            )
         generation = next(self.generations)
         self.live = (generation, 0)
         return TrtCache(batch, 0, 0, generation, 0)
@@ -354,14 +397,22 @@ class TrtBackend(Backend):
                 f"ask for fewer new tokens or rebuild with `{self.rebuild} --max-seq-len {past + sequence}`"
             )
         if batch > self.max_batch:
-            raise EngineError(f"a batch of {batch} is more than the engine's --max-batch {self.max_batch}: rebuild with `{self.rebuild}`")
+            raise EngineError(
+                f"a batch of {batch} is more than the engine's --max-batch {self.max_batch}: rebuild with `{self.rebuild}`"
+            )
 
     def decode(self, inputs_embeds, attention_mask, position_ids, cache: TrtCache):
         if not isinstance(cache, TrtCache) or self.live != (cache.generation, cache.step):
-            raise EngineError("this KV cache is not the TensorRT backend's latest one (it keeps one cache on the device)")
+            raise EngineError(
+                "this KV cache is not the TensorRT backend's latest one (it keeps one cache on the device)"
+            )
         batch, sequence, hidden = inputs_embeds.shape
         past = cache.length
-        if batch != cache.batch or attention_mask.shape != (batch, past + sequence) or position_ids.shape != (batch, sequence):
+        if (
+            batch != cache.batch
+            or attention_mask.shape != (batch, past + sequence)
+            or position_ids.shape != (batch, sequence)
+        ):
             raise EngineError(
                 f"decoder inputs disagree: embeds {inputs_embeds.shape}, mask {attention_mask.shape}, positions "
                 f"{position_ids.shape}, cache of {cache.batch} x {past}"
@@ -374,8 +425,18 @@ class TrtBackend(Backend):
             contract.POSITION_IDS: (batch, sequence),
             **{name: kv for name in self.past_names},
         }
-        probe = {name: shapes[name] for name in (contract.INPUTS_EMBEDS, contract.ATTENTION_MASK, contract.POSITION_IDS, self.past_names[0])}
-        profile = engines.find_profile(self.decoder_profiles, probe, partial=True)  # per token: 4 checks, not 3 + 2 x layers
+        probe = {
+            name: shapes[name]
+            for name in (
+                contract.INPUTS_EMBEDS,
+                contract.ATTENTION_MASK,
+                contract.POSITION_IDS,
+                self.past_names[0],
+            )
+        }
+        profile = engines.find_profile(
+            self.decoder_profiles, probe, partial=True
+        )  # per token: 4 checks, not 3 + 2 x layers
         if profile is None:
             raise EngineError(
                 f"no optimization profile of the decoder engine takes {sequence} new positions after {past} cached ones "

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+
 class FakeCudart(types.ModuleType):
     """cuda.bindings.runtime over host memory: every call returns (error, value...) like cuda-python."""
 
@@ -193,12 +194,20 @@ def make_fake_tensorrt(state: SimpleNamespace) -> types.ModuleType:
             model = onnx.load(path, load_external_data=False)
             if state.reject and Path(path).name == state.reject[0]:
                 node = next(i for i, n in enumerate(model.graph.node) if n.op_type == state.reject[1])
-                self.errors.append(ParserError(node, model.graph.node[node].name, state.reject[1], "unsupported attribute"))
+                self.errors.append(
+                    ParserError(node, model.graph.node[node].name, state.reject[1], "unsupported attribute")
+                )
                 return False
             initializers = {t.name for t in model.graph.initializer}
             self.network.path = path
-            self.network.inputs = [(v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type]) for v in model.graph.input if v.name not in initializers]
-            self.network.outputs = [(v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type]) for v in model.graph.output]
+            self.network.inputs = [
+                (v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type])
+                for v in model.graph.input
+                if v.name not in initializers
+            ]
+            self.network.outputs = [
+                (v.name, ONNX_TO_NUMPY[v.type.tensor_type.elem_type]) for v in model.graph.output
+            ]
             return True
 
         @property
@@ -279,7 +288,12 @@ def make_fake_tensorrt(state: SimpleNamespace) -> types.ModuleType:
             if state.fail_build == Path(network.path).name:
                 return None
             config.cache.data += b"t"  # the build learned a timing
-            plan = {"onnx": network.path, "profiles": config.profiles, "inputs": network.inputs, "outputs": network.outputs}
+            plan = {
+                "onnx": network.path,
+                "profiles": config.profiles,
+                "inputs": network.inputs,
+                "outputs": network.outputs,
+            }
             return json.dumps(plan, default=lambda t: np.dtype(t).str).encode()
 
     class Engine:
@@ -349,8 +363,17 @@ def make_fake_tensorrt(state: SimpleNamespace) -> types.ModuleType:
             for kind, name, start, size in spans:  # no output may overwrite an input or another output
                 for other_kind, other, other_start, other_size in spans:
                     if name != other and "out" in (kind, other_kind) and size and other_size:
-                        assert start + size <= other_start or other_start + other_size <= start, f"{name} overlaps {other}"
-            state.executions.append({"plan": Path(engine.plan["onnx"]).name, "profile": self.profile, "shapes": dict(self.shapes), "addresses": dict(self.addresses)})
+                        assert start + size <= other_start or other_start + other_size <= start, (
+                            f"{name} overlaps {other}"
+                        )
+            state.executions.append(
+                {
+                    "plan": Path(engine.plan["onnx"]).name,
+                    "profile": self.profile,
+                    "shapes": dict(self.shapes),
+                    "addresses": dict(self.addresses),
+                }
+            )
             return True
 
     class Runtime:
@@ -387,15 +410,28 @@ def raise_keyboard_interrupt_inside(monitor):
 def fake_gpu(monkeypatch):
     """Installs the fake tensorrt and cuda.bindings.runtime; yields their shared state."""
     state = SimpleNamespace(
-        version="10.99.1", reject=None, fail_build=None, interrupt_at=None, caches_loaded=[], executions=[], cleared_flags=[]
+        version="10.99.1",
+        reject=None,
+        fail_build=None,
+        interrupt_at=None,
+        caches_loaded=[],
+        executions=[],
+        cleared_flags=[],
     )
     cudart = FakeCudart()
     state.cudart = cudart
     trt = make_fake_tensorrt(state)
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, cudart
-    for name, module in {"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": cudart}.items():
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # torch._dynamo probes find_spec("tensorrt")
+    for name, module in {
+        "tensorrt": trt,
+        "cuda": cuda,
+        "cuda.bindings": bindings,
+        "cuda.bindings.runtime": cudart,
+    }.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(
+            name, None
+        )  # torch._dynamo probes find_spec("tensorrt")
         monkeypatch.setitem(sys.modules, name, module)
     return state
 

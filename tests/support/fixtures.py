@@ -42,7 +42,9 @@ class Workshop:
             self.tinies[key] = write_tiny(self.factory.mktemp("tiny"), config)
         return self.tinies[key]
 
-    def artifacts(self, config=None, fmt: str = "hf", fp16: bool = False, graphs=("vision", "decoder")) -> Path:
+    def artifacts(
+        self, config=None, fmt: str = "hf", fp16: bool = False, graphs=("vision", "decoder")
+    ) -> Path:
         """An artifact folder exported (through the Python API) from `config`'s `fmt` folder."""
         import torch
 
@@ -90,7 +92,6 @@ class Workshop:
         return self.references[key]
 
 
-
 @pytest.fixture(scope="session")
 def workshop(tmp_path_factory) -> Workshop:
     """Tiny model folders, exported artifact folders and float32 references, made once."""
@@ -133,10 +134,17 @@ def bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="session")

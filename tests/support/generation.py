@@ -37,7 +37,9 @@ def reference_generate(model, pipe: Pipeline, rows, image_paths):
     pad = pipe.manifest.tokens.pad
     assert pad != model.config.image_token_index  # padding must not count as image tokens
     sequences = [reference_ids(pipe, prompt, 1, model.config.image_token_index) for prompt, _ in rows]
-    pixels = preprocess.preprocess([preprocess.load_image(path) for path in image_paths], pipe.manifest.preprocess)
+    pixels = preprocess.preprocess(
+        [preprocess.load_image(path) for path in image_paths], pipe.manifest.preprocess
+    )
     return greedy_with_margins(model, sequences, pad, NEW_TOKENS, pixel_values=pixels)
 
 

@@ -29,8 +29,8 @@ FP16_MIN_COSINE = 0.999
 # Running artifacts
 
 
-@functools.lru_cache(maxsize=None)
-def session(path: Path) -> "ort.InferenceSession":
+@functools.cache
+def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -53,11 +53,16 @@ def empty_past(folder: Path, batch: int) -> list[np.ndarray]:
     return [np.zeros(shape, dtype) for _ in range(2 * manifest.text.num_layers)]
 
 
-def run_decoder(folder: Path, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
+def run_decoder(
+    folder: Path, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
+):
     """One decoder.onnx call: returns (logits [B,vocab], presents [k0, v0, k1, v1, ...])."""
     graph = session(folder / contract.DECODER_FILE)
     names = [i.name for i in graph.get_inputs()]
-    feed = {contract.INPUTS_EMBEDS: embeds.astype(past[0].dtype), contract.ATTENTION_MASK: mask.astype(np.int64)}
+    feed = {
+        contract.INPUTS_EMBEDS: embeds.astype(past[0].dtype),
+        contract.ATTENTION_MASK: mask.astype(np.int64),
+    }
     feed[contract.POSITION_IDS] = positions.astype(np.int64)
     feed.update(dict(zip(names[3:], past)))
     logits, *presents = graph.run(None, feed)
@@ -105,13 +110,23 @@ def float16_graph_problems(model: onnx.ModelProto) -> list[str]:
     """What keeps a float16 graph from being float16 throughout, with safe normalizations."""
     graph = model.graph
     problems = []
-    weights = [t for t in graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE) and len(t.dims)]
+    weights = [
+        t
+        for t in graph.initializer
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE) and len(t.dims)
+    ]
     weights = [t for t in weights if not t.name.endswith(FLOAT32_BUFFERS)]
-    problems += [f"initializer {t.name} is {TensorProto.DataType.Name(t.data_type)}" for t in weights if t.data_type != TensorProto.FLOAT16]
+    problems += [
+        f"initializer {t.name} is {TensorProto.DataType.Name(t.data_type)}"
+        for t in weights
+        if t.data_type != TensorProto.FLOAT16
+    ]
     if not weights:
         problems.append("no floating-point weights at all")
     for value in graph.input:
-        if value.name in (contract.PIXEL_VALUES, contract.INPUTS_EMBEDS) or value.name.startswith("past_key_values."):
+        if value.name in (contract.PIXEL_VALUES, contract.INPUTS_EMBEDS) or value.name.startswith(
+            "past_key_values."
+        ):
             if value.type.tensor_type.elem_type != TensorProto.FLOAT16:
                 problems.append(f"input {value.name} is not float16")
     types = value_types(model)
@@ -119,9 +134,13 @@ def float16_graph_problems(model: onnx.ModelProto) -> list[str]:
         if node.op_type == "LayerNormalization":
             stash = {a.name: helper.get_attribute_value(a) for a in node.attribute}.get("stash_type", 1)
             if stash != 1 and types.get(node.input[0]) != TensorProto.FLOAT:
-                problems.append(f"LayerNormalization {node.name} computes its statistics in float16 (stash_type {stash})")
+                problems.append(
+                    f"LayerNormalization {node.name} computes its statistics in float16 (stash_type {stash})"
+                )
         if node.op_type == "Softmax" and types.get(node.input[0]) != TensorProto.FLOAT:
             # fp16 exp/sum over long rows loses the small probabilities (or overflows): PyTorch's
             # reference upcasts here, so must the graph.
-            problems.append(f"Softmax {node.name} runs in {TensorProto.DataType.Name(types.get(node.input[0], 0))}, not FLOAT")
+            problems.append(
+                f"Softmax {node.name} runs in {TensorProto.DataType.Name(types.get(node.input[0], 0))}, not FLOAT"
+            )
     return problems
