@@ -173,7 +173,8 @@ def test_original_names_the_tower_relative_to_itself():
 def test_shipped_formats_load_and_agree():
     """Both formats load through exporter.source and give identical image features and logits."""
     from exporter.source import load_source
-    from exporter.toy.eval_reference import pixel_values, prompt_ids
+    from exporter.toy.evaluate import pixel_values, prompt_ids
+    from exporter.toy.train import prompt_format
 
     shipped()
     hf = load_source(str(HF_DIR))
@@ -193,7 +194,9 @@ def test_shipped_formats_load_and_agree():
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(HF_DIR / "tokenizer.json"))
-    ids = torch.tensor([prompt_ids(tokenizer, "What colour is the background?", hf.model.config)])
+    ids = torch.tensor(
+        [prompt_ids(tokenizer, "What colour is the background?", prompt_format(hf.model.config))]
+    )
     with torch.no_grad():
         logits_hf = hf.model(input_ids=ids, pixel_values=pixels[:1]).logits
         logits_original = original.model(input_ids=ids, pixel_values=pixels[:1]).logits
@@ -205,13 +208,15 @@ def test_shipped_model_answers():
     from tokenizers import Tokenizer
     from transformers import LlavaForConditionalGeneration
 
-    from exporter.toy.eval_reference import evaluate_reference
+    from exporter.toy.evaluate import score_reference
+    from exporter.toy.train import prompt_format, toy_preprocess
 
     shipped()
     torch.set_num_threads(2)
     model = LlavaForConditionalGeneration.from_pretrained(HF_DIR, dtype=torch.float32)
     tokenizer = Tokenizer.from_file(str(HF_DIR / "tokenizer.json"))
-    result = evaluate_reference(model, tokenizer, data.split("test", 3))
+    spec = toy_preprocess(model.config.vision_config.image_size)
+    result = score_reference(model, tokenizer, data.split("test", 3), prompt_format(model.config), spec)
     assert result.total >= 20
     assert result.accuracy >= 0.8, result.summary()
 

@@ -37,22 +37,16 @@ from pathlib import Path
 
 import torch
 
+from exporter.source import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from exporter.testing.original_format import write_clip_tower, write_original, write_processor_config
 from exporter.toy import data
-from exporter.toy.eval_reference import (
-    BOS_ID,
-    EOS_ID,
-    TEMPLATE,
-    evaluate_reference,
-    num_image_tokens,
-    pixel_values,
-    prompt_ids,
-    toy_preprocess,
-)
-from runtime.contract import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from exporter.toy.evaluate import PromptFormat, pixel_values, prompt_ids, score_reference
+from runtime.contract import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, PreprocessSpec
 from runtime.prompts import TEMPLATES, render_prompt
 
 IGNORE = -100
+TEMPLATE = "vicuna_v1"
+BOS_ID, EOS_ID = 1, 2
 
 
 @dataclass(frozen=True)
@@ -112,6 +106,29 @@ def llava_config(toy: ToyConfig):
         image_seq_length=(toy.image_size // toy.patch_size) ** 2,
         tie_word_embeddings=False,
     )
+
+
+def toy_preprocess(image_size: int) -> PreprocessSpec:
+    """The toy model's image preprocessing: pad to square (LLaVA-1.5), bicubic to image_size."""
+    return PreprocessSpec(
+        shortest_edge=image_size,
+        crop_size=image_size,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        aspect="pad",
+    )
+
+
+def num_image_tokens(config) -> int:
+    """Embeddings per image: patches, plus CLS when the strategy keeps it ("full")."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (config.vision_feature_select_strategy == "full")
+
+
+def prompt_format(config) -> PromptFormat:
+    """How the toy model is prompted in training and by its held-out evaluation."""
+    return PromptFormat(TEMPLATE, BOS_ID, [EOS_ID], config.image_token_index, num_image_tokens(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +196,7 @@ def conversation_sequence(tokenizer, qa: list[tuple[str, str]], config) -> tuple
     mask: list[bool] = []
     for turn, (question, answer) in enumerate(qa):
         if turn == 0:
-            prompt = prompt_ids(tokenizer, question, config)
+            prompt = prompt_ids(tokenizer, question, prompt_format(config))
         else:
             prompt = tokenizer.encode(
                 f"{user}: {question}{template.sep}{assistant}:", add_special_tokens=False
@@ -328,7 +345,7 @@ class HeldOut:
         for image, _caption, qa in data.split("test", n_images):
             pixels = pixel_values([image], spec)
             for question, answer in qa:
-                prompt = prompt_ids(tokenizer, question, config)
+                prompt = prompt_ids(tokenizer, question, prompt_format(config))
                 target = answer_ids(tokenizer, answer) + [EOS_ID]
                 sequence = (prompt + target, [False] * len(prompt) + [True] * len(target))
                 rows.append((sequence, pixels, data.question_kind(question)))
@@ -500,7 +517,9 @@ def train(
 
     accuracy, total = float("nan"), 0
     if eval_images:
-        result = evaluate_reference(model, tokenizer, data.split("test", eval_images), spec)
+        result = score_reference(
+            model, tokenizer, data.split("test", eval_images), prompt_format(config), spec
+        )
         accuracy, total = result.accuracy, result.total
         print(
             f"held-out reference accuracy (HF generate, greedy, exact match): {result.summary()}", flush=True
