@@ -1,2 +1,3 @@
-"""The exporter: PyTorch/transformers LLaVA checkpoints to ONNX artifacts. torch and
-transformers are imported here and only here."""
+"""The exporter: PyTorch/transformers LLaVA checkpoints to ONNX artifacts and TensorRT engines,
+and the benchmarks against the PyTorch reference. torch and transformers are imported in this
+package only, never by the runtime (exporter.engine needs neither)."""

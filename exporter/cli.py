@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from exporter.graphs import DEFAULT_OPSET
 from runtime.errors import LlavaError
 from runtime.extras import require
 
@@ -76,9 +77,9 @@ def output_options(command):
     command = click.option("--force", is_flag=True, help="Replace artifacts of another model in --out.")(
         command
     )
-    command = click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to emit.")(
-        command
-    )
+    command = click.option(
+        "--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset to emit."
+    )(command)
     command = click.option(
         "--fp16", is_flag=True, help="Write float16 graphs (TensorRT takes precision from the graph)."
     )(command)

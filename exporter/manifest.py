@@ -34,9 +34,9 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def new_manifest(source: LlavaSource, weights_sha256: str, template: str | None = None) -> Manifest:
+def new_manifest(source: LlavaSource, template: str | None = None) -> Manifest:
     return Manifest(
-        source={"path": str(source.path), "format": source.format, "weights_sha256": weights_sha256},
+        source={"path": str(source.path), "format": source.format, "weights_sha256": source.weights_sha256},
         vision=source.vision,
         text=source.text,
         preprocess=source.preprocess,
@@ -49,8 +49,7 @@ def new_manifest(source: LlavaSource, weights_sha256: str, template: str | None 
 def open_manifest(folder: Path, source: LlavaSource, force: bool, template: str | None = None) -> Manifest:
     """The manifest to update in `folder`: the existing one if it describes the same model,
     a fresh one if there is none; another model's folder is refused unless `force`."""
-    sha = source.weights_sha256()
-    fresh = new_manifest(source, sha, template)
+    fresh = new_manifest(source, template)
     if not (folder / contract.MANIFEST_FILE).exists():
         return fresh
     try:

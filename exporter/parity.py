@@ -19,8 +19,8 @@ MIN_COSINE = {"float32": 0.9999, "float16": 0.999}
 # looser than float32 because MatMulNBits (accuracy level 4) also rounds each block of
 # activations to int8. What the rounding of the weights costs is reported beside it (cosine and
 # top-1 agreement against the unquantized weights), not gated: random-weight test models
-# amplify every layer's error (int4 logits of the tiny and the 7B-width 2-layer models: cosine
-# ~0.91 against float32), trained models much less; their quality is the evaluation's job.
+# amplify every layer's error (docs/benchmarks.md, "Quantization"), trained models much less;
+# their quality is the evaluation's job.
 QUANT_MIN_COSINE = {"int8": 0.99, "int4": 0.99}
 
 

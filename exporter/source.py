@@ -12,7 +12,7 @@ description (VisionSpec, TextSpec, PreprocessSpec, template) that export and run
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.contract import PreprocessSpec, TextSpec, VisionSpec
+from runtime.contract import PreprocessSpec, TextSpec, VisionSpec, file_sha256
 from runtime.errors import SourceError
 
 # Text families we export, by the transformers model_type of the text config. The original
@@ -54,14 +54,12 @@ class LlavaSource:
     tokenizer_dir: Path
     weight_files: list[Path]
 
+    @functools.cached_property
     def weights_sha256(self) -> str:
-        """sha256 over the weight files' bytes, in name order (tower files included)."""
-        digest = hashlib.sha256()
-        for file in self.weight_files:
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        """sha256 over the weight files' bytes, in name order (tower files included): the
+        manifest's model identity. Read once per source (a 7B checkpoint is 14 GB), however
+        many graphs are exported from it."""
+        return file_sha256(*self.weight_files)
 
 
 def load_source(src: str, vision_tower: str | None = None, dtype: torch.dtype = torch.float32) -> LlavaSource:

@@ -17,6 +17,7 @@ FORMAT_VERSION; the runtime refuses versions it does not know.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -257,3 +258,15 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(manifest.to_json())
     os.replace(tmp, path)
+
+
+def file_sha256(*paths: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (GraphSpec.sha256), or of several files' bytes read one
+    after the other (the manifest's weights_sha256: a checkpoint's files in order), read in
+    16 MiB blocks so that a 7B checkpoint is never in memory at once."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()

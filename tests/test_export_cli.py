@@ -4,7 +4,12 @@ the manifest it writes."""
 
 from __future__ import annotations
 
+import builtins
+import collections
+import hashlib
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -191,8 +196,32 @@ def test_refuses_another_models_folder_unless_force(workshop, tmp_path):
         not (out / contract.DECODER_FILE).exists() and not (out / contract.EMBEDDINGS_FILE).exists()
     )  # the other model's
     written = contract.read_manifest(out)
-    assert written.source["weights_sha256"] == load_source(str(model)).weights_sha256()
+    assert written.source["weights_sha256"] == load_source(str(model)).weights_sha256
     assert list(written.graphs) == ["vision"]
+
+
+def test_all_reads_each_weight_file_once(workshop, tmp_path, monkeypatch):
+    """`llava-export all` exports two graphs into one manifest, whose model identity is the
+    weights' sha256: each weight file, the tower's too, is read once for both (a 7B checkpoint
+    is 14 GB per read). Loading reads them outside Python's open (safetensors)."""
+    folders = workshop.tiny(DEFAULT)
+    weights = {
+        os.path.realpath(p) for name in ("original", "clip") for p in folders[name].glob("*.safetensors")
+    }
+    reads = collections.Counter()
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in weights:
+            reads[os.path.realpath(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib's
+    result = invoke("all", "--model", folders["original"], "--out", tmp_path / "out", "--quiet")
+    monkeypatch.undo()
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(weights) == 2 and reads == {file: 1 for file in weights}
 
 
 def test_vision_tower_flag_overrides(workshop, tmp_path):
@@ -277,7 +306,7 @@ def test_manifest_records_the_export(workshop):
     manifest = contract.read_manifest(folder)
     source = load_source(str(workshop.tiny(DEFAULT)["hf"]))
     assert manifest.format_version == contract.FORMAT_VERSION
-    assert manifest.source["format"] == "hf" and manifest.source["weights_sha256"] == source.weights_sha256()
+    assert manifest.source["format"] == "hf" and manifest.source["weights_sha256"] == source.weights_sha256
     assert manifest.vision == source.vision and manifest.text == source.text
     assert manifest.vision.num_image_tokens == (DEFAULT.image_size // DEFAULT.patch_size) ** 2
     assert (
@@ -299,7 +328,7 @@ def test_manifest_io_spec_matches_the_graph(workshop, graph):
     spec = contract.read_manifest(folder).graphs[graph]
     model = onnx.load(str(folder / spec.file))
     assert spec.dtype == "float32" and spec.opset == 18
-    assert spec.sha256 == onnx_io.file_sha256(folder / spec.file)
+    assert spec.sha256 == hashlib.sha256((folder / spec.file).read_bytes()).hexdigest()
 
     def dims(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}

@@ -5,6 +5,7 @@ the manifest and CLI say so. All on the tiny model (hidden 64: narrower than som
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,7 +22,8 @@ ort = pytest.importorskip("onnxruntime")
 from exporter import parity  # noqa: E402
 from exporter.cli import main  # noqa: E402
 from exporter.graphs import onnx_io, quantize  # noqa: E402
-from exporter.graphs.decoder import decoder_parity  # noqa: E402
+from exporter.graphs.decoder import DecoderGraph  # noqa: E402
+from exporter.graphs.export import ExportOptions  # noqa: E402
 from exporter.source import load_source  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import contract  # noqa: E402
@@ -132,7 +134,7 @@ def test_graph_computes_with_the_weights_it_stores(workshop, quantized, quant):
     """Against a reference carrying the dequantized weights, only MatMulNBits' int8 activations
     differ: the export-time gate (QUANT_MIN_COSINE) holds with a wide margin."""
     source = load_source(str(workshop.tiny(DEFAULT)["hf"]))
-    results = decoder_parity(source, quantized[quant], "float32", quant=quant)
+    results = DecoderGraph(source, ExportOptions(quant=quant)).parity(quantized[quant])
     gated = [r for r in results if r.gated]
     assert all(r.ok for r in results) and len(gated) == 3 + 2 * DEFAULT.text_layers
     assert min(r.min_cosine for r in gated) >= 0.998
@@ -156,7 +158,7 @@ def test_float16_decoder_quantizes(workshop, tmp_path):
     out = tmp_path / contract.DECODER_FILE
     quantize.quantize_decoder(folder / contract.DECODER_FILE, out, bits=4)
     source = load_source(str(workshop.tiny(DEFAULT)["hf"]), dtype=torch.float16)
-    results = decoder_parity(source, out, "float16", quant="int4")
+    results = DecoderGraph(source, ExportOptions(fp16=True, quant="int4")).parity(out)
     assert all(r.ok for r in results), [r.line() for r in results]
 
 
@@ -273,7 +275,10 @@ def test_manifest_records_quant(workshop, cli_int4):
     manifest = contract.read_manifest(cli_int4)
     assert manifest.graphs["decoder"].quant == "int4" and manifest.graphs["decoder"].dtype == "float32"
     assert manifest.graphs["vision"].quant is None  # the vision graph stays float
-    assert manifest.graphs["decoder"].sha256 == onnx_io.file_sha256(cli_int4 / contract.DECODER_FILE)
+    assert (
+        manifest.graphs["decoder"].sha256
+        == hashlib.sha256((cli_int4 / contract.DECODER_FILE).read_bytes()).hexdigest()
+    )
     figures = manifest.parity["decoder"]
     assert figures["min_cosine"] >= parity.QUANT_MIN_COSINE["int4"]
     assert (

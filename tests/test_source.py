@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -81,12 +82,21 @@ def test_specs_describe_the_model(workshop):
     )
     assert text.head_dim == 16 and text.vocab_size == 320
     assert source.preprocess.aspect == "pad" and source.preprocess.crop_size == DEFAULT.image_size
-    assert len(source.weights_sha256()) == 64
+    assert len(source.weights_sha256) == 64
     assert next(source.model.parameters()).dtype == torch.float32
     assert (
         next(load_source(str(workshop.tiny(DEFAULT)["hf"]), dtype=torch.float16).model.parameters()).dtype
         == torch.float16
     )
+
+
+def test_weights_digest_is_one_sha256_over_every_weight_file(workshop):
+    """The manifest's model identity: the bytes of the checkpoint's files, then the tower's, in
+    one running digest (as every manifest written so far has it)."""
+    source = load_source(str(workshop.tiny(DEFAULT)["original"]))
+    assert [file.resolve().parent.name for file in source.weight_files] == ["original", "clip"]
+    whole = b"".join(file.read_bytes() for file in source.weight_files)
+    assert source.weights_sha256 == hashlib.sha256(whole).hexdigest()
 
 
 def test_original_keeps_rope_scaling(workshop):

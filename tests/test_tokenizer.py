@@ -2,6 +2,7 @@
 and export to an artifact folder (exporter/graphs/tokenizer.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,12 @@ pytest.importorskip("sentencepiece")
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from exporter.graphs.tokenizer import convert_sentencepiece, save_tokenizer  # noqa: E402
+from exporter.graphs.tokenizer import (  # noqa: E402
+    _chat_template,
+    _load_sentencepiece,
+    _write_tokenizer,
+    save_tokenizer,
+)
 from exporter.testing.tiny_tokenizer import MIN_VOCAB, build_tiny_tokenizer  # noqa: E402
 from runtime.errors import SourceError  # noqa: E402
 
@@ -113,6 +119,13 @@ def _train_spm(folder):
         minloglevel=2,
     )
     return folder / "tokenizer.model"
+
+
+def convert_sentencepiece(model_file: Path, out: Path) -> None:
+    """A sentencepiece tokenizer.model to tokenizer.json (+ config), as save_tokenizer converts
+    an original checkpoint's, from any file name."""
+    tokenizer = _load_sentencepiece(model_file)
+    _write_tokenizer(tokenizer, out, chat_template=_chat_template(tokenizer))
 
 
 def test_convert_sentencepiece(tmp_path):

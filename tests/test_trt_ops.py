@@ -172,7 +172,6 @@ def test_describe_names_nodes_ops_and_the_source(tmp_path):
 def test_engine_command_reports_an_unsupported_node_before_anything_else(workshop, tmp_path):
     """`llava-export engine` runs the op check first, with or without TensorRT installed."""
     from exporter.cli import main
-    from exporter.graphs import onnx_io
     from exporter.testing.tiny import TinyConfig
 
     folder = shutil.copytree(workshop.artifacts(TinyConfig(), "hf"), tmp_path / "artifacts")
@@ -183,7 +182,7 @@ def test_engine_command_reports_an_unsupported_node_before_anything_else(worksho
     )
     onnx.save(model, str(folder / contract.VISION_FILE))
     manifest = contract.read_manifest(folder)  # the manifest agrees: only the op check can object
-    manifest.graphs["vision"].sha256 = onnx_io.file_sha256(folder / contract.VISION_FILE)
+    manifest.graphs["vision"].sha256 = contract.file_sha256(folder / contract.VISION_FILE)
     contract.write_manifest(folder, manifest)
     for extra in (["--dry-run"], []):
         result = CliRunner().invoke(main, ["engine", "--artifacts", str(folder), *extra])

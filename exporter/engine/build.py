@@ -18,7 +18,6 @@ default (~/.cache/llava-export/) and is saved after each engine.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -105,7 +104,7 @@ def plan_engines(
     with progress.stage("checking the ONNX files against the manifest"):
         for graph in engines.GRAPHS:
             path = artifacts / manifest.graphs[graph].file
-            sources[graph] = file_sha256(path)
+            sources[graph] = contract.file_sha256(path)
             if sources[graph] != manifest.graphs[graph].sha256:
                 raise ArtifactError(
                     f"{path} is not the graph its manifest describes (sha256 differs): re-export with `llava-export all --out {artifacts}`"
@@ -133,16 +132,6 @@ def onnx_runtime_only(decoder: contract.GraphSpec) -> str | None:
             f"com.microsoft.GroupQueryAttention), which TensorRT does not run: export it without --kv-cache for TensorRT"
         )
     return None
-
-
-def file_sha256(path: Path) -> str:
-    """As exporter.graphs.onnx_io's (which the manifest's digests come from), without importing torch:
-    engines are often built on a box that has the ONNX and TensorRT but no exporter stack."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_timing_cache(identity: GpuIdentity) -> Path:

@@ -11,17 +11,13 @@ would be 77 MB of float32 per sequence for nothing.
 
 That is the "concat" KV layout: each present is Concat(past, new), a copy of the whole cache
 per step. The opt-in "static" layout (--kv-cache static, ONNX Runtime only) takes and returns
-preallocated buffers instead, past_key_values.{i}.* and present.{i}.* [B,kv,M,hd] alike, of
-which the first P+S columns are live: com.microsoft.GroupQueryAttention writes the S new
-positions at columns P..P+S-1 and attends over columns 0..P+S-1 only. Bound to one OrtValue as
-both past and present (runtime/backends/ort.py), the buffer is updated in place.
+preallocated buffers instead, updated in place: static_kv.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +25,27 @@ import torch
 from torch import nn
 
 from exporter import parity
-from exporter.graphs import onnx_io, quantize
+from exporter.graphs import DEFAULT_OPSET, quantize
+from exporter.graphs.export import ExportOptions, GraphExport, export_graph
+from exporter.graphs.static_kv import DecoderWithStaticCache, in_buffers
 from exporter.graphs.tokenizer import save_tokenizer
-from exporter.manifest import open_manifest
 from exporter.progress import Progress
 from exporter.source import LlavaSource
 from runtime import contract
-from runtime.contract import GraphSpec, TokenSpec
+from runtime.contract import Manifest, TokenSpec
 from runtime.errors import LlavaError
 
-DEFAULT_OPSET = 18
+# The cache dims' names in each layout: the graph's past and present sequence dims.
+PAST_DIM = {contract.KV_CONCAT: "past_sequence", contract.KV_STATIC: "max_sequence"}
+PRESENT_DIM = {contract.KV_CONCAT: "total_sequence", contract.KV_STATIC: "max_sequence"}
+TRACE_BUFFER = 8  # the static layout's buffer length while tracing (any length runs)
+# The parity check: a left-padded prefill of these lengths, then this many decode steps; a
+# static-layout graph's buffers get spare columns after the live ones, which it must ignore.
+PARITY_LENGTHS = [6, 4]
+PARITY_DECODE_STEPS = 2
+PARITY_SPARE_COLUMNS = 4
+# What ships with the decoder: the runtime's embedding table and tokenizer.
+COMPANION_FILES = (contract.EMBEDDINGS_FILE, contract.TOKENIZER_FILE, contract.TOKENIZER_CONFIG_FILE)
 
 
 class DecoderWithPast(nn.Module):
@@ -71,172 +78,6 @@ class DecoderWithPast(nn.Module):
         return (logits, *presents)
 
 
-# -- the static KV layout ---------------------------------------------------------------------
-
-STATIC_ATTENTION = "llava_export_static_kv"  # the transformers attention implementation below
-
-
-def group_query_attention(
-    query, key, value, past_key, past_value, attention_bias, num_heads: int, kv_num_heads: int, scale: float
-):
-    """ONNX Runtime's com.microsoft.GroupQueryAttention on a preallocated cache: the ONNX node
-    while exporting, the same arithmetic in PyTorch otherwise.
-
-    query [B,S,heads*hd], key/value [B,S,kv*hd] (rotary applied), past_key/value [B,kv,M,hd]
-    live in columns 0..T-S-1, attention_bias [B,1,S,T] additive (causal and padding)
-    -> output [B,S,heads*hd], present_key/value [B,kv,M,hd]: past with the S new positions
-    written at columns T-S..T-1. Columns from T on are neither read nor written.
-
-    The node gets total_sequence_length T and seqlens_k [B] = T-1 for every row: left padding
-    ends every row at the same column, and the bias hides the padding. Its own causal mask
-    agrees with the bias'."""
-    if not torch.onnx.is_in_onnx_export():
-        return group_query_attention_reference(
-            query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale
-        )
-    batch, total = query.shape[0], attention_bias.shape[-1]
-    seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
-    total_sequence_length = torch.full((), total, dtype=torch.int32)
-    return torch.onnx.ops.symbolic_multi_out(
-        "com.microsoft::GroupQueryAttention",
-        [
-            query,
-            key,
-            value,
-            past_key,
-            past_value,
-            seqlens_k,
-            total_sequence_length,
-            None,
-            None,
-            None,
-            attention_bias,
-        ],
-        {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": scale},
-        dtypes=[query.dtype, past_key.dtype, past_value.dtype],
-        shapes=[query.shape, past_key.shape, past_value.shape],
-        version=1,
-    )
-
-
-def group_query_attention_reference(
-    query, key, value, past_key, past_value, attention_bias, num_heads, kv_num_heads, scale
-):
-    """group_query_attention in PyTorch ops (same arguments and results)."""
-    batch, new, _ = query.shape
-    total, head_dim = attention_bias.shape[-1], past_key.shape[-1]
-    presents = []
-    for past, states in ((past_key, key), (past_value, value)):
-        present = past.clone()
-        present[:, :, total - new : total] = states.view(batch, new, kv_num_heads, head_dim).transpose(1, 2)
-        presents.append(present)
-    groups = num_heads // kv_num_heads
-    keys, values = (p[:, :, :total].repeat_interleave(groups, dim=1) for p in presents)  # [B,heads,T,hd]
-    queries = query.view(batch, new, num_heads, head_dim).transpose(1, 2)
-    scores = (queries @ keys.transpose(2, 3)).float() * scale + attention_bias.float()
-    output = scores.softmax(-1).to(values.dtype) @ values  # [B,heads,S,hd]
-    return output.transpose(1, 2).reshape(batch, new, num_heads * head_dim), presents[0], presents[1]
-
-
-def static_kv_attention(
-    module, query, key, value, attention_mask, scaling, static_kv=None, sliding_window=None, **kwargs
-):
-    """A transformers attention implementation over the static cache `static_kv` (a list of
-    [key, value] buffers per layer, replaced by the presents). query [B,heads,S,hd], key/value
-    [B,kv,S,hd] (the new positions only: no transformers cache is involved), attention_mask the
-    additive bias [B,1,S,T] -> ([B,S,heads,hd], no weights)."""
-    assert sliding_window is None, "check_kv_cache refuses sliding-window models"
-    batch, heads, new, head_dim = query.shape
-    kv_heads = key.shape[1]
-    layer = static_kv[module.layer_idx]
-    flat = [
-        states.transpose(1, 2).reshape(batch, new, -1) for states in (query, key, value)
-    ]  # [B,S,heads*hd]
-    output, layer[0], layer[1] = group_query_attention(
-        *flat, layer[0], layer[1], attention_mask, heads, kv_heads, scaling
-    )
-    return output.view(batch, new, heads, head_dim), None
-
-
-def attention_bias(attention_mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
-    """attention_mask [B,T] (0 on left padding) -> additive bias [B,1,S,T]: 0 where the query at
-    column T-S+i may see column j (j <= T-S+i, not padding), the dtype's min elsewhere (as
-    transformers' eager mask; a padding query row, fully masked, stays finite)."""
-    total = attention_mask.shape[1]
-    columns = torch.arange(total)
-    rows = torch.arange(new) + (total - new)
-    visible = (columns[None, :] <= rows[:, None])[None] & attention_mask[:, None, :].bool()  # [B,S,T]
-    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
-
-
-class DecoderWithStaticCache(DecoderWithPast):
-    """DecoderWithPast over preallocated buffers: past_key_values [B,kv,M,hd] each, live in
-    columns 0..P-1 (P = attention_mask width - S); returns (logits, the buffers with the S new
-    positions written at P..P+S-1)."""
-
-    def __init__(self, llava: nn.Module):
-        from transformers import AttentionInterface
-
-        super().__init__(llava)
-        AttentionInterface.register(STATIC_ATTENTION, static_kv_attention)  # forward selects it by name
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
-        static_kv = [[key, value] for key, value in past_key_values]
-        config = self.language_model.config
-        eager, config._attn_implementation = config._attn_implementation, STATIC_ATTENTION
-        try:
-            hidden = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_bias(
-                    attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype
-                ),  # 4D: used as is
-                position_ids=position_ids,
-                use_cache=False,
-                static_kv=static_kv,
-            ).last_hidden_state
-        finally:
-            config._attn_implementation = eager
-        logits = self.lm_head(hidden[:, -1]).float()  # [B, vocab]
-        return (logits, *(buffer for layer in static_kv for buffer in layer))
-
-
-# The cache dims' names in each layout: the graph's past and present sequence dims.
-PAST_DIM = {contract.KV_CONCAT: "past_sequence", contract.KV_STATIC: "max_sequence"}
-PRESENT_DIM = {contract.KV_CONCAT: "total_sequence", contract.KV_STATIC: "max_sequence"}
-TRACE_BUFFER = 8  # the static layout's buffer length while tracing (any length runs)
-
-
-def dynamic_shapes(num_layers: int, kv_cache: str = contract.KV_CONCAT) -> dict:
-    batch = torch.export.Dim("batch")
-    sequence = torch.export.Dim("sequence")
-    past = torch.export.Dim(PAST_DIM[kv_cache])
-    total = torch.export.Dim("total_sequence")
-    return {
-        "inputs_embeds": {0: batch, 1: sequence},
-        "attention_mask": {0: batch, 1: total},
-        "position_ids": {0: batch, 1: sequence},
-        "past_key_values": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(num_layers)],
-    }
-
-
-def io_spec(source: LlavaSource, kv_cache: str = contract.KV_CONCAT) -> tuple[dict, dict]:
-    text = source.text
-    kv = ["batch", text.num_kv_heads, PAST_DIM[kv_cache], text.head_dim]
-    present = ["batch", text.num_kv_heads, PRESENT_DIM[kv_cache], text.head_dim]
-    inputs = {
-        contract.INPUTS_EMBEDS: ["batch", "sequence", text.hidden_size],
-        contract.ATTENTION_MASK: ["batch", "total_sequence"],
-        contract.POSITION_IDS: ["batch", "sequence"],
-    }
-    outputs = {contract.LOGITS: ["batch", text.vocab_size]}
-    for layer in range(text.num_layers):
-        inputs[contract.past_key_name(layer)] = kv
-        inputs[contract.past_value_name(layer)] = kv
-        outputs[contract.present_key_name(layer)] = present
-        outputs[contract.present_value_name(layer)] = present
-    return inputs, outputs
-
-
 def left_padded_mask(lengths: list[int], width: int) -> torch.Tensor:
     """[B, width] int64: zeros on the left, then `length` ones."""
     return torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long)
@@ -253,11 +94,6 @@ def empty_past(source: LlavaSource, batch: int, dtype: torch.dtype, length: int 
         (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
         for _ in range(source.text.num_layers)
     ]
-
-
-def in_buffers(past: list, length: int) -> list:
-    """Concat-layout past [B,kv,P,hd] -> static-layout buffers [B,kv,length,hd], zeros after P."""
-    return [tuple(nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in pair) for pair in past]
 
 
 def trace_sample(source: LlavaSource, dtype: torch.dtype, kv_cache: str = contract.KV_CONCAT):
@@ -277,95 +113,215 @@ def trace_sample(source: LlavaSource, dtype: torch.dtype, kv_cache: str = contra
     return embeds, mask, positions, past
 
 
-def export_decoder(
-    source: LlavaSource,
-    out: Path,
-    fp16: bool = False,
-    opset: int = DEFAULT_OPSET,
-    force: bool = False,
-    template: str | None = None,
-    verify: bool = True,
-    progress: Progress | None = None,
-    quant: str | None = None,
-    kv_cache: str = contract.KV_CONCAT,
-    max_seq_len: int | None = None,
-) -> dict[str, float]:
-    """Writes decoder.onnx, embed_tokens.npy and the tokenizer into `out`; updates the manifest.
+@dataclasses.dataclass
+class ParityStep:
+    """One prefill or decode step of the parity check."""
 
-    The source should be loaded in the export dtype (float16 for --fp16): a float32 copy of a
-    7B decoder would not fit next to it in 24 GB. `quant` ("int8" | "int4") quantizes the linear
-    layers' weights (exporter/graphs/quantize.py) after tracing; the parity gate is then
-    parity.QUANT_MIN_COSINE[quant]. `kv_cache` "static" writes the static layout (module
-    docstring) whose runtime buffers hold `max_seq_len` positions (recorded in the manifest).
-    """
-    progress = progress or Progress()
-    bits = quantize.quant_bits(quant) if quant else None  # a bad value fails before any work
-    max_seq_len = check_kv_cache(source, kv_cache, max_seq_len)
-    onnx_io.check_writable(out)
-    manifest = open_manifest(out, source, force, template)
-    dtype_name = "float16" if fp16 else "float32"
-    dtype = getattr(torch, dtype_name)
-    decoder = (DecoderWithStaticCache if kv_cache == contract.KV_STATIC else DecoderWithPast)(
-        source.model
-    ).eval()
-    if next(decoder.parameters()).dtype != dtype:
-        decoder = decoder.to(dtype)  # in place: load the source in the export dtype to avoid this
-    with onnx_io.staging(out, "decoder") as stage:
-        with progress.stage(
-            f"tracing the decoder graph ({dtype_name}, {source.text.num_layers} layers, opset {opset}, {kv_cache} KV cache)"
-        ):
-            program = onnx_io.trace_to_onnx(
-                decoder,
-                trace_sample(source, dtype, kv_cache),
-                dynamic_shapes=dynamic_shapes(source.text.num_layers, kv_cache),
-                input_names=contract.decoder_input_names(source.text.num_layers),
-                output_names=contract.decoder_output_names(source.text.num_layers),
-                opset=opset,
-            )
-        with progress.stage("saving and checking the graph"):
-            external = onnx_io.parameter_bytes(decoder) > onnx_io.EXTERNAL_DATA_BYTES
-            float_stage = stage / "float" if quant else stage  # the float graph, kept aside
-            float_stage.mkdir(exist_ok=True)
-            path = onnx_io.save_graph(program, float_stage, contract.DECODER_FILE, external)
-            del program
-            onnx_io.check_graph(path)
-        if quant:
-            with progress.stage(f"quantizing the linear layers to {quant} (MatMulNBits)"):
-                stats = quantize.quantize_decoder(path, stage / contract.DECODER_FILE, bits)
-                shutil.rmtree(float_stage)
-                path = stage / contract.DECODER_FILE
-            progress.say(f"  {stats.summary()}")
-        results = []
-        if verify:
-            with progress.stage("running prefill and decode in ONNX Runtime against PyTorch"):
-                results = decoder_parity(source, path, dtype_name, quant=quant)
-            parity.report(progress, "decoder", results)
-            parity.assert_parity(results, "decoder graph; nothing was written")
-        sha = onnx_io.file_sha256(path)
+    inputs: tuple  # (embeds [B,S,hidden] float32, mask [B,P+S], positions [B,S], past [(k, v)] [B,kv,P,hd])
+    actual: list[np.ndarray]  # the graph's logits [B,vocab] and presents (a static layout's live columns)
+    expected: list[torch.Tensor]  # the reference's, float32
+
+
+class DecoderGraph(GraphExport):
+    """decoder.onnx (DecoderWithPast, or DecoderWithStaticCache for the static layout), weight-
+    quantized after tracing when options.quant says so; embed_tokens.npy and the tokenizer ship
+    with it and fill the manifest's embeddings and tokens."""
+
+    name = "decoder"
+    file = contract.DECODER_FILE
+    checks = "prefill and decode"
+
+    @property
+    def static(self) -> bool:
+        return self.options.kv_cache == contract.KV_STATIC
+
+    def io_spec(self):
+        text, kv_cache = self.source.text, self.options.kv_cache
+        past = ["batch", text.num_kv_heads, PAST_DIM[kv_cache], text.head_dim]
+        present = ["batch", text.num_kv_heads, PRESENT_DIM[kv_cache], text.head_dim]
+        inputs = {
+            contract.INPUTS_EMBEDS: ["batch", "sequence", text.hidden_size],
+            contract.ATTENTION_MASK: ["batch", "total_sequence"],
+            contract.POSITION_IDS: ["batch", "sequence"],
+        }
+        outputs = {contract.LOGITS: ["batch", text.vocab_size]}
+        for layer in range(text.num_layers):
+            inputs[contract.past_key_name(layer)] = past
+            inputs[contract.past_value_name(layer)] = past
+            outputs[contract.present_key_name(layer)] = present
+            outputs[contract.present_value_name(layer)] = present
+        return inputs, outputs
+
+    def dynamic_shapes(self) -> dict:
+        """dynamic_axes as the forward takes its arguments: past_key_values a (key, value) pair
+        per layer."""
+        axes = self.dynamic_axes()
+        layers = range(self.source.text.num_layers)
+        return {
+            "inputs_embeds": axes[contract.INPUTS_EMBEDS],
+            "attention_mask": axes[contract.ATTENTION_MASK],
+            "position_ids": axes[contract.POSITION_IDS],
+            "past_key_values": [
+                (axes[contract.past_key_name(i)], axes[contract.past_value_name(i)]) for i in layers
+            ],
+        }
+
+    def trace_details(self) -> str:
+        options = self.options
+        return f"{options.dtype_name}, {self.source.text.num_layers} layers, opset {options.opset}, {options.kv_cache} KV cache"
+
+    def module(self) -> nn.Module:
+        """In the source model's own weights: converted in place when the source was loaded in
+        another dtype (load it in the export dtype: a float32 copy of a 7B decoder would not
+        fit next to it in 24 GB)."""
+        decoder = (DecoderWithStaticCache if self.static else DecoderWithPast)(self.source.model).eval()
+        if next(decoder.parameters()).dtype != self.options.dtype:
+            decoder = decoder.to(self.options.dtype)
+        return decoder
+
+    def sample_inputs(self) -> tuple:
+        return trace_sample(self.source, self.options.dtype, self.options.kv_cache)
+
+    def check_options(self) -> None:
+        """--quant and the KV cache options, before any work; fills in the static layout's
+        default buffer length."""
+        if self.options.quant:
+            quantize.quant_bits(self.options.quant)
+        max_seq_len = check_kv_cache(self.source, self.options.kv_cache, self.options.max_seq_len)
+        self.options = dataclasses.replace(self.options, max_seq_len=max_seq_len)
+
+    def rewrite(self, path: Path, progress: Progress) -> None:
+        """--quant: the linear layers' weights to int8/int4 MatMulNBits (quantize.py)."""
+        quant = self.options.quant
+        if not quant:
+            return
+        with progress.stage(f"quantizing the linear layers to {quant} (MatMulNBits)"):
+            stats = quantize.quantize_decoder(path, path, quantize.quant_bits(quant))
+        progress.say(f"  {stats.summary()}")
+
+    def add_companions(self, stage: Path, manifest: Manifest, progress: Progress) -> list[str]:
         with progress.stage("writing token embeddings and tokenizer"):
-            embeddings = write_embeddings(source, stage, dtype_name)
-            tokens = save_tokenizer(source.tokenizer_dir, stage)
-        for name in (contract.EMBEDDINGS_FILE, contract.TOKENIZER_FILE, contract.TOKENIZER_CONFIG_FILE):
-            if (stage / name).exists():
-                (stage / name).replace(out / name)
-        onnx_io.publish(stage, out, contract.DECODER_FILE)
-    inputs, outputs = io_spec(source, kv_cache)
-    manifest.graphs["decoder"] = GraphSpec(
-        contract.DECODER_FILE,
-        dtype_name,
-        opset,
-        inputs,
-        outputs,
-        sha,
-        quant=quant,
-        kv_cache=kv_cache,
-        max_seq_len=max_seq_len,
-    )
-    manifest.embeddings = embeddings
-    manifest.tokens = TokenSpec(bos=tokens["bos"], eos=tokens["eos"], pad=tokens["pad"])
-    manifest.parity["decoder"] = parity.summary(results)
-    contract.write_manifest(out, manifest)
-    return manifest.parity["decoder"]
+            manifest.embeddings = write_embeddings(self.source, stage, self.options.dtype_name)
+            tokens = save_tokenizer(self.source.tokenizer_dir, stage)
+        manifest.tokens = TokenSpec(bos=tokens["bos"], eos=tokens["eos"], pad=tokens["pad"])
+        return [name for name in COMPANION_FILES if (stage / name).exists()]
+
+    def graph_spec(self, sha256: str) -> contract.GraphSpec:
+        options = self.options
+        return dataclasses.replace(
+            super().graph_spec(sha256),
+            quant=options.quant,
+            kv_cache=options.kv_cache,
+            max_seq_len=options.max_seq_len,
+        )
+
+    def parity(self, path: Path) -> list[parity.OutputParity]:
+        """The graph against DecoderWithPast (in the dtype the source was loaded in): a left-
+        padded prefill (PARITY_LENGTHS), then PARITY_DECODE_STEPS decode steps; compares the
+        logits of every step and the last step's cache at real positions.
+
+        A weight-quantized graph is held to parity.QUANT_MIN_COSINE against a reference whose
+        linear layers carry the very weights the graph stores (quantize.quantized_linears): what
+        is left is MatMulNBits' own arithmetic (int8 activations at accuracy level 4). Its logits
+        are also set against the unquantized weights (cosine, top-1 agreement): what the
+        quantization costs, reported and not gated."""
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        decoder = DecoderWithPast(self.source.model).eval()
+        quant = self.options.quant
+        with (
+            quantize.quantized_linears(decoder, *quantize.graph_settings(path))
+            if quant
+            else contextlib.nullcontext()
+        ):
+            steps = self.run_steps(session, decoder)
+        results = [
+            parity.compare(
+                f"logits step {number}", step.actual[0], step.expected[0].numpy(), min_cosine=self.min_cosine
+            )
+            for number, step in enumerate(steps)
+        ]
+        names = contract.decoder_output_names(self.source.text.num_layers)
+        results += compare_cache(steps[-1], names[1:], self.min_cosine)
+        if quant:
+            results += quantization_effect(decoder, steps, self.options.dtype_name)
+        return results
+
+    def run_steps(self, session, decoder: DecoderWithPast) -> list[ParityStep]:
+        """Runs the graph and the reference on the same inputs, step by step: each decode step
+        feeds both the reference's present as past and the embedding of its argmax. A static
+        layout's past goes in buffers with PARITY_SPARE_COLUMNS after the live ones."""
+        text, dtype_name = self.source.text, self.options.dtype_name
+        names = contract.decoder_output_names(text.num_layers)
+        generator = torch.Generator().manual_seed(1)
+        width = max(PARITY_LENGTHS)
+        embeds = torch.randn(len(PARITY_LENGTHS), width, text.hidden_size, generator=generator)
+        mask = left_padded_mask(PARITY_LENGTHS, width)
+        past = empty_past(self.source, len(PARITY_LENGTHS), torch.float32)
+        buffer = width + PARITY_DECODE_STEPS + PARITY_SPARE_COLUMNS
+        steps = []
+        for _ in range(PARITY_DECODE_STEPS + 1):
+            positions = positions_from_mask(mask, embeds.shape[1])
+            expected = run_reference(decoder, embeds, mask, positions, past)
+            fed_past = in_buffers(past, buffer) if self.static else past
+            actual = session.run(names, graph_feed(embeds, mask, positions, fed_past, dtype_name))
+            if self.static:
+                actual[1:] = [present[:, :, : mask.shape[1]] for present in actual[1:]]  # the live columns
+            steps.append(ParityStep((embeds, mask, positions, past), actual, expected))
+            past = list(zip(expected[1::2], expected[2::2]))  # [(key, value)] per layer
+            embeds = self.source.model.get_input_embeddings()(expected[0].argmax(-1))[:, None].float()
+            mask = torch.cat([mask, torch.ones(len(PARITY_LENGTHS), 1, dtype=torch.long)], dim=1)
+        return steps
+
+
+def run_reference(decoder: DecoderWithPast, embeds, mask, positions, past) -> list[torch.Tensor]:
+    """The reference's logits and presents in float32, its float inputs cast to its dtype."""
+    dtype = next(decoder.parameters()).dtype
+    with torch.no_grad():
+        outputs = decoder(embeds.to(dtype), mask, positions, [(k.to(dtype), v.to(dtype)) for k, v in past])
+    return [t.float() for t in outputs]
+
+
+def graph_feed(embeds, mask, positions, past, dtype_name: str) -> dict[str, np.ndarray]:
+    """The graph's inputs, its floats in the graph dtype."""
+    feed = {
+        contract.INPUTS_EMBEDS: embeds.numpy().astype(dtype_name),
+        contract.ATTENTION_MASK: mask.numpy(),
+        contract.POSITION_IDS: positions.numpy(),
+    }
+    for layer, (key, value) in enumerate(past):
+        feed[contract.past_key_name(layer)] = key.numpy().astype(dtype_name)
+        feed[contract.past_value_name(layer)] = value.numpy().astype(dtype_name)
+    return feed
+
+
+def compare_cache(step: ParityStep, names: list[str], min_cosine: float) -> list[parity.OutputParity]:
+    """The step's presents (`names`), graph against reference, at its real (unpadded) positions."""
+    real = step.inputs[1].bool().numpy()  # [B, P+S]: the positions the presents cover
+    results = []
+    for name, actual, expected in zip(names, step.actual[1:], step.expected[1:]):
+        # [B,kv,P+S,hd] -> [real tokens, kv, hd]
+        kept = np.moveaxis(actual, 2, 1)[real], np.moveaxis(expected.numpy(), 2, 1)[real]
+        results.append(parity.compare(name, kept[0], kept[1], min_cosine=min_cosine))
+    return results
+
+
+def quantization_effect(
+    decoder: DecoderWithPast, steps: list[ParityStep], dtype_name: str
+) -> list[parity.OutputParity]:
+    """Each step's graph logits against the reference with its unquantized weights: reported
+    beside the gate (cosine, top-1 agreement), not gated."""
+    results = []
+    for number, step in enumerate(steps):
+        effect = parity.compare(
+            f"logits step {number} vs {dtype_name} weights",
+            step.actual[0],
+            run_reference(decoder, *step.inputs)[0].numpy(),
+            top1=True,
+        )
+        results.append(dataclasses.replace(effect, gated=False))
+    return results
 
 
 def check_kv_cache(source: LlavaSource, kv_cache: str, max_seq_len: int | None) -> int | None:
@@ -394,13 +350,6 @@ def check_kv_cache(source: LlavaSource, kv_cache: str, max_seq_len: int | None) 
     return max_seq_len
 
 
-def graph_kv_layout(session) -> str:
-    """The KV layout of a decoder graph (an ONNX Runtime session), read off its first past
-    input's sequence dim (PAST_DIM): `llava-export verify` checks graphs of either layout."""
-    dim = session.get_inputs()[3].shape[2]
-    return contract.KV_STATIC if dim == PAST_DIM[contract.KV_STATIC] else contract.KV_CONCAT
-
-
 def write_embeddings(source: LlavaSource, folder: Path, dtype_name: str) -> dict:
     """embed_tokens.npy [vocab, hidden] in the graph dtype; the runtime memory-maps it."""
     weight = source.model.get_input_embeddings().weight.detach()
@@ -409,87 +358,36 @@ def write_embeddings(source: LlavaSource, folder: Path, dtype_name: str) -> dict
     return {"file": contract.EMBEDDINGS_FILE, "dtype": dtype_name, "shape": list(array.shape)}
 
 
-def decoder_parity(
-    source: LlavaSource, path: Path, dtype_name: str, steps: int = 2, quant: str | None = None
-) -> list[parity.OutputParity]:
-    """The graph at `path` against PyTorch (in the dtype the source was loaded in): prefill a
-    left-padded batch of 2 (lengths 6 and 4), then `steps` decode steps feeding the reference's
-    present back as past; compares logits every step and the final cache at real positions.
+def export_decoder(
+    source: LlavaSource,
+    out: Path,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    template: str | None = None,
+    verify: bool = True,
+    progress: Progress | None = None,
+    quant: str | None = None,
+    kv_cache: str = contract.KV_CONCAT,
+    max_seq_len: int | None = None,
+) -> dict[str, float]:
+    """Writes decoder.onnx, embed_tokens.npy and the tokenizer into `out`; updates the manifest;
+    returns the parity figures (empty when `verify` is off).
 
-    A weight-quantized graph (`quant`) is held to parity.QUANT_MIN_COSINE against a reference
-    whose linear layers carry the very weights the graph stores (quantize.quantized_linears):
-    what is left is MatMulNBits' own arithmetic (int8 activations at accuracy level 4). Its
-    logits are also set against the unquantized weights (cosine, top-1 agreement): what the
-    quantization costs, reported and not gated.
-
-    A static-layout graph (graph_kv_layout) gets the same past in buffers with spare columns
-    after the live ones (in_buffers), which its attention must ignore; its presents are compared
-    over their live columns."""
-    import onnxruntime as ort
-
-    decoder = DecoderWithPast(source.model).eval()
-    model_dtype = next(decoder.parameters()).dtype
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    static = graph_kv_layout(session) == contract.KV_STATIC
-    min_cosine = parity.min_cosine_for(dtype_name, quant)
-    names = contract.decoder_output_names(source.text.num_layers)
-
-    def reference(embeds, mask, positions, past) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [
-                t.float()
-                for t in decoder(
-                    embeds.to(model_dtype),
-                    mask,
-                    positions,
-                    [(k.to(model_dtype), v.to(model_dtype)) for k, v in past],
-                )
-            ]
-
-    generator = torch.Generator().manual_seed(1)
-    embeds = torch.randn(2, 6, source.text.hidden_size, generator=generator)
-    mask = left_padded_mask([6, 4], 6)
-    past = empty_past(source, 2, torch.float32)
-    buffer = embeds.shape[1] + steps + 4  # the static layout's: 4 spare columns at the end
-    results, steps_run = [], []
-    with (
-        quantize.quantized_linears(decoder, *quantize.graph_settings(path))
-        if quant
-        else contextlib.nullcontext()
-    ):
-        for step in range(steps + 1):
-            positions = positions_from_mask(mask, embeds.shape[1])
-            expected = reference(embeds, mask, positions, past)
-            feed = {
-                contract.INPUTS_EMBEDS: embeds.numpy().astype(dtype_name),
-                contract.ATTENTION_MASK: mask.numpy(),
-                contract.POSITION_IDS: positions.numpy(),
-            }
-            for layer, (key, value) in enumerate(in_buffers(past, buffer) if static else past):
-                feed[contract.past_key_name(layer)] = key.numpy().astype(dtype_name)
-                feed[contract.past_value_name(layer)] = value.numpy().astype(dtype_name)
-            actual = session.run(names, feed)
-            if static:
-                actual[1:] = [present[:, :, : mask.shape[1]] for present in actual[1:]]  # the live columns
-            results.append(
-                parity.compare(f"logits step {step}", actual[0], expected[0].numpy(), min_cosine=min_cosine)
-            )
-            steps_run.append(((embeds, mask, positions, past), actual[0]))
-            past = [(expected[1 + 2 * i], expected[2 + 2 * i]) for i in range(source.text.num_layers)]
-            next_ids = expected[0].argmax(-1)
-            embeds = source.model.get_input_embeddings()(next_ids)[:, None].float()
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-    real = mask[:, :-1].bool().numpy()  # the cache covers all but the last appended column
-    for name, act, exp in zip(names[1:], actual[1:], expected[1:]):
-        kept = np.moveaxis(act, 2, 1)[real], np.moveaxis(exp.numpy(), 2, 1)[real]  # [real tokens, kv, hd]
-        results.append(parity.compare(name, kept[0], kept[1], min_cosine=min_cosine))
-    if quant:  # the same steps against the unquantized weights
-        for step, (inputs, logits) in enumerate(steps_run):
-            effect = parity.compare(
-                f"logits step {step} vs {dtype_name} weights",
-                logits,
-                reference(*inputs)[0].numpy(),
-                top1=True,
-            )
-            results.append(dataclasses.replace(effect, gated=False))
-    return results
+    The source should be loaded in the export dtype (float16 for --fp16; DecoderGraph.module).
+    `quant` ("int8" | "int4") quantizes the linear layers' weights (exporter/graphs/quantize.py)
+    after tracing; the parity gate is then parity.QUANT_MIN_COSINE[quant]. `kv_cache` "static"
+    writes the static layout (static_kv.py) whose runtime buffers hold `max_seq_len` positions
+    (recorded in the manifest).
+    """
+    options = ExportOptions(
+        fp16=fp16,
+        opset=opset,
+        force=force,
+        verify=verify,
+        template=template,
+        quant=quant,
+        kv_cache=kv_cache,
+        max_seq_len=max_seq_len,
+    )
+    return export_graph(DecoderGraph(source, options), out, progress)

@@ -8,7 +8,6 @@ graph and its external data are complete).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -116,11 +115,3 @@ def publish(stage: Path, folder: Path, file_name: str) -> None:
     os.replace(graph, folder / file_name)
     if not companions:
         (folder / (file_name + ".data")).unlink(missing_ok=True)  # left by an earlier export
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()

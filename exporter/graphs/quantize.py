@@ -11,9 +11,8 @@ bandwidth. int8 (blocks of 128) stores ~0.26x the float32 bytes, int4 (blocks of
 
 `accuracy_level` selects MatMulNBits' compute type on the CPU: 0 leaves it unset (float), 4
 rounds each block of activations to int8 and uses the CPU's integer dot products
-(AVX2/AVX512-VNNI). 4 is the default: unset, int8 weights decode ~50x slower in ONNX Runtime
-1.32 (3.5 s a step on the 7B-width model, the weights apparently dequantized every call) and
-int4 ~1.6x slower.
+(AVX2/AVX512-VNNI). 4 is the default: unset is much slower in ONNX Runtime (docs/benchmarks.md,
+"Quantization").
 
 The quantizer reads the whole float graph into memory (2 GB for a 2-layer 7B-width decoder);
 the result goes to external data when its weights exceed onnx_io.EXTERNAL_DATA_BYTES. The new
@@ -34,13 +33,14 @@ from runtime.errors import LlavaError
 # --quant value -> bits per weight.
 QUANT_BITS = {"int8": 8, "int4": 4}
 
-# Weights per scale and zero point, by bits (measurements: docs/benchmarks.md, "Quantization").
-# int4 rounds 16x coarser than int8 and needs the fine grid: 32 (decode ~20% slower than 128 on
-# the 7B-width model). int8's rounding is fine at any block size, and 128 decodes ~25% faster
-# than 32 (fewer scales to read and apply). A K that is not a multiple of the block (the toy's
-# 352-wide MLP at 128) is zero-padded to whole blocks by the quantizer and the op.
+# Weights per scale and zero point, by bits. int4 rounds 16x coarser than int8 and needs the
+# fine grid, 32, though it decodes slower than 128; int8's rounding is fine at any block size,
+# and 128 decodes faster (fewer scales to read and apply). Measurements: docs/benchmarks.md,
+# "Quantization". A K that is not a multiple of the block (the toy's 352-wide MLP at 128) is
+# zero-padded to whole blocks by the quantizer and the op.
 DEFAULT_BLOCK_SIZE = {8: 128, 4: 32}
-# int8 activations and integer dot products on the CPU (see the module docstring).
+# Accuracy level 4: int8 activations and integer dot products on the CPU; unset is much slower
+# in ONNX Runtime (docs/benchmarks.md, "Quantization").
 DEFAULT_ACCURACY_LEVEL = 4
 
 # A MatMul is a linear layer when its weight is a 2-D initializer with both sides at least this

@@ -75,12 +75,6 @@ def _read_config(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def convert_sentencepiece(model_file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Converts an original checkpoint's sentencepiece tokenizer.model to tokenizer.json (+ config)."""
-    tokenizer = _load_sentencepiece(Path(model_file))
-    _write_tokenizer(tokenizer, Path(out_dir), chat_template=_chat_template(tokenizer))
-
-
 def _chat_template(tokenizer) -> str | None:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one is the chat template

@@ -13,14 +13,12 @@ import torch
 from torch import nn
 
 from exporter import parity
-from exporter.graphs import onnx_io
-from exporter.manifest import open_manifest
+from exporter.graphs import DEFAULT_OPSET
+from exporter.graphs.export import ExportOptions, GraphExport, export_graph
 from exporter.progress import Progress
 from exporter.source import LlavaSource
 from runtime import contract
-from runtime.contract import GraphSpec
 
-DEFAULT_OPSET = 18
 PARITY_BATCH = 2
 
 
@@ -33,6 +31,11 @@ class VisionEncoder(nn.Module):
         self.projector = llava.model.multi_modal_projector
         self.select_layer = select_layer
         self.keep_cls = select_strategy == "full"
+
+    @classmethod
+    def of(cls, source: LlavaSource) -> VisionEncoder:
+        """The encoder `source`'s config describes, in eval mode."""
+        return cls(source.model, source.vision.select_layer, source.vision.select_strategy).eval()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # hidden_states: embeddings, then each layer's output, each [B, 1 + patches, vision_hidden]
@@ -49,6 +52,53 @@ def sample_pixels(source: LlavaSource, batch: int, seed: int = 0) -> torch.Tenso
     return torch.randn(batch, 3, size, size, generator=generator)
 
 
+class VisionGraph(GraphExport):
+    """vision.onnx: VisionEncoder with a dynamic batch, held to parity.MIN_COSINE of its dtype
+    against the encoder in float32."""
+
+    name = "vision"
+    file = contract.VISION_FILE
+    checks = "it"
+
+    def io_spec(self):
+        size = self.source.preprocess.crop_size
+        tokens, hidden = self.source.vision.num_image_tokens, self.source.text.hidden_size
+        return (
+            {contract.PIXEL_VALUES: ["batch", 3, size, size]},
+            {contract.IMAGE_EMBEDS: ["batch", tokens, hidden]},
+        )
+
+    def trace_details(self) -> str:
+        return f"{self.options.dtype_name}, opset {self.options.opset}"
+
+    def module(self) -> nn.Module:
+        encoder = VisionEncoder.of(self.source)
+        # A float16 copy when the source was loaded in float32 (the tower is under 1 GB).
+        dtype = self.options.dtype
+        return encoder if next(encoder.parameters()).dtype == dtype else copy.deepcopy(encoder).to(dtype)
+
+    def sample_inputs(self) -> tuple:
+        return (sample_pixels(self.source, PARITY_BATCH).to(self.options.dtype),)
+
+    def parity(self, path: Path) -> list[parity.OutputParity]:
+        """The graph against the encoder computed in float32, on a fixed batch."""
+        encoder = VisionEncoder.of(self.source)
+        if next(encoder.parameters()).dtype != torch.float32:
+            encoder = copy.deepcopy(encoder).float()
+        pixels = sample_pixels(self.source, PARITY_BATCH)
+        with torch.no_grad():
+            expected = encoder(pixels).numpy()
+        actual = run_vision_graph(path, pixels.numpy().astype(self.options.dtype_name))
+        return [parity.compare(contract.IMAGE_EMBEDS, actual, expected, min_cosine=self.min_cosine)]
+
+
+def run_vision_graph(path: Path, pixels: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {contract.PIXEL_VALUES: pixels})[0]
+
+
 def export_vision(
     source: LlavaSource,
     out: Path,
@@ -60,66 +110,5 @@ def export_vision(
 ) -> dict[str, float]:
     """Writes out/vision.onnx and updates the manifest; returns the parity figures (empty
     when `verify` is off)."""
-    progress = progress or Progress()
-    onnx_io.check_writable(out)
-    manifest = open_manifest(out, source, force)
-    dtype_name = "float16" if fp16 else "float32"
-    dtype = getattr(torch, dtype_name)
-    encoder = VisionEncoder(source.model, source.vision.select_layer, source.vision.select_strategy).eval()
-    # A float16 copy when the source was loaded in float32 (the tower is under 1 GB).
-    traced = encoder if next(encoder.parameters()).dtype == dtype else copy.deepcopy(encoder).to(dtype)
-    pixels = sample_pixels(source, PARITY_BATCH).to(dtype)
-    with onnx_io.staging(out, "vision") as stage:
-        with progress.stage(f"tracing the vision graph ({dtype_name}, opset {opset})"):
-            program = onnx_io.trace_to_onnx(
-                traced,
-                (pixels,),
-                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-                input_names=[contract.PIXEL_VALUES],
-                output_names=[contract.IMAGE_EMBEDS],
-                opset=opset,
-            )
-        with progress.stage("saving and checking the graph"):
-            external = onnx_io.parameter_bytes(traced) > onnx_io.EXTERNAL_DATA_BYTES
-            path = onnx_io.save_graph(program, stage, contract.VISION_FILE, external)
-            onnx_io.check_graph(path)
-        results = []
-        if verify:
-            with progress.stage("running it in ONNX Runtime against PyTorch"):
-                results = vision_parity(source, path, dtype_name)
-            parity.report(progress, "vision", results)
-            parity.assert_parity(results, "vision graph; nothing was written")
-        sha = onnx_io.file_sha256(path)
-        onnx_io.publish(stage, out, contract.VISION_FILE)
-    manifest.graphs["vision"] = GraphSpec(
-        file=contract.VISION_FILE,
-        dtype=dtype_name,
-        opset=opset,
-        inputs={
-            contract.PIXEL_VALUES: ["batch", 3, source.preprocess.crop_size, source.preprocess.crop_size]
-        },
-        outputs={contract.IMAGE_EMBEDS: ["batch", source.vision.num_image_tokens, source.text.hidden_size]},
-        sha256=sha,
-    )
-    manifest.parity["vision"] = parity.summary(results)
-    contract.write_manifest(out, manifest)
-    return manifest.parity["vision"]
-
-
-def vision_parity(source: LlavaSource, path: Path, dtype_name: str) -> list[parity.OutputParity]:
-    """The graph at `path` against the PyTorch reference computed in float32, on a fixed batch."""
-    encoder = VisionEncoder(source.model, source.vision.select_layer, source.vision.select_strategy).eval()
-    if next(encoder.parameters()).dtype != torch.float32:
-        encoder = copy.deepcopy(encoder).float()
-    pixels = sample_pixels(source, PARITY_BATCH)
-    with torch.no_grad():
-        expected = encoder(pixels).numpy()
-    actual = run_vision_graph(path, pixels.numpy().astype(dtype_name))
-    return [parity.compare(contract.IMAGE_EMBEDS, actual, expected, min_cosine=parity.MIN_COSINE[dtype_name])]
-
-
-def run_vision_graph(path: Path, pixels: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {contract.PIXEL_VALUES: pixels})[0]
+    options = ExportOptions(fp16=fp16, opset=opset, force=force, verify=verify)
+    return export_graph(VisionGraph(source, options), out, progress)
