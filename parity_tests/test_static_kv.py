@@ -4,7 +4,8 @@ Greedy tokens of the runtime over a static-layout export equal those over the de
 layout and transformers' own generate, at batch 1 and a left-padded batch of 2 (float32);
 the buffers are written in place (the graph's presents come straight out of
 GroupQueryAttention reading the past inputs; at run time each step writes into the very
-buffers it was given); a request that would overflow them is a PromptError.
+buffers it was given); a request that would overflow them is a PromptError before any compute
+(the backend declares the buffers' length in its Limits).
 
 Near ties: as in test_generation_parity.py, tokens are compared up to the reference's first
 step whose top-2 logit margin is below MARGIN_TOL (random weights give near-tied logits where
@@ -65,11 +66,10 @@ def concat_artifacts(workshop):
 
 def runtime_tokens(folder, prompts: list[list[int]]) -> np.ndarray:
     """Greedy tokens [B, NEW_TOKENS] of runtime.generate over the ONNX Runtime backend."""
-    manifest = contract.read_manifest(folder)
-    backend = OrtBackend(folder, manifest)
     table = np.load(folder / contract.EMBEDDINGS_FILE)
-    steps = generate(backend, table, [table[ids] for ids in prompts], NEW_TOKENS, eos_ids=[])
-    return np.array(list(steps)).T
+    with OrtBackend(folder, contract.read_manifest(folder)) as backend:
+        steps = generate(backend, table, [table[ids] for ids in prompts], NEW_TOKENS, eos_ids=[])
+        return np.array(list(steps)).T
 
 
 def reference_tokens(model, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +153,10 @@ def test_manifest_records_the_layout(static_artifacts):
 def test_overflowing_the_buffers_is_a_prompt_error(static_artifacts):
     folder = static_artifacts
     backend = OrtBackend(folder, contract.read_manifest(folder))
+    assert (backend.limits.kv_capacity, backend.limits.capacity) == (
+        BUFFER,
+        BUFFER,
+    )  # declared, checked up front
     table = np.load(folder / contract.EMBEDDINGS_FILE)
     prompt = table[PROMPTS[0]]  # 13 positions: room for BUFFER - 13 + 1 new tokens
     with pytest.raises(
@@ -164,6 +168,7 @@ def test_overflowing_the_buffers_is_a_prompt_error(static_artifacts):
     too_wide = np.ones((1, BUFFER + 1), np.int64)
     with pytest.raises(PromptError, match=f"reach {BUFFER + 1} positions.*holds {BUFFER}"):
         backend.decode(prompt[None, :1], too_wide, np.zeros((1, 1), np.int64), backend.empty_cache(1))
+    backend.close()
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,11 @@ PROCESS_START = time.perf_counter()
     show_default=True,
     help="ONNX Runtime (CPU, or CUDA when installed) or TensorRT.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    help="ONNX Runtime's intra-op threads (the ort backend)  [default: ONNX Runtime's choice]",
+)
 @click.option("--template", metavar="NAME", help="Prompt template (default: the manifest's).")
 @click.option(
     "--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily."
@@ -64,6 +69,7 @@ def main(
     prompt,
     max_new_tokens,
     backend,
+    threads,
     template,
     temperature,
     top_p,
@@ -79,6 +85,7 @@ def main(
             prompt,
             max_new_tokens,
             backend,
+            threads,
             template,
             temperature,
             top_p,
@@ -99,6 +106,7 @@ def run(
     prompt,
     max_new_tokens,
     backend,
+    threads,
     template,
     temperature,
     top_p,
@@ -109,20 +117,25 @@ def run(
     from runtime.generate import Sampling
     from runtime.pipeline import Pipeline, Timings
 
-    pipe = Pipeline.load(artifacts, backend=backend)
-    loaded_ms = (time.perf_counter() - PROCESS_START) * 1000
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-    timings = Timings()
-    pieces = []
-    first_token_ms = None
-    for piece in pipe.stream(prompt, list(images), max_new_tokens, template, sampling, timings):
-        if first_token_ms is None:
-            first_token_ms = (time.perf_counter() - PROCESS_START) * 1000
-        pieces.append(piece)
-        if not as_json:
-            click.echo(piece, nl=False)
+    with Pipeline.load(artifacts, backend=backend, threads=threads) as pipe:
+        loaded_ms = (time.perf_counter() - PROCESS_START) * 1000
+        sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+        timings = Timings()
+        pieces = []
+        first_token_ms = None
+        for piece in pipe.stream(prompt, list(images), max_new_tokens, template, sampling, timings):
+            if first_token_ms is None:
+                first_token_ms = (time.perf_counter() - PROCESS_START) * 1000
+            pieces.append(piece)
+            if not as_json:
+                click.echo(piece, nl=False)
     if as_json:
-        report = {"answer": "".join(pieces), "backend": pipe.backend.name, **timings.as_dict()}
+        report = {
+            "answer": "".join(pieces),
+            "backend": pipe.backend.name,
+            "threads": pipe.backend.threads,
+            **timings.as_dict(),
+        }
         report["load_ms"] = round(loaded_ms, 3)
         report["process_start_to_first_token_ms"] = round(first_token_ms or 0.0, 3)
         click.echo(json.dumps(report, indent=2))

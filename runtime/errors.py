@@ -22,8 +22,10 @@ class ImageError(LlavaError):
 
 
 class PromptError(LlavaError):
-    """A prompt is too long for the model, or its <image> placeholders do not match the images."""
+    """A prompt (or prompt plus answer) does not fit the model or the backend, or its <image>
+    placeholders do not match the images."""
 
 
 class EngineError(LlavaError):
-    """No TensorRT engine matches this GPU and TensorRT version, or an engine cannot be built."""
+    """No TensorRT engine matches this GPU and TensorRT version, an engine cannot be built, or a
+    backend cannot take the call (a batch over its limit, a closed backend)."""

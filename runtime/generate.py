@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend
-from runtime.errors import PromptError
 
 
 @dataclass
@@ -86,25 +85,6 @@ def decode_one_token(
     return DecodeState(cache, mask, logits)
 
 
-def check_cache_capacity(backend: Backend, prompt: int, new_tokens: int) -> None:
-    """PromptError when a preallocated cache (backend.kv_capacity positions; None when the cache
-    grows) cannot hold a `prompt`-wide batch and `new_tokens` answer tokens, all but the
-    last of which are fed back."""
-    capacity = backend.kv_capacity
-    needed = prompt + max(new_tokens - 1, 0)
-    if capacity is None or needed <= capacity:
-        return
-    fix = f"re-export with `llava-export decoder --kv-cache static --max-seq-len {needed}`"
-    if prompt > capacity:
-        raise PromptError(
-            f"prompt is {prompt} positions with its images; the decoder's static KV cache holds {capacity}: shorten it or {fix}"
-        )
-    raise PromptError(
-        f"prompt ({prompt} positions with its images) and {new_tokens} new tokens need {needed} cache positions; "
-        f"the decoder's static KV cache holds {capacity}: ask for at most {capacity - prompt + 1} new tokens or {fix}"
-    )
-
-
 def generate(
     backend: Backend,
     embed_table: np.ndarray,
@@ -112,26 +92,23 @@ def generate(
     max_new_tokens: int,
     eos_ids: list[int],
     sampling: Sampling | None = None,
-    max_positions: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Yields, per step, each row's new token (None once that row has finished).
 
-    A row finishes at an EOS id (which is yielded) or when the batch reaches max_new_tokens
-    or the model's last position. PromptError, before any compute, when the backend's
-    preallocated KV cache (a static-layout decoder) cannot hold prompt and answer.
+    A row finishes at an EOS id (which is yielded) or after max_new_tokens; with no EOS ids
+    every row runs exactly max_new_tokens steps. The backend's limits are checked before any
+    compute (Limits.check: PromptError or EngineError naming the fix), so the loop is never
+    cut short by the model's positions or a fixed cache, and never overruns one.
     """
     sampling = sampling or Sampling()
     width = max(len(s) for s in sequences)  # the left-padded prompt's
-    limit = max_new_tokens
-    if max_positions is not None:
-        limit = min(limit, max_positions - width + 1)  # the last token is never fed
-    check_cache_capacity(backend, width, limit)
+    backend.limits.check(batch=len(sequences), prompt=width, new_tokens=max_new_tokens)
     state = prefill(backend, sequences)
     finished = np.zeros(len(sequences), dtype=bool)
-    for step in range(limit):
+    for step in range(max_new_tokens):
         tokens = sampling.pick(state.logits)
         yield [None if done else int(token) for token, done in zip(tokens, finished)]
         finished |= np.isin(tokens, eos_ids)
-        if finished.all() or step == limit - 1:
-            return
+        if finished.all() or step == max_new_tokens - 1:
+            return  # the last token is never fed back
         state = decode_one_token(backend, embed_table, tokens, state)

@@ -1,10 +1,30 @@
 """The Python API: `Pipeline.load(DIR)`, then `generate(...)` or `stream(...)`.
 
-pipe = Pipeline.load("artifacts/")
-answer = pipe.generate("What colour is the circle?", images=["cat.jpg"])
-print(answer.text, answer.timings)
-for piece in pipe.stream("Describe the image.", images=["cat.jpg"]):
-    print(piece, end="", flush=True)
+    with Pipeline.load("artifacts/") as pipe:  # backend="ort" | "trt", threads=N (ONNX Runtime)
+        answer = pipe.generate("What colour is the circle?", images=["cat.jpg"])
+        print(answer.text, answer.timings)
+        for piece in pipe.stream("Describe the image.", images=["cat.jpg"]):
+            print(piece, end="", flush=True)
+
+One run loop serves every caller (generate, generate_batch, stream, llava-run, the
+benchmarks), in two steps:
+
+    batch = pipe.prepare(requests, max_new_tokens)   # -> Batch
+        render + tokenize each request; check the backend's limits (Limits.check) before
+        anything is computed; load and preprocess the images into pixel values
+    for tokens in pipe.run(batch, max_new_tokens, sampling, timings, stop_at_eos=True):
+        encode the images, splice them into the text embeddings, prefill, decode; yields
+        each row's new token per step (None once that row has finished) and fills timings
+
+A `Batch` can also be built directly: per row, token-id chunks with one image between
+consecutive chunks, and the images' pixel_values [N,3,H,W] float32 (a benchmark feeds random
+ids around one image per row). `run` checks the limits again, since such a batch never went
+through `prepare`; with stop_at_eos=False it runs exactly max_new_tokens steps. A request
+that does not fit (prompt with its image tokens, left-padded across the batch, plus
+max_new_tokens - 1 fed-back tokens, against the model's positions and the backend's KV
+capacity, prefill length and batch size) is refused up front with the fix named; nothing is
+cut short. `pipe.backend.limits.check(batch=..., prompt=..., new_tokens=...)` asks the same
+question without a Batch.
 """
 
 from __future__ import annotations
@@ -21,7 +41,7 @@ import numpy as np
 
 from runtime import contract, generate, preprocess, prompts
 from runtime.backends import load_backend
-from runtime.errors import ArtifactError, EngineError, PromptError
+from runtime.errors import ArtifactError, PromptError
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama / sentencepiece vocabularies)
 
@@ -29,10 +49,11 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama /
 @dataclass
 class Timings:
     image_encode_ms: float = 0.0
-    prefill_ms: float = 0.0  # prefill alone; time to first token = image_encode_ms + prefill_ms
+    splice_ms: float = 0.0  # text embeddings looked up and joined with the image embeddings
+    prefill_ms: float = 0.0  # prefill alone; time to first token = image_encode_ms + splice_ms + prefill_ms
     decode_ms: float = 0.0
     new_tokens: int = 0
-    total_ms: float = 0.0
+    total_ms: float = 0.0  # run's whole call; through generate / stream, tokenizing and loading images too
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -43,8 +64,9 @@ class Timings:
     def as_dict(self) -> dict[str, float]:
         return {
             "image_encode_ms": round(self.image_encode_ms, 3),
+            "splice_ms": round(self.splice_ms, 3),
             "prefill_ms": round(self.prefill_ms, 3),
-            "time_to_first_token_ms": round(self.image_encode_ms + self.prefill_ms, 3),
+            "time_to_first_token_ms": round(self.image_encode_ms + self.splice_ms + self.prefill_ms, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "new_tokens": self.new_tokens,
             "total_ms": round(self.total_ms, 3),
@@ -63,6 +85,26 @@ class Request:
     prompt: str
     images: Sequence = ()
     template: str | None = None
+
+
+@dataclass
+class Batch:
+    """Requests ready to run: per row, its token-id chunks, one image between consecutive
+    chunks; `pixel_values` holds every row's images, row by row."""
+
+    chunks: list[list[Sequence[int]]]  # row i has len(chunks[i]) - 1 images
+    pixel_values: np.ndarray | None = None  # [N,3,H,W] float32; None: no images
+
+    def __post_init__(self):
+        given = 0 if self.pixel_values is None else len(self.pixel_values)
+        if given != self.images:
+            raise PromptError(
+                f"the batch's chunks have room for {self.images} images; pixel_values holds {given}"
+            )
+
+    @property
+    def images(self) -> int:
+        return sum(len(row) - 1 for row in self.chunks)
 
 
 class TextStream:
@@ -112,8 +154,9 @@ class Pipeline:
         self.chat_template = chat_template
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, backend: str = "ort") -> Pipeline:
-        """Opens an artifact folder; ArtifactError names any missing or unreadable file."""
+    def load(cls, folder: str | os.PathLike, backend: str = "ort", threads: int | None = None) -> Pipeline:
+        """Opens an artifact folder; ArtifactError names any missing or unreadable file.
+        `threads`: ONNX Runtime's intra-op threads (None: its own choice; TensorRT takes none)."""
         import tokenizers
 
         folder = Path(folder)
@@ -148,46 +191,59 @@ class Pipeline:
         return cls(
             folder,
             manifest,
-            load_backend(backend, folder, manifest),
+            load_backend(backend, folder, manifest, threads),
             tokenizer,
             embed_table,
             read_chat_template(folder),
         )
 
+    def close(self) -> None:
+        """Releases the backend (sessions, device memory); idempotent."""
+        self.backend.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- preparing inputs -------------------------------------------------------------------
 
     def tokenize(self, request: Request) -> list[list[int]]:
-        """Text chunks around the images; PromptError if too long for the model's positions."""
+        """The request's text chunks around its images (PromptError if the placeholders do not match)."""
         template = request.template or self.manifest.template
         text = prompts.render_prompt(template, request.prompt, len(request.images), self.chat_template)
-        chunks = prompts.tokenize_prompt(self.tokenizer, text, self.manifest.tokens.bos)
-        length = prompts.count_prompt_tokens(chunks, self.manifest.vision.num_image_tokens)
-        if length > self.manifest.text.max_positions:
-            raise PromptError(
-                f"prompt is {length} tokens with its images; the model takes at most {self.manifest.text.max_positions}"
-            )
-        engine_limit = getattr(self.backend, "max_input_len", None)  # a TensorRT engine's prefill profile
-        if engine_limit is not None and length > engine_limit:
-            raise PromptError(
-                f"prompt is {length} tokens with its images; the TensorRT engine takes at most {engine_limit} "
-                f"(rebuild it with `llava-export engine --artifacts {self.folder} --max-input-len {length}`)"
-            )
-        return chunks
+        return prompts.tokenize_prompt(self.tokenizer, text, self.manifest.tokens.bos)
 
-    @property
-    def max_positions(self) -> int:
-        """Prompt + answer positions: the model's, or fewer where the backend's cache is smaller."""
-        return min(
-            self.manifest.text.max_positions,
-            getattr(self.backend, "max_positions", self.manifest.text.max_positions),
-        )
+    def check_limits(self, chunks: list[list[Sequence[int]]], max_new_tokens: int) -> None:
+        """The backend's limits for these rows (their left-padded width counts each image's tokens)."""
+        image_tokens = self.manifest.vision.num_image_tokens
+        width = max(prompts.count_prompt_tokens(row, image_tokens) for row in chunks)
+        self.backend.limits.check(batch=len(chunks), prompt=width, new_tokens=max_new_tokens)
 
     def pixel_values(self, images: Sequence) -> np.ndarray:
         """Paths or PIL images -> [N,3,H,W] float32."""
         loaded = [image if hasattr(image, "convert") else preprocess.load_image(image) for image in images]
         return preprocess.preprocess(loaded, self.manifest.preprocess)
 
-    def splice(self, chunks: list[list[int]], image_embeds: np.ndarray) -> np.ndarray:
+    def prepare(self, requests: list[Request], max_new_tokens: int) -> Batch:
+        """Tokenizes every request and checks the limits before anything is computed (one
+        request that does not fit refuses the batch), then loads and preprocesses the images."""
+        chunks = [self.tokenize(request) for request in requests]
+        self.check_limits(chunks, max_new_tokens)
+        images = [image for request in requests for image in request.images]
+        return Batch(chunks, self.pixel_values(images) if images else None)
+
+    def splice_rows(self, chunks: list[list[Sequence[int]]], image_embeds: np.ndarray) -> list[np.ndarray]:
+        """Each row spliced with its own images (image_embeds [N, N_img, hidden], row by row)."""
+        sequences, offset = [], 0
+        for row in chunks:
+            count = len(row) - 1
+            sequences.append(self.splice(row, image_embeds[offset : offset + count]))
+            offset += count
+        return sequences
+
+    def splice(self, chunks: list[Sequence[int]], image_embeds: np.ndarray) -> np.ndarray:
         """Text embeddings with image i's [N_img, hidden] between chunk i and chunk i+1 -> [L, hidden]."""
         parts = []
         for index, chunk in enumerate(chunks):
@@ -198,53 +254,66 @@ class Pipeline:
 
     # -- generating ---------------------------------------------------------------------------
 
-    def steps(
-        self, requests: list[Request], max_new_tokens: int, sampling, timings: Timings
+    def run(
+        self,
+        batch: Batch,
+        max_new_tokens: int,
+        sampling: generate.Sampling | None = None,
+        timings: Timings | None = None,
+        stop_at_eos: bool = True,
     ) -> Iterator[list[int | None]]:
-        """Per step, each request's new token (None once finished). Fills `timings` as it goes."""
+        """Per step, each row's new token (None once that row has finished): the limits, then
+        encode, splice, prefill, decode. Fills `timings` as it goes (image_encode_ms, splice_ms,
+        prefill_ms, decode_ms, new_tokens, total_ms); stop_at_eos=False runs exactly
+        max_new_tokens steps."""
+        timings = timings if timings is not None else Timings()
         start = time.perf_counter()
-        all_chunks = [self.tokenize(request) for request in requests]  # every check before any compute
-        max_batch = getattr(self.backend, "max_batch", None)  # a TensorRT engine's profiles
-        if max_batch is not None and len(requests) > max_batch:
-            raise EngineError(
-                f"{len(requests)} requests in one batch; the TensorRT engine takes at most {max_batch} "
-                f"(rebuild it with `llava-export engine --artifacts {self.folder} --max-batch {len(requests)}`)"
-            )
-        images = [image for request in requests for image in request.images]
-        embeds = np.zeros(
-            (0, self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size), self.backend.dtype
-        )
-        if images:
-            pixels = self.pixel_values(images)
-            encode_start = time.perf_counter()
-            embeds = self.backend.encode_images(pixels)
-            timings.image_encode_ms = (time.perf_counter() - encode_start) * 1000
-        sequences, offset = [], 0
-        for chunks in all_chunks:
-            count = len(chunks) - 1
-            sequences.append(self.splice(chunks, embeds[offset : offset + count]))
-            offset += count
+        self.check_limits(batch.chunks, max_new_tokens)  # before the images are encoded
+        image_embeds = self.image_embeds(batch, timings)
+        splice_start = time.perf_counter()
+        sequences = self.splice_rows(batch.chunks, image_embeds)
+        timings.splice_ms = ms_since(splice_start)
+        eos_ids = self.manifest.tokens.eos if stop_at_eos else []
         prefill_start = time.perf_counter()
+        # generate checks the same limits again: it is callable on its own
         tokens = generate.generate(
-            self.backend,
-            self.embed_table,
-            sequences,
-            max_new_tokens,
-            self.manifest.tokens.eos,
-            sampling,
-            self.max_positions,
+            self.backend, self.embed_table, sequences, max_new_tokens, eos_ids, sampling
         )
         step_start = prefill_start
         for step in tokens:
             now = time.perf_counter()
             if timings.new_tokens == 0:
-                timings.prefill_ms = (now - prefill_start) * 1000
+                timings.prefill_ms = ms_since(prefill_start, now)
             else:
-                timings.decode_ms += (now - step_start) * 1000
+                timings.decode_ms += ms_since(step_start, now)
             timings.new_tokens += 1
             yield step
             step_start = time.perf_counter()  # time spent by the consumer is not decode time
-        timings.total_ms = (time.perf_counter() - start) * 1000
+        timings.total_ms = ms_since(start)
+
+    def image_embeds(self, batch: Batch, timings: Timings) -> np.ndarray:
+        """The batch's image embeddings [N, N_img, hidden] in the decoder's dtype (N may be 0)."""
+        if batch.pixel_values is None:
+            shape = (0, self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size)
+            return np.zeros(shape, self.backend.dtype)
+        start = time.perf_counter()
+        embeds = self.backend.encode_images(batch.pixel_values)
+        timings.image_encode_ms = ms_since(start)
+        return embeds
+
+    def steps(
+        self,
+        requests: list[Request],
+        max_new_tokens: int,
+        sampling: generate.Sampling | None = None,
+        timings: Timings | None = None,
+    ) -> Iterator[list[int | None]]:
+        """prepare + run: per step, each request's new token (None once finished). total_ms
+        counts tokenizing and loading the images too."""
+        timings = timings if timings is not None else Timings()
+        start = time.perf_counter()
+        yield from self.run(self.prepare(requests, max_new_tokens), max_new_tokens, sampling, timings)
+        timings.total_ms = ms_since(start)
 
     def stream(
         self,
@@ -257,9 +326,7 @@ class Pipeline:
     ) -> Iterator[str]:
         """Yields the answer's text piece by piece as tokens come."""
         text = TextStream(self.tokenizer, self.manifest.tokens.eos)
-        for (token,) in self.steps(
-            [Request(prompt, images, template)], max_new_tokens, sampling, timings or Timings()
-        ):
+        for (token,) in self.steps([Request(prompt, images, template)], max_new_tokens, sampling, timings):
             if token is not None:
                 piece = text.add(token)
                 if piece:
@@ -297,6 +364,10 @@ class Pipeline:
             )
             for row in ids
         ]
+
+
+def ms_since(start: float, now: float | None = None) -> float:
+    return ((time.perf_counter() if now is None else now) - start) * 1000
 
 
 def read_chat_template(folder: Path) -> str | None:

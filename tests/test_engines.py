@@ -585,30 +585,51 @@ def test_prompt_longer_than_the_engine_is_refused_before_any_compute(fake_gpu, a
     limit, capacity = short + 2, short + 12
     build(artifacts, "--max-input-len", limit, "--max-seq-len", capacity)
     pipe = Pipeline.load(artifacts, backend="trt")
+    pipe.manifest.tokens.eos = []  # this pipeline's own: no EOS, every answer runs to max_new_tokens
+    limits = pipe.backend.limits
+    assert (limits.max_input, limits.kv_capacity, limits.max_batch) == (limit, capacity, 1)
     fake_gpu.executions.clear()
     with pytest.raises(PromptError, match=rf"TensorRT engine takes at most {limit} .*--max-input-len"):
         pipe.generate("Describe this image with many many words, please, thank you.", [image])
-    assert fake_gpu.executions == []
-    # an answer stops at the engine's capacity instead of overrunning it
-    answer = pipe.generate("Hi", [image], max_new_tokens=100)
-    assert len(answer.token_ids) == capacity - short + 1 or 2 in answer.token_ids
+    # the last token is never fed back: a prompt of `short` positions leaves room for this many
+    room = capacity - short + 1
+    with pytest.raises(
+        PromptError,
+        match=rf"holds {capacity}: ask for at most {room} new tokens or resize the TensorRT engine: "
+        rf"`llava-export engine --artifacts {artifacts} --max-seq-len {capacity + 1}`",
+    ):
+        pipe.generate("Hi", [image], max_new_tokens=room + 1)
+    assert fake_gpu.executions == []  # neither refusal ran the vision engine or the decoder
+    answer = pipe.generate("Hi", [image], max_new_tokens=room)
+    assert len(answer.token_ids) == room
     widest = max(
         run["shapes"][contract.ATTENTION_MASK][1]
         for run in fake_gpu.executions
         if run["plan"] == "decoder.onnx"
     )
-    assert widest <= capacity
+    assert widest == capacity
+    pipe.close()
 
 
 def test_backend_limits_and_stale_cache_handles(fake_gpu, artifacts):
+    from runtime.backends.base import Limits
     from runtime.backends.trt import TrtBackend
 
     build(artifacts)
     manifest = contract.read_manifest(artifacts)
     backend = TrtBackend(artifacts, manifest)
     hidden = manifest.text.hidden_size
+    # the engine's build limits, the fixed cache (max_seq_len) included, are declared
+    assert backend.limits == Limits(
+        max_positions=256,
+        kv_capacity=256,
+        max_input=256,
+        max_batch=1,
+        owner="the TensorRT engine",
+        resize=f"llava-export engine --artifacts {artifacts}",
+    )
     with pytest.raises(EngineError, match="--max-batch 2"):
-        backend.empty_cache(2)
+        backend.limits.check(batch=2, prompt=3, new_tokens=1)
     cache = backend.empty_cache(1)
     embeds = np.zeros((1, 3, hidden), np.float32)
     mask, positions = np.ones((1, 3), np.int64), np.arange(3)[None]
@@ -620,15 +641,30 @@ def test_backend_limits_and_stale_cache_handles(fake_gpu, artifacts):
         backend.decode(
             np.zeros((1, 2, hidden), np.float32), np.ones((1, 5), np.int64), np.arange(3, 5)[None], newer
         )
-    with pytest.raises(PromptError, match="--max-input-len"):
-        backend.decode(
+    runs = len(fake_gpu.executions)
+    with pytest.raises(EngineError, match="no optimization profile .* takes 1 x 300 new positions after 0"):
+        backend.decode(  # a direct call outside the profiles is refused, not run
             np.zeros((1, 300, hidden), np.float32),
             np.ones((1, 300), np.int64),
             np.arange(300)[None],
             backend.empty_cache(1),
         )
+    assert len(fake_gpu.executions) == runs
     backend.close()
     backend.close()  # idempotent
+    with pytest.raises(EngineError, match="the trt backend is closed"):
+        backend.empty_cache(1)
+    assert not fake_gpu.cudart.blocks, "memory leaked"
+
+
+def test_backend_is_a_context_manager(fake_gpu, artifacts):
+    from runtime.backends import load_backend
+
+    build(artifacts)
+    with load_backend("trt", artifacts, contract.read_manifest(artifacts)) as backend:
+        backend.empty_cache(1)
+        assert fake_gpu.cudart.blocks
+    assert backend.closed and not fake_gpu.cudart.blocks
 
 
 def test_engines_from_another_gpu_or_tensorrt_are_refused_at_load(fake_gpu, artifacts):

@@ -1,5 +1,6 @@
-"""runtime/generate.py (left padding, positions, sampling, the decode loop) and the
-TextStream of runtime/pipeline.py, against a scripted fake backend: no model needed."""
+"""runtime/generate.py (left padding, positions, sampling, the decode loop), the backends'
+Limits and lifecycle (runtime/backends/base.py) and the TextStream of runtime/pipeline.py,
+against a scripted fake backend: no model needed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from runtime.backends.base import Limits
+from runtime.errors import EngineError, PromptError
 from runtime.generate import Sampling, decode_one_token, generate, left_pad, positions, prefill
 from runtime.pipeline import TextStream
 from tests.support.fake_backends import EMBED_TABLE, EOS, HIDDEN, ScriptedBackend, sequence
@@ -103,9 +106,9 @@ def test_top_p_keeps_the_smallest_set_with_that_mass():
 # -- the decode loop ------------------------------------------------------------------------
 
 
-def run(backend: ScriptedBackend, lengths: list[int], max_new_tokens: int, max_positions: int | None = None):
+def run(backend: ScriptedBackend, lengths: list[int], max_new_tokens: int):
     sequences = [sequence(n, 1.0) for n in lengths]
-    return list(generate(backend, EMBED_TABLE, sequences, max_new_tokens, [EOS], Sampling(), max_positions))
+    return list(generate(backend, EMBED_TABLE, sequences, max_new_tokens, [EOS], Sampling()))
 
 
 def test_generate_stops_at_eos():
@@ -129,20 +132,135 @@ def test_generate_respects_max_new_tokens():
     assert len(backend.calls) == 4  # the last token is never fed
 
 
-def test_generate_respects_max_positions():
-    backend = ScriptedBackend([[5]])
-    steps = run(backend, [10], max_new_tokens=50, max_positions=12)
+def test_generate_fills_the_models_positions_exactly():
+    backend = ScriptedBackend([[5]], Limits(max_positions=12))
+    steps = run(backend, [10], max_new_tokens=3)
     # positions 0..9 hold the prompt; tokens 1 and 2 are fed at positions 10 and 11; token 3 is
     # the last one the model can produce (it would need position 12)
-    assert len(steps) == 3
+    assert steps == [[5], [5], [5]]
     fed = max(int(call["positions"].max()) for call in backend.calls)
     assert fed == 11
 
 
+def test_more_tokens_than_the_models_positions_are_refused_before_any_compute():
+    backend = ScriptedBackend([[5]], Limits(max_positions=12))
+    with pytest.raises(
+        PromptError,
+        match="^prompt \\(10 tokens with its images\\) and 50 new tokens need 59 cache positions; "
+        "the model takes at most 12 positions: ask for at most 3 new tokens$",
+    ):
+        run(backend, [10], max_new_tokens=50)
+    assert backend.calls == []
+
+
 def test_a_prompt_filling_every_position_still_gets_one_token():
-    backend = ScriptedBackend([[5]])
-    assert run(backend, [12], max_new_tokens=50, max_positions=12) == [[5]]
+    backend = ScriptedBackend([[5]], Limits(max_positions=12))
+    assert run(backend, [12], max_new_tokens=1) == [[5]]
     assert len(backend.calls) == 1
+    with pytest.raises(PromptError, match="ask for at most 1 new token$"):
+        run(backend, [12], max_new_tokens=2)
+    assert len(backend.calls) == 1
+
+
+# -- the limits: one policy for every backend -----------------------------------------------
+
+ENGINE = Limits(
+    max_positions=256,
+    kv_capacity=100,
+    max_input=40,
+    max_batch=2,
+    owner="the TensorRT engine",
+    resize="llava-export engine --artifacts DIR",
+)
+
+
+@pytest.mark.parametrize(
+    "batch, prompt, new_tokens, error, message",
+    [
+        (
+            3,
+            10,
+            1,
+            EngineError,
+            "3 sequences in one batch; the TensorRT engine takes at most 2: send fewer or resize the "
+            "TensorRT engine: `llava-export engine --artifacts DIR --max-batch 3`",
+        ),
+        (
+            1,
+            257,
+            1,
+            PromptError,
+            "prompt is 257 tokens with its images; the model takes at most 256 positions",
+        ),
+        (
+            1,
+            50,
+            10,
+            PromptError,
+            "prompt is 50 tokens with its images; the TensorRT engine takes at most 40 in one prefill: "
+            "shorten it or resize the TensorRT engine: `llava-export engine --artifacts DIR --max-input-len 50`",
+        ),
+        (  # both flags where the prompt needs a longer prefill and a larger cache
+            1,
+            120,
+            1,
+            PromptError,
+            "the TensorRT engine takes at most 40 in one prefill: shorten it or resize the TensorRT engine: "
+            "`llava-export engine --artifacts DIR --max-input-len 120 --max-seq-len 120`",
+        ),
+        (
+            2,
+            30,
+            80,
+            PromptError,
+            "the batch's longest prompt (30 tokens with its images) and 80 new tokens need 109 cache positions; "
+            "the TensorRT engine holds 100: ask for at most 71 new tokens or resize the TensorRT engine: "
+            "`llava-export engine --artifacts DIR --max-seq-len 109`",
+        ),
+        (  # beyond the model's positions no engine helps
+            1,
+            30,
+            300,
+            PromptError,
+            "need 329 cache positions; the TensorRT engine holds 100: ask for at most 71 new tokens",
+        ),
+    ],
+)
+def test_limits_refuse_what_does_not_fit_naming_the_fix(batch, prompt, new_tokens, error, message):
+    with pytest.raises(error) as caught:
+        ENGINE.check(batch=batch, prompt=prompt, new_tokens=new_tokens)
+    assert message in str(caught.value)
+    if "--max" not in message:
+        assert "`" not in str(caught.value)  # no command to suggest
+
+
+@pytest.mark.parametrize(
+    "limits, prompt, new_tokens",
+    [
+        (ENGINE, 40, 61),  # the last token is never fed back: 40 + 60 = 100
+        (Limits(max_positions=256), 256, 1),
+        (Limits(max_positions=256, kv_capacity=4096), 200, 57),  # a cache larger than the model
+    ],
+)
+def test_limits_take_what_fits_exactly(limits, prompt, new_tokens):
+    limits.check(batch=1, prompt=prompt, new_tokens=new_tokens)
+    with pytest.raises(PromptError, match="new token"):
+        limits.check(batch=1, prompt=prompt, new_tokens=new_tokens + 1)
+
+
+# -- the lifecycle --------------------------------------------------------------------------
+
+
+def test_a_closed_backend_refuses_to_run():
+    with ScriptedBackend([[5]]) as backend:
+        assert run(backend, [3], max_new_tokens=2) == [[5], [5]]
+    assert backend.closed and backend.released == 1
+    backend.close()  # idempotent: released once
+    assert backend.released == 1
+    calls = len(backend.calls)
+    with pytest.raises(EngineError, match="the fake backend is closed"):
+        run(backend, [3], max_new_tokens=2)
+    assert len(backend.calls) == calls
 
 
 # -- streaming text -------------------------------------------------------------------------

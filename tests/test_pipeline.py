@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import ArtifactError, EngineError, ImageError, PromptError
-from runtime.pipeline import Answer, Pipeline, Request, Timings
+from runtime.pipeline import Answer, Batch, Pipeline, Request, Timings
 
 PROMPTS = ["What is shown in the image?", "Describe the image in detail, with every colour you can see."]
 
@@ -82,9 +82,10 @@ def test_text_only_prompt(pipe):
 
 @pytest.mark.parametrize("prompt", PROMPTS + ["Is there a red ball?"])
 def test_stream_pieces_join_to_the_generated_text(pipe, images, prompt):
-    answer = pipe.generate(prompt, images=[images["a"]], max_new_tokens=32)
+    new_tokens = 31  # all that fit after the longest prompt (226 positions with its image, of 256)
+    answer = pipe.generate(prompt, images=[images["a"]], max_new_tokens=new_tokens)
     timings = Timings()
-    pieces = list(pipe.stream(prompt, images=[images["a"]], max_new_tokens=32, timings=timings))
+    pieces = list(pipe.stream(prompt, images=[images["a"]], max_new_tokens=new_tokens, timings=timings))
     assert "".join(pieces) == answer.text
     assert timings.new_tokens == len(answer.token_ids)
 
@@ -195,12 +196,103 @@ def prompt_of_length(pipe: Pipeline, length: int) -> str:
 
 def test_the_limit_is_the_models_positions(pipe):
     """A prompt filling all 256 positions still gets its one token (the last position's
-    logits); one token more is a PromptError."""
+    logits); with 3 positions to spare exactly 4 new tokens fit (the last is never fed back).
+    More is refused before any compute, naming how many fit: nothing is cut short."""
     limit = pipe.manifest.text.max_positions
-    assert len(pipe.generate(prompt_of_length(pipe, limit), max_new_tokens=5).token_ids) == 1
-    assert len(pipe.generate(prompt_of_length(pipe, limit - 3), max_new_tokens=5).token_ids) == 4
-    with pytest.raises(PromptError, match=f"prompt is {limit + 1} tokens"):
-        pipe.generate(prompt_of_length(pipe, limit + 1), max_new_tokens=5)
+    full, spare = prompt_of_length(pipe, limit), prompt_of_length(pipe, limit - 3)
+    assert len(pipe.generate(full, max_new_tokens=1).token_ids) == 1
+    with Recorder(pipe.backend) as calls:
+        steps = list(pipe.run(pipe.prepare([Request(spare)], 4), 4, stop_at_eos=False))
+        assert len(steps) == 4 and calls.decoded[-1][1].shape == (1, limit)
+    with Recorder(pipe.backend) as calls:
+        with pytest.raises(
+            PromptError,
+            match=f"and 5 new tokens need {limit + 1} cache positions; the model takes at most {limit} "
+            "positions: ask for at most 4 new tokens$",
+        ):
+            pipe.generate(spare, max_new_tokens=5)
+        with pytest.raises(PromptError, match="ask for at most 1 new token$"):
+            pipe.generate(full, max_new_tokens=2)
+        with pytest.raises(PromptError, match=f"prompt is {limit + 1} tokens"):
+            pipe.generate(prompt_of_length(pipe, limit + 1), max_new_tokens=1)
+    assert calls.decoded == []
+
+
+# -- prepare and run: the one loop ----------------------------------------------------------
+
+
+def test_a_batch_built_from_token_ids_runs_like_a_request(pipe, images):
+    """What a benchmark does: its own token-id chunks around one image per row, no text."""
+    request = Request(PROMPTS[0], [images["a"]])
+    answer = pipe.generate_batch([request], max_new_tokens=8)[0]
+    batch = Batch([pipe.tokenize(request)], pipe.pixel_values([images["a"]]))
+    timings = Timings()
+    steps = list(pipe.run(batch, 8, timings=timings))
+    assert [token for (token,) in steps if token is not None] == answer.token_ids
+    assert timings.new_tokens == len(steps) and timings.image_encode_ms > 0 and timings.splice_ms > 0
+    assert timings.total_ms >= timings.image_encode_ms + timings.splice_ms + timings.prefill_ms
+    assert "splice_ms" in timings.as_dict()
+
+
+def test_run_without_eos_runs_exactly_max_new_tokens_steps(tiny_artifacts, images):
+    """Random ids around one image per row, as the benchmark feeds them; the model's first
+    token made the EOS (on a pipeline of this test's own), so only stop_at_eos=False goes on."""
+    rng = np.random.default_rng(0)
+    with Pipeline.load(tiny_artifacts) as own:
+        vocab = own.manifest.text.vocab_size
+        pixels = own.pixel_values([images["a"], images["b"]])
+        chunks = [[rng.integers(3, vocab, 5), rng.integers(3, vocab, 7)], [rng.integers(3, vocab, 3), [4, 5]]]
+        with Recorder(own.backend) as calls:
+            steps = list(own.run(Batch(chunks, pixels), 20, stop_at_eos=False))
+        assert len(steps) == 20 and all(None not in step for step in steps)
+        assert len(calls.encoded) == 1 and calls.encoded[0].shape == pixels.shape
+        assert calls.decoded[0][1].shape == (2, 12 + 16)  # left-padded to the wider row
+        own.manifest.tokens.eos = list(steps[0])
+        assert len(list(own.run(Batch(chunks, pixels), 20))) == 1
+        assert list(own.run(Batch(chunks, pixels), 20, stop_at_eos=False)) == steps
+
+
+def test_run_checks_the_limits_of_a_batch_it_did_not_prepare(pipe, images):
+    batch = Batch([[list(range(3, 300)), [5]]], pipe.pixel_values([images["a"]]))
+    with Recorder(pipe.backend) as calls:
+        with pytest.raises(PromptError, match="at most 256"):
+            next(pipe.run(batch, 4))
+    assert calls.encoded == [] and calls.decoded == []
+
+
+def test_a_batch_needs_one_image_between_chunks(pipe, images):
+    with pytest.raises(PromptError, match="room for 2 images; pixel_values holds 1"):
+        Batch([[[1], [2], [3]]], pipe.pixel_values([images["a"]]))
+    with pytest.raises(PromptError, match="room for 1 images; pixel_values holds 0"):
+        Batch([[[1], [2]]])
+
+
+def test_limits_are_checked_before_the_images_are_read(pipe, images):
+    """prepare refuses a request that cannot fit before it opens any image (a missing file here)."""
+    with pytest.raises(PromptError, match="at most 256"):
+        pipe.prepare([Request(PROMPTS[0], [images["missing"]])], max_new_tokens=500)
+    with pytest.raises(ImageError):
+        pipe.prepare([Request(PROMPTS[0], [images["missing"]])], max_new_tokens=2)
+
+
+# -- lifecycle and options ------------------------------------------------------------------
+
+
+def test_a_closed_pipeline_releases_its_backend_and_says_so(tiny_artifacts):
+    with Pipeline.load(tiny_artifacts) as own:
+        assert own.generate(PROMPTS[0], max_new_tokens=2).token_ids
+    assert own.backend.closed and own.backend.decoder is None and own.backend.vision is None
+    own.close()  # idempotent
+    with pytest.raises(EngineError, match="the ort-cpu backend is closed"):
+        own.generate(PROMPTS[0], max_new_tokens=2)
+
+
+def test_threads_go_through_the_constructor(tiny_artifacts, monkeypatch):
+    monkeypatch.setenv("LLAVA_THREADS", "3")  # no longer read: the argument is the one way in
+    with Pipeline.load(tiny_artifacts, threads=2) as own:
+        assert own.backend.threads == 2
+    with Pipeline.load(tiny_artifacts) as own:
+        assert own.backend.threads == 0  # ONNX Runtime's own choice
 
 
 @pytest.mark.parametrize(

@@ -112,13 +112,31 @@ def assert_user_error(result: subprocess.CompletedProcess, *names: str) -> str:
     ],
 )
 def test_bad_image(tiny_artifacts, images, name, says):
-    result = llava_run("--artifacts", tiny_artifacts, "--image", images[name], "--prompt", PROMPT)
+    result = llava_run(
+        "--artifacts", tiny_artifacts, "--image", images[name], "--prompt", PROMPT, "--max-new-tokens", 8
+    )
     assert says in assert_user_error(result, str(images[name]))
 
 
 def test_prompt_too_long(tiny_artifacts, images):
     result = llava_run("--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", "the " * 300)
     assert_user_error(result, "prompt", "at most 256")
+
+
+def test_more_new_tokens_than_fit_are_refused_up_front(tiny_artifacts, images):
+    """The tiny model's 256 positions leave room for 66 new tokens after this 191-token prompt
+    (the default 128 do not fit): refused before the image is even read, naming what fits."""
+    result = llava_run("--artifacts", tiny_artifacts, "--image", images["missing"], "--prompt", PROMPT)
+    assert_user_error(
+        result, "need 318 cache positions", "at most 256 positions", "ask for at most 66 new tokens"
+    )
+
+
+def test_threads_reach_onnx_runtime(tiny_artifacts, images):
+    args = ["--artifacts", tiny_artifacts, "--image", images["a"], "--prompt", PROMPT, "--max-new-tokens", 2]
+    result = llava_run(*args, "--threads", 1, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["threads"] == 1
 
 
 def test_placeholders_do_not_match_images(tiny_artifacts, images):

@@ -1,5 +1,6 @@
 """The static KV layout's contract and checks, without running a model: the manifest fields
-(old manifests read as the concat layout), generate's capacity check, the CLI's options.
+(old manifests read as the concat layout), generate's capacity check (a fixed cache declared
+in a backend's Limits), the CLI's options.
 parity_tests/test_static_kv.py runs static-layout exports."""
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 
 from runtime import contract
+from runtime.backends.base import Limits
 from runtime.contract import GraphSpec, Manifest, PreprocessSpec, TextSpec, TokenSpec, VisionSpec
 from runtime.errors import ArtifactError, PromptError
 from runtime.generate import generate
-from tests.support.fake_backends import EMBED_TABLE, ScriptedBackend, sequence
+from tests.support.fake_backends import EMBED_TABLE, ScriptedBackend, fixed_cache, sequence
 
 
 def manifest_with(decoder: GraphSpec) -> Manifest:
@@ -61,20 +63,13 @@ def test_inconsistent_layouts_are_refused(layout, message):
         decoder_spec(**layout)
 
 
-class StaticBackend(ScriptedBackend):
-    """The scripted fake with a preallocated cache of `kv_capacity` positions."""
-
-    def __init__(self, script, kv_capacity: int):
-        super().__init__(script)
-        self.kv_capacity = kv_capacity
-
-
 def test_generate_refuses_more_tokens_than_the_cache_holds_before_any_compute():
-    backend = StaticBackend([[5]], kv_capacity=10)
+    backend = ScriptedBackend([[5]], fixed_cache(10))
     steps = generate(backend, EMBED_TABLE, [sequence(4, 1.0)], max_new_tokens=8, eos_ids=[])
     with pytest.raises(
         PromptError,
-        match="need 11 cache positions; .* holds 10: ask for at most 7 new tokens .*--max-seq-len 11",
+        match="need 11 cache positions; the decoder's static KV cache holds 10: ask for at most 7 new tokens "
+        "or resize .*`llava-export decoder --kv-cache static --max-seq-len 11`",
     ):
         next(steps)
     assert backend.calls == []
@@ -82,29 +77,56 @@ def test_generate_refuses_more_tokens_than_the_cache_holds_before_any_compute():
 
 def test_generate_fills_the_cache_exactly():
     """The last token is never fed back: 4 prompt positions + 7 tokens fit in 10."""
-    backend = StaticBackend([[5]], kv_capacity=10)
+    backend = ScriptedBackend([[5]], fixed_cache(10))
     assert len(list(generate(backend, EMBED_TABLE, [sequence(4, 1.0)], max_new_tokens=7, eos_ids=[]))) == 7
     assert backend.calls[-1]["mask"].shape == (1, 10)
 
 
 def test_a_prompt_longer_than_the_cache_says_so():
-    backend = StaticBackend([[5]], kv_capacity=3)
-    with pytest.raises(PromptError, match="prompt is 4 positions .* holds 3: shorten it"):
+    backend = ScriptedBackend([[5]], fixed_cache(3))
+    with pytest.raises(PromptError, match="prompt is 4 tokens .* holds 3: shorten it"):
         next(generate(backend, EMBED_TABLE, [sequence(4, 1.0)], max_new_tokens=1, eos_ids=[]))
+    assert backend.calls == []
 
 
 def test_the_longest_row_of_a_batch_counts():
-    backend = StaticBackend([[5], [6]], kv_capacity=6)
-    with pytest.raises(PromptError, match="prompt \\(5 positions"):
+    backend = ScriptedBackend([[5], [6]], fixed_cache(6))
+    with pytest.raises(PromptError, match="the batch's longest prompt \\(5 tokens"):
         next(
             generate(backend, EMBED_TABLE, [sequence(2, 1.0), sequence(5, 2.0)], max_new_tokens=3, eos_ids=[])
         )
 
 
 def test_a_growing_cache_has_no_limit():
-    backend = ScriptedBackend([[5]])  # no kv_capacity: the concat layout, TensorRT
+    backend = ScriptedBackend([[5]])  # no kv_capacity: the concat layout
     assert len(list(generate(backend, EMBED_TABLE, [sequence(4, 1.0)], max_new_tokens=50, eos_ids=[]))) == 50
     assert np.array_equal(backend.calls[-1]["positions"], [[52]])
+
+
+def test_a_fixed_cache_declared_in_the_limits_is_refused_before_any_decode_call():
+    """Defect 2: the TensorRT backend's fixed cache was not declared, so generate started a
+    request its cache could not finish (3 tokens, then the backend raised). Declared through
+    its limits, as every backend now does, the request is refused before the first call, with
+    the engine's rebuild command; what does fit runs to the last position."""
+    engine = Limits(
+        max_positions=256,
+        kv_capacity=6,
+        max_input=5,
+        max_batch=1,
+        owner="the TensorRT engine",
+        resize="llava-export engine --artifacts DIR",
+    )
+    backend = ScriptedBackend([[5]], engine)
+    steps = generate(backend, EMBED_TABLE, [sequence(4, 1.0)], max_new_tokens=8, eos_ids=[])
+    with pytest.raises(
+        PromptError,
+        match="need 11 cache positions; the TensorRT engine holds 6: ask for at most 3 new tokens "
+        "or resize the TensorRT engine: `llava-export engine --artifacts DIR --max-seq-len 11`",
+    ):
+        next(steps)
+    assert backend.calls == []
+    assert len(list(generate(backend, EMBED_TABLE, [sequence(4, 1.0)], max_new_tokens=3, eos_ids=[]))) == 3
+    assert backend.calls[-1]["mask"].shape == (1, 6)
 
 
 # -- the CLI ---------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ from runtime.errors import LlavaError
 BACKENDS = ("ort", "trt")
 
 
-def load_backend(name: str, folder: Path, manifest: Manifest) -> Backend:
+def load_backend(name: str, folder: Path, manifest: Manifest, threads: int | None = None) -> Backend:
+    """An open backend (close it, or use it in a `with` block). `threads`: ONNX Runtime's
+    intra-op threads (None: its own choice); TensorRT runs on the GPU and takes none."""
     if name == "ort":
         from runtime.backends.ort import OrtBackend
 
-        return OrtBackend(folder, manifest)
+        return OrtBackend(folder, manifest, threads)
     if name == "trt":
         from runtime.backends.trt import load_trt_backend
 

@@ -5,17 +5,19 @@ with IO binding, so no step converts the cache to numpy and back.
 A decoder of the static KV layout (docs/artifacts.md) gets its buffers [B,kv,max_seq_len,hd]
 allocated once per generation (empty_cache), each bound as both its past input and its present
 output: GroupQueryAttention writes the new positions into them in place, and nothing is copied
-per step. The concat layout's presents are new OrtValues each step (past + new)."""
+per step. The concat layout's presents are new OrtValues each step (past + new).
+
+Session options come through the constructor (`threads`: intra-op threads, None for ONNX
+Runtime's choice); close() drops both sessions, which frees their weights and arenas."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from runtime import contract
-from runtime.backends.base import Backend
+from runtime.backends.base import Backend, Limits
 from runtime.contract import Manifest
 from runtime.errors import ArtifactError, PromptError
 
@@ -32,16 +34,15 @@ def providers() -> tuple[list, str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
-def open_session(path: Path, provider_list: list):
+def open_session(path: Path, provider_list: list, threads: int | None):
     import onnxruntime as ort
 
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: re-export with `llava-export all`")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    threads = os.environ.get("LLAVA_THREADS")
-    if threads:
-        options.intra_op_num_threads = int(threads)
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), options, providers=provider_list)
     except Exception as err:  # ORT raises its own exception types for parse and load errors
@@ -54,13 +55,14 @@ def open_session(path: Path, provider_list: list):
 class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, folder: Path, manifest: Manifest):
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None):
         import onnxruntime as ort
 
         self.ort = ort
         provider_list, self.device = providers()
-        self.vision = open_session(folder / manifest.graphs["vision"].file, provider_list)
-        self.decoder = open_session(folder / manifest.graphs["decoder"].file, provider_list)
+        self.vision = open_session(folder / manifest.graphs["vision"].file, provider_list, threads)
+        self.decoder = open_session(folder / manifest.graphs["decoder"].file, provider_list, threads)
+        self.threads = self.decoder.get_session_options().intra_op_num_threads
         if "CUDAExecutionProvider" not in self.decoder.get_providers():
             # onnxruntime-gpu without a usable GPU or CUDA libraries falls back to the CPU (quietly,
             # at this log level): binding outputs to "cuda" would then fail on every call
@@ -72,27 +74,34 @@ class OrtBackend(Backend):
         self.kv_shape = (text.num_kv_heads, text.head_dim)
         self.past_names = contract.decoder_input_names(text.num_layers)[3:]
         self.output_names = contract.decoder_output_names(text.num_layers)
-        # Positions the static layout's buffers hold (generate.py checks a request against it);
-        # None: the concat layout's cache grows as needed.
-        self.kv_capacity = manifest.graphs["decoder"].max_seq_len
+        # The static layout's buffers hold max_seq_len positions (owner and resize name them in
+        # messages); the concat layout's cache grows (max_seq_len is None), up to the model's.
+        self.limits = Limits(
+            max_positions=text.max_positions,
+            kv_capacity=manifest.graphs["decoder"].max_seq_len,
+            owner="the decoder's static KV cache",
+            resize="llava-export decoder --kv-cache static",
+        )
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images_impl(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {contract.PIXEL_VALUES: pixel_values.astype(self.vision_dtype, copy=False)}
         return self.vision.run(None, feed)[0].astype(self.dtype, copy=False)
 
-    def empty_cache(self, batch: int) -> list:
+    def empty_cache_impl(self, batch: int) -> list:
         """Concat layout: one empty [B,kv,0,hd] value for every past input. Static layout: a zeroed
         buffer [B,kv,kv_capacity,hd] per past input, the cache of this whole generation."""
-        if self.kv_capacity is None:
+        capacity = self.limits.kv_capacity
+        if capacity is None:
             empty = np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.dtype)
             return [self.ort.OrtValue.ortvalue_from_numpy(empty, self.device)] * len(self.past_names)
-        shape = (batch, self.kv_shape[0], self.kv_capacity, self.kv_shape[1])
+        shape = (batch, self.kv_shape[0], capacity, self.kv_shape[1])
         return [
             self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device)
             for _ in self.past_names
         ]
 
-    def decode(self, inputs_embeds, attention_mask, position_ids, cache):
+    def decode_impl(self, inputs_embeds, attention_mask, position_ids, cache):
+        static = self.limits.kv_capacity is not None
         binding = self.decoder.io_binding()
         binding.bind_cpu_input(contract.INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, dtype=self.dtype))
         binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -100,7 +109,7 @@ class OrtBackend(Backend):
         for name, value in zip(self.past_names, cache):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(contract.LOGITS, "cpu")  # logits go to the host for sampling
-        if self.kv_capacity is None:
+        if not static:
             for name in self.output_names[1:]:
                 binding.bind_output(name, self.device)  # presents stay where ORT made them
         else:
@@ -109,12 +118,17 @@ class OrtBackend(Backend):
                 binding.bind_ortvalue_output(name, value)  # present = past: written in place
         self.decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), (outputs[1:] if self.kv_capacity is None else cache)
+        return outputs[0].numpy(), (cache if static else outputs[1:])
 
     def check_capacity(self, positions: int) -> None:
-        """PromptError before the static buffers would overflow (prompt and answer so far)."""
-        if positions > self.kv_capacity:
+        """PromptError before a call would write past the static buffers. generate checks the
+        whole request up front (Limits.check), so this guards direct callers of decode only."""
+        capacity = self.limits.kv_capacity
+        if positions > capacity:
             raise PromptError(
-                f"prompt and answer reach {positions} positions; the decoder's static KV cache holds {self.kv_capacity}: "
+                f"prompt and answer reach {positions} positions; the decoder's static KV cache holds {capacity}: "
                 f"ask for fewer new tokens or re-export with `llava-export decoder --kv-cache static --max-seq-len {positions}`"
             )
+
+    def close_impl(self) -> None:
+        self.vision = self.decoder = None  # ONNX Runtime frees a session with its last reference

@@ -17,6 +17,10 @@ token only the new token's embedding goes up (hidden values) and the logits come
 small record (batch, length, slab, generation): the backend holds one live cache at a time,
 and a handle that is not the latest is refused rather than read from overwritten memory.
 
+The engine's build limits are the backend's `Limits` (max_batch, max_input_len, and
+max_seq_len as the KV capacity), checked before any compute; a call outside every
+optimization profile is still refused (EngineError) rather than run.
+
 Image embeddings are computed on the device and come down once per request (N_img x hidden
 values, a few MB): the generator splices them with the text embeddings on the host, as it
 does for every backend, and the prefill sends the spliced prompt up once.
@@ -34,10 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime import contract, engines
-from runtime.backends.base import Backend
+from runtime.backends.base import Backend, Limits
 from runtime.contract import Manifest
 from runtime.engines import GpuIdentity
-from runtime.errors import EngineError, PromptError
+from runtime.errors import EngineError
 
 INSTALL = "pip install 'llava-export[gpu]' (see the README, GPU install)"
 ALIGN = 256  # bytes: TensorRT wants I/O addresses aligned (256 covers every dtype and vector load)
@@ -274,18 +278,21 @@ class TrtBackend(Backend):
     name = "trt"
 
     def __init__(self, folder: Path, manifest: Manifest):
-        self.freed = True  # until everything below exists
+        self.closed = True  # nothing to release until the stream exists
         trt = import_tensorrt()
         self.cuda = Cuda()
         self.identity = gpu_identity(self.cuda, trt)
         folder = Path(folder)
         self.engine_folder = engines.select_engine(folder, manifest, self.identity)
         self.rebuild = engines.rebuild_command(folder)
-        limits = self.engine_folder.limits
-        self.max_batch, self.max_input_len, self.max_positions = (
-            limits.max_batch,
-            limits.max_input_len,
-            limits.max_seq_len,
+        built = self.engine_folder.limits
+        self.limits = Limits(
+            max_positions=manifest.text.max_positions,
+            kv_capacity=built.max_seq_len,
+            max_input=built.max_input_len,
+            max_batch=built.max_batch,
+            owner="the TensorRT engine",
+            resize=self.rebuild,
         )
         self.vision_profiles = self.engine_folder.profiles("vision")
         self.decoder_profiles = self.engine_folder.profiles("decoder")
@@ -298,7 +305,7 @@ class TrtBackend(Backend):
         self.buffers: list[Staging] = []
         self.kv: KvSlabs | None = None
         self.stream = self.cuda.stream()
-        self.freed = False
+        self.closed = False
         stream = int(self.stream)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -318,14 +325,14 @@ class TrtBackend(Backend):
         self.kv_dtype = self.decoder.dtypes[self.past_names[0]]
 
         size, tokens = manifest.preprocess.crop_size, manifest.vision.num_image_tokens
-        batch, hidden = self.max_batch, text.hidden_size
+        batch, hidden = built.max_batch, text.hidden_size
         self.pixel_dtype = self.vision.dtypes[contract.PIXEL_VALUES]
         self.image_dtype = self.vision.dtypes[contract.IMAGE_EMBEDS]
         self.pixels = self.staging(batch * 3 * size * size * self.pixel_dtype.itemsize)
         self.images = self.staging(batch * tokens * hidden * self.image_dtype.itemsize)
-        self.embeds = self.staging(batch * self.max_input_len * hidden * self.dtype.itemsize)
-        self.mask = self.staging(batch * self.max_positions * 8)
-        self.positions = self.staging(batch * self.max_input_len * 8)
+        self.embeds = self.staging(batch * built.max_input_len * hidden * self.dtype.itemsize)
+        self.mask = self.staging(batch * built.max_seq_len * 8)
+        self.positions = self.staging(batch * built.max_input_len * 8)
         self.logits = self.staging(batch * text.vocab_size * 4)
         self.generations = itertools.count()
         self.live: tuple[int, int] | None = None  # (generation, step) of the one valid cache
@@ -337,13 +344,13 @@ class TrtBackend(Backend):
 
     # -- vision ---------------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images_impl(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N,3,H,W] -> [N,N_img,hidden] in the decoder's dtype, max_batch images per run."""
-        count = len(pixel_values)
+        count, per_run = len(pixel_values), self.limits.max_batch
         tokens, hidden = self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size
         result = np.empty((count, tokens, hidden), dtype=self.dtype)
-        for start in range(0, count, self.max_batch):
-            chunk = np.ascontiguousarray(pixel_values[start : start + self.max_batch], dtype=self.pixel_dtype)
+        for start in range(0, count, per_run):
+            chunk = np.ascontiguousarray(pixel_values[start : start + per_run], dtype=self.pixel_dtype)
             shapes = {contract.PIXEL_VALUES: chunk.shape}
             profile = engines.find_profile(self.vision_profiles, shapes)
             if profile is None:
@@ -360,12 +367,7 @@ class TrtBackend(Backend):
 
     # -- decoder --------------------------------------------------------------------------------
 
-    def empty_cache(self, batch: int) -> TrtCache:
-        if batch > self.max_batch:
-            raise EngineError(
-                f"a batch of {batch} sequences is more than the TensorRT engine's --max-batch {self.max_batch}: "
-                f"rebuild with `{self.rebuild} --max-batch {batch}`"
-            )
+    def empty_cache_impl(self, batch: int) -> TrtCache:
         if self.kv is None or self.kv.batch < batch:
             if self.kv is not None:
                 self.kv.free()
@@ -375,7 +377,7 @@ class TrtBackend(Backend):
                 len(self.past_names),
                 batch,
                 self.kv_heads,
-                self.max_positions,
+                self.limits.kv_capacity,
                 self.head_dim,
                 self.kv_dtype,
             )
@@ -383,25 +385,7 @@ class TrtBackend(Backend):
         self.live = (generation, 0)
         return TrtCache(batch, 0, 0, generation, 0)
 
-    def check_lengths(self, batch: int, sequence: int, past: int) -> None:
-        """PromptError / EngineError before anything runs when the engine's profiles cannot
-        take this call."""
-        if past == 0 and sequence > self.max_input_len:
-            raise PromptError(
-                f"prompt is {sequence} tokens with its images; the TensorRT engine takes at most {self.max_input_len}: "
-                f"shorten it or rebuild with `{self.rebuild} --max-input-len {sequence}`"
-            )
-        if past + sequence > self.max_positions:
-            raise PromptError(
-                f"prompt and answer reach {past + sequence} positions; the TensorRT engine holds {self.max_positions}: "
-                f"ask for fewer new tokens or rebuild with `{self.rebuild} --max-seq-len {past + sequence}`"
-            )
-        if batch > self.max_batch:
-            raise EngineError(
-                f"a batch of {batch} is more than the engine's --max-batch {self.max_batch}: rebuild with `{self.rebuild}`"
-            )
-
-    def decode(self, inputs_embeds, attention_mask, position_ids, cache: TrtCache):
+    def decode_impl(self, inputs_embeds, attention_mask, position_ids, cache: TrtCache):
         if not isinstance(cache, TrtCache) or self.live != (cache.generation, cache.step):
             raise EngineError(
                 "this KV cache is not the TensorRT backend's latest one (it keeps one cache on the device)"
@@ -417,7 +401,6 @@ class TrtBackend(Backend):
                 f"decoder inputs disagree: embeds {inputs_embeds.shape}, mask {attention_mask.shape}, positions "
                 f"{position_ids.shape}, cache of {cache.batch} x {past}"
             )
-        self.check_lengths(batch, sequence, past)
         kv = (batch, self.kv_heads, past, self.head_dim)
         shapes = {
             contract.INPUTS_EMBEDS: (batch, sequence, hidden),
@@ -439,8 +422,8 @@ class TrtBackend(Backend):
         )  # per token: 4 checks, not 3 + 2 x layers
         if profile is None:
             raise EngineError(
-                f"no optimization profile of the decoder engine takes {sequence} new positions after {past} cached ones "
-                f"(prefill runs with an empty cache, decode one token at a time)"
+                f"no optimization profile of the decoder engine takes {batch} x {sequence} new positions after {past} "
+                f"cached ones (prefill runs with an empty cache, decode one token at a time)"
             )
         self.embeds.upload(np.ascontiguousarray(inputs_embeds, dtype=self.dtype), self.stream)
         self.mask.upload(np.ascontiguousarray(attention_mask, dtype=np.int64), self.stream)
@@ -463,18 +446,13 @@ class TrtBackend(Backend):
 
     # -- cleanup --------------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close_impl(self) -> None:
         """Frees device and pinned memory (also done when the backend is garbage-collected)."""
-        if getattr(self, "freed", True):
-            return
-        self.freed = True
         try:
             self.cuda.synchronize(self.stream)
         except EngineError:
             pass
-        for runner in ("decoder", "vision"):
-            if hasattr(self, runner):
-                delattr(self, runner)  # context and engine before the memory they use
+        self.decoder = self.vision = None  # context and engine go before the memory they use
         if self.kv is not None:
             self.kv.free()
             self.kv = None

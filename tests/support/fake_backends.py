@@ -4,35 +4,52 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.backends.base import Backend
+from runtime.backends.base import Backend, Limits
+from runtime.errors import PromptError
 
 VOCAB, HIDDEN, EOS = 12, 4, 2
+ROOMY = Limits(max_positions=1024)  # a model with positions to spare and a cache that grows
+
+
+def fixed_cache(kv_capacity: int, max_positions: int = 1024) -> Limits:
+    """The limits of a preallocated cache of `kv_capacity` positions (ONNX Runtime's static layout)."""
+    return Limits(
+        max_positions,
+        kv_capacity,
+        owner="the decoder's static KV cache",
+        resize="llava-export decoder --kv-cache static",
+    )
 
 
 class ScriptedBackend(Backend):
     """Returns logits that make `script[row][step]` the argmax; records every decode call.
 
     The "cache" is the number of positions it holds, so each call can check that the
-    generator grew the mask and the cache in step.
+    generator grew the mask and the cache in step. A fixed capacity in `limits` is enforced
+    the way the TensorRT engine and the static layout do: the call that would overrun it raises.
     """
 
     name = "fake"
     dtype = np.dtype(np.float32)
 
-    def __init__(self, script: list[list[int]]):
+    def __init__(self, script: list[list[int]], limits: Limits = ROOMY):
         self.script = script
+        self.limits = limits
         self.calls: list[dict] = []
+        self.released = 0
 
-    def encode_images(self, pixel_values):
+    def encode_images_impl(self, pixel_values):
         raise AssertionError("no images in these tests")
 
-    def empty_cache(self, batch):
+    def empty_cache_impl(self, batch):
         return 0
 
-    def decode(self, inputs_embeds, attention_mask, position_ids, cache):
+    def decode_impl(self, inputs_embeds, attention_mask, position_ids, cache):
         batch, new, _ = inputs_embeds.shape
         assert attention_mask.shape == (batch, cache + new)
         assert position_ids.shape == (batch, new)
+        if cache + new > self.limits.capacity:
+            raise PromptError(f"the fake's cache overflows at {cache + new} positions")
         step = len(self.calls)
         self.calls.append(
             {"embeds": inputs_embeds.copy(), "mask": attention_mask.copy(), "positions": position_ids.copy()}
@@ -42,6 +59,9 @@ class ScriptedBackend(Backend):
             script = self.script[row]
             logits[row, script[min(step, len(script) - 1)]] = 5.0
         return logits, cache + new
+
+    def close_impl(self):
+        self.released += 1
 
 
 # Token t's embedding is (t, t, t, t): easy to recognise in what the backend receives.
