@@ -1,11 +1,13 @@
-"""llava-bench: the roofline arithmetic against hand-computed numbers, the command end to end on
-the tiny model (a real subprocess: it sets process-wide thread counts), and its user errors."""
+"""llava-bench: the roofline arithmetic against hand-computed numbers, the report's ratios on
+synthetic sides (every ratio reads "times better than PyTorch"), the command end to end on the
+tiny model (a real subprocess: it sets process-wide thread counts), and its user errors."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -146,6 +148,120 @@ def test_decoder_cost_counts_the_tiny_model(tiny_hf):
 
 
 # ---------------------------------------------------------------------------------------------
+# The report's ratios, on synthetic sides: each reads "times better than PyTorch", above 1 better
+
+SYNTHETIC_VISION = rl.VisionCost(
+    patch_params=1_000_000,
+    layer_params=300_000_000,
+    projector_params=20_000_000,
+    num_layers=24,
+    num_heads=16,
+    head_dim=64,
+    tower_tokens=577,
+    image_tokens=576,
+)
+BATCH, PROMPT_TOKENS, NEW_TOKENS = 1, 640, 16
+BOUND = rl.roofline(MACHINE, DECODER, SYNTHETIC_VISION, BATCH, PROMPT_TOKENS, NEW_TOKENS, "float16")
+PHASES = ("image encode", "prefill", "decode")  # the ceiling line's, each the start of its row's label
+
+
+def synthetic_side(name: str, encode_ms: float, prefill_ms: float, decode_ms: float, rss_mib: float):
+    """One run with no splice time, so end to end is encode + prefill + decode."""
+    from exporter.bench.memory import SideMemory
+    from exporter.bench.report import RunTimes, SideResult
+
+    run = RunTimes(
+        encode_ms, 0.0, prefill_ms, decode_ms, encode_ms + prefill_ms + decode_ms, [[1] * (NEW_TOKENS + 1)]
+    )
+    return SideResult(name, [run], SideMemory(resident=rss_mib), BATCH, NEW_TOKENS, PROMPT_TOKENS)
+
+
+def at_roofline(name: str, times: float = 1.0, rss_mib: float = 1000.0):
+    """A side `times` slower than the roofline in every phase (decode: `times` the step's bound)."""
+    return synthetic_side(
+        name,
+        times * BOUND.image_encode.ms,
+        times * BOUND.prefill.ms,
+        times * NEW_TOKENS * BOUND.decode_step.ms,
+        rss_mib,
+    )
+
+
+def synthetic_report(reference, runtime):
+    from exporter.bench.report import BenchReport
+    from exporter.bench.run import BenchConfig
+
+    config = BenchConfig(
+        model="src", artifacts=Path("art"), prompt_len=64, new_tokens=NEW_TOKENS, threads=1, batch=BATCH
+    )
+    return BenchReport(
+        config=config,
+        machine={"cpu": "cpu", "available_cpus": 1, "load_average_start": [0.1], "load_average_end": [0.1]},
+        model={
+            "reference_dtype": "float16",
+            "decoder_dtype": "float16",
+            "decoder_quant": None,
+            "image_tokens": 576,
+            "decoder_params": 5_000_000_000,
+        },
+        rates=MACHINE,
+        rates_before=MACHINE,
+        bound=BOUND,
+        reference=reference,
+        runtime=runtime,
+        memory_method="synthetic",
+        torch_threads=1,
+        ort_threads=1,
+        greedy_match=NEW_TOKENS + 1,
+    )
+
+
+def table_row(table: str, label: str) -> dict[str, str]:
+    """The table's row whose metric starts with `label`, by column header."""
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("metric"))
+    row = next(line for line in lines if line.startswith(label))
+    return dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip())))
+
+
+def ceiling_in_line(table: str) -> dict[str, float]:
+    line = next(line for line in table.splitlines() if line.strip().startswith("ceiling:"))
+    found = re.findall(r"([\d.]+)x faster on (image encode|prefill|decode)", line)
+    return {phase: float(value) for value, phase in found}
+
+
+def test_a_runtime_at_the_roofline_shows_its_ratio_at_the_ceiling():
+    report = synthetic_report(at_roofline("pytorch", times=1.6), at_roofline("ort-cpu"))
+    figures, table = report.to_dict(), report.table()
+    ceiling_line = ceiling_in_line(table)
+    for key in ("image_encode_ms", "prefill_ms", "decode_tokens_per_s", "end_to_end_ms"):
+        assert figures["ratios"][key] == pytest.approx(figures["ratio_ceiling"][key], rel=1e-3), key
+        assert figures["ratios"][key] == pytest.approx(1.6, rel=1e-3), key  # above 1: the runtime is faster
+        assert figures["efficiency"]["ort-cpu"][key] == pytest.approx(1.0, rel=1e-3), key
+    for phase in PHASES:
+        row = table_row(table, phase)
+        assert row["x better (ort)"] == "1.60x" == f"{ceiling_line[phase]:.2f}x", (phase, table)
+        assert row["ort/roof"] == "100%", (phase, table)
+
+
+def test_a_runtime_twice_as_fast_shows_two_in_the_table_and_the_json():
+    pytorch = synthetic_side("pytorch", 2000.0, 4000.0, 800.0, 3000.0)
+    runtime = synthetic_side("ort-cpu", 1000.0, 2000.0, 400.0, 1500.0)  # half the time, half the memory
+    report = synthetic_report(pytorch, runtime)
+    figures, table = report.to_dict(), report.table()
+    assert figures["ratios"] == {
+        "image_encode_ms": 2.0,
+        "prefill_ms": 2.0,
+        "decode_tokens_per_s": 2.0,
+        "end_to_end_ms": 2.0,
+        "peak_rss_mib": 2.0,
+    }
+    for label in ("image encode ms", "prefill ms", "decode tok/s", "end-to-end ms", "peak RSS MiB"):
+        assert table_row(table, label)["x better (ort)"] == "2.00x", (label, table)
+    assert "above 1 better" in table and "above 1" in figures["ratio_convention"]
+
+
+# ---------------------------------------------------------------------------------------------
 # The command end to end
 
 
@@ -165,7 +281,7 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     table = result.stdout
     for label in ("image encode ms", "prefill ms (24 tok)", "decode tok/s", "end-to-end ms", "peak RSS MiB"):
         assert label in table, table
-    assert "ort-cpu" in table and "ratio (ort/pt)" in table and "roofline" in table
+    assert "ort-cpu" in table and "x better (ort)" in table and "roofline" in table
     assert "threads: torch 1, onnxruntime intra-op 1" in table
 
     report = json.loads(out.read_text())
@@ -185,8 +301,11 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
             assert side[key] > 0, key
         assert side["peak_rss_mib"] >= 0
         assert side["end_to_end_ms"] >= side["prefill_ms"]
-    for key in ("image_encode_ms", "prefill_ms", "decode_tokens_per_s", "end_to_end_ms"):
-        assert report["ratios"][key] == pytest.approx(ort[key] / pytorch[key], rel=1e-2)
+    for key in ("image_encode_ms", "prefill_ms", "end_to_end_ms"):  # times faster: pytorch's ms / ort's
+        assert report["ratios"][key] == pytest.approx(pytorch[key] / ort[key], rel=1e-2)
+    assert report["ratios"]["decode_tokens_per_s"] == pytest.approx(
+        ort["decode_tokens_per_s"] / pytorch["decode_tokens_per_s"], rel=1e-2
+    )
     roof = report["roofline"]
     assert roof["decode_step"]["bytes"] == report["model"]["decoder_weight_bytes"] == 4 * 94_528
     assert roof["decode_tokens_per_s"] > 0 and roof["prefill_ms"] > 0
@@ -212,7 +331,7 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     assert ceiling["prefill_ms"] == pytest.approx(pytorch["prefill_ms"] / roof["prefill_ms"], rel=1e-2)
     assert ceiling["peak_rss_mib"] is None
     assert (
-        f"ceiling: a backend at the roofline would show {ceiling['image_encode_ms']:.2f}x on image encode"
+        f"ceiling: a backend at the roofline would be {ceiling['image_encode_ms']:.2f}x faster on image encode"
         in table
     )
     # The exported float32 graphs reproduce the reference: greedy tokens agree (the tiny model's

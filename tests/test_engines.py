@@ -17,7 +17,6 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -694,56 +693,6 @@ def test_not_enough_device_memory_for_the_cache(fake_gpu, artifacts):
         backend.empty_cache(1)
     fake_gpu.cudart.device_limit = None
     backend.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. The GPU check's plumbing, on the fakes (its GPU numbers need a GPU)
-
-
-def test_gpu_check_statuses_name_what_is_missing(monkeypatch):
-    from exporter.bench import gpu_check
-
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    assert "tensorrt is not installed" in gpu_check.tensorrt_status()
-    assert gpu_check.torch_cuda_status() is None or "CUDA" in gpu_check.torch_cuda_status()
-
-
-def test_gpu_check_benchmark_flow_on_the_fakes(fake_gpu, artifacts, workshop, tmp_path, monkeypatch):
-    """run_benchmark with the fake TensorRT: sides measured, roofline from the nominal
-    bandwidth, greedy agreement, and the Markdown report (PyTorch CUDA is absent here)."""
-    from exporter.bench import gpu_check
-    from exporter.source import load_source
-    from exporter.testing.tiny import TinyConfig
-
-    build(artifacts)
-    source = load_source(str(workshop.tiny(TinyConfig())["hf"]))
-    monkeypatch.setattr(
-        gpu_check, "prepare_model", lambda *a, **k: (artifacts, source, artifacts / "engines" / FAKE_FOLDER)
-    )
-    monkeypatch.setattr(gpu_check, "ort_cuda_status", lambda: "no CUDA here")
-    monkeypatch.setattr(gpu_check, "torch_cuda_status", lambda: "no CUDA here")
-    args = SimpleNamespace(text_layers=2, prompt_len=8, new_tokens=4, repeats=2, encode_repeats=2)
-    report = {
-        "environment": {"stacks": {"tensorrt": None, "onnxruntime-cuda": "no", "torch-cuda": "no"}},
-        "errors": {},
-    }
-    gpu_check.run_benchmark(args, tmp_path, report, gpu_check_progress())
-    bench = report["benchmark"]
-    assert bench["bandwidth_gb_s"] == {"measured_copy": None, "nominal": 4800.0}
-    assert bench["decoder_weight_bytes_per_token"] > 0 and bench["roofline_decode_tokens_per_s"] > 0
-    side = bench["sides"]["tensorrt"]
-    assert (
-        side["image_encode_ms"] > 0 and side["time_to_first_token_ms"] > 0 and side["decode_tokens_per_s"] > 0
-    )
-    assert side["fraction_of_roofline"] is not None and "tokens" not in side
-    text = gpu_check.markdown({**report, "seconds": 1.0})
-    assert "| tensorrt |" in text and "4800.0 GB/s" in text
-
-
-def gpu_check_progress():
-    from exporter.progress import Progress
-
-    return Progress(quiet=True)
 
 
 def test_engine_command_needs_no_torch(artifacts):

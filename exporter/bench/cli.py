@@ -1,6 +1,6 @@
 """`llava-bench`: the PyTorch reference against the runtime on identical inputs, with the
-machine's roofline. A thin command: parses options, calls exporter.bench.run_bench, prints
-the table (progress goes to stderr). User errors print as one `error:` line, exit 2."""
+machine's roofline. A thin command: parses options, calls exporter.bench.run.run_bench,
+prints the table (progress goes to stderr). User errors print as one `error:` line, exit 2."""
 
 from __future__ import annotations
 

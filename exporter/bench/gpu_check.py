@@ -26,6 +26,7 @@ The report (Markdown, plus the same as JSON beside it) is written even when a st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,8 +38,10 @@ import traceback
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # exporter/bench/gpu_check.py -> the repository
 PARITY_FILE = "parity_tests/test_tensorrt.py"
+NO_TESTS_COLLECTED = 5  # pytest's exit status when it found nothing to run
+TIMED_OUT = -1  # run_parity's exit status when the child pytest ran out of time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,11 +49,9 @@ PARITY_FILE = "parity_tests/test_tensorrt.py"
 
 
 def cuda_runtime_status() -> str | None:
-    try:
-        from runtime.backends.trt import Cuda
-        from runtime.errors import EngineError
-    except ImportError as err:  # pragma: no cover - the runtime is this repository
-        return str(err)
+    from runtime.backends.trt import Cuda  # imports cuda-python only when Cuda() is made
+    from runtime.errors import EngineError
+
     try:
         cuda = Cuda()
         count = cuda.call("cudaGetDeviceCount", cuda.rt.cudaGetDeviceCount())
@@ -230,37 +231,49 @@ def run_parity(work: Path, timeout_s: float) -> dict:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(timeout_s, 30))
         output, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as err:
-        output, code = f"{err.stdout or ''}{err.stderr or ''}\n(timed out after {timeout_s:.0f} s)", -1
-    tests = []
-    if junit.is_file():
-        for case in ElementTree.parse(junit).getroot().iter("testcase"):
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                found = case.find(tag)
-                if found is not None:
-                    outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                    message = (
-                        (found.get("message") or found.text or "").strip().splitlines()[0][:300]
-                        if (found.get("message") or found.text)
-                        else ""
-                    )
-                    break
-            tests.append(
-                {
-                    "test": case.get("name"),
-                    "outcome": outcome,
-                    "message": message,
-                    "seconds": float(case.get("time") or 0),
-                }
-            )
-    tail = output.strip().splitlines()[-40:]
+        output, code = f"{err.stdout or ''}{err.stderr or ''}\n(timed out after {timeout_s:.0f} s)", TIMED_OUT
     return {
         "command": " ".join(command),
         "exit": code,
         "seconds": round(time.perf_counter() - start, 1),
-        "tests": tests,
-        "output_tail": tail,
+        "tests": junit_tests(junit) if junit.is_file() else [],
+        "output_tail": output.strip().splitlines()[-40:],
     }
+
+
+def junit_tests(junit: Path) -> list[dict]:
+    """Each test case's name, outcome, first line of its message and seconds."""
+    outcomes = {"failure": "failed", "error": "error", "skipped": "skipped"}
+    tests = []
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag, name in outcomes.items():
+            found = case.find(tag)
+            if found is not None:
+                text = (found.get("message") or found.text or "").strip()
+                outcome, message = name, text.splitlines()[0][:300] if text else ""
+                break
+        tests.append(
+            {
+                "test": case.get("name"),
+                "outcome": outcome,
+                "message": message,
+                "seconds": float(case.get("time") or 0),
+            }
+        )
+    return tests
+
+
+def parity_failure(parity: dict | None) -> str | None:
+    """Why the parity stage failed, or None when it passed (or was skipped with --skip-parity).
+    Collecting no tests is a failure: the parity suite did not run, so it proved nothing."""
+    if parity is None or parity["exit"] == 0:
+        return None
+    if parity["exit"] == NO_TESTS_COLLECTED:
+        return f"no tests were collected from {PARITY_FILE}: the parity suite did not run"
+    if parity["exit"] == TIMED_OUT:
+        return f"{PARITY_FILE} ran out of time"
+    return f"pytest exited with status {parity['exit']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,42 +289,27 @@ def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int
     (artifacts folder, LlavaSource loaded in float16, engines folder or None)."""
     import torch
 
-    from exporter.graphs.decoder import export_decoder
-    from exporter.graphs.vision import export_vision
     from exporter.source import load_source
     from exporter.testing import scale
-    from runtime import contract
 
     checkpoint = work / f"llava7b-{text_layers}l"
     artifacts = work / f"artifacts-{text_layers}l-fp16"
     timings = report.setdefault("prepare_s", {})
     if not (checkpoint / "config.json").is_file():
-        start = time.perf_counter()
-        with progress.stage(
-            f"writing a random LLaVA-1.5-7B-shaped checkpoint ({text_layers} decoder layers)"
-        ):
+        what = f"writing a random LLaVA-1.5-7B-shaped checkpoint ({text_layers} decoder layers)"
+        with timed(timings, "checkpoint"), progress.stage(what):
             scale.write_checkpoint(checkpoint, text_layers)
-        timings["checkpoint"] = round(time.perf_counter() - start, 1)
-    start = time.perf_counter()
-    with progress.stage("loading it in float16"):
+    with timed(timings, "load"), progress.stage("loading it in float16"):
         source = load_source(str(checkpoint), dtype=torch.float16)
-    timings["load"] = round(time.perf_counter() - start, 1)
-    manifest_ok = False
-    try:
-        manifest_ok = set(contract.read_manifest(artifacts).graphs) >= {"vision", "decoder"}
-    except Exception:
-        pass
-    if not manifest_ok:
-        start = time.perf_counter()
-        export_vision(source, artifacts, fp16=True, force=True, verify=False, progress=progress)
-        export_decoder(source, artifacts, fp16=True, force=True, verify=False, progress=progress)
-        timings["export_fp16"] = round(time.perf_counter() - start, 1)
-    folder = None
-    if tensorrt_status() is None:
-        from exporter.engine.build import build_engines
+    if not has_both_graphs(artifacts):
+        with timed(timings, "export_fp16"):
+            export_fp16(source, artifacts, progress)
+    if tensorrt_status() is not None:
+        return artifacts, source, None
+    from exporter.engine.build import build_engines
 
-        image_tokens = source.vision.num_image_tokens
-        start = time.perf_counter()
+    image_tokens = source.vision.num_image_tokens
+    with timed(timings, "engines"):
         folder = build_engines(
             artifacts,
             max_batch=1,
@@ -320,13 +318,40 @@ def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int
             timing_cache=work / "timing.cache",
             progress=progress,
         )
-        timings["engines"] = round(time.perf_counter() - start, 1)
     return artifacts, source, folder
 
 
+@contextlib.contextmanager
+def timed(timings: dict, key: str):
+    """Records the block's seconds as timings[key] when it succeeds."""
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 1)
+
+
+def has_both_graphs(artifacts: Path) -> bool:
+    """A previous run's export is reused only when its manifest lists both graphs."""
+    from runtime import contract
+
+    try:
+        return set(contract.read_manifest(artifacts).graphs) >= {"vision", "decoder"}
+    except Exception:  # no folder, no manifest, or one a half-finished run left
+        return False
+
+
+def export_fp16(source, artifacts: Path, progress) -> None:
+    """Both graphs in float16, unverified: the parity stage checks the graphs on the tiny
+    models, and a PyTorch comparison at 7B width would spend the time budget."""
+    from exporter.graphs.decoder import export_decoder
+    from exporter.graphs.vision import export_vision
+
+    export_vision(source, artifacts, fp16=True, force=True, verify=False, progress=progress)
+    export_decoder(source, artifacts, fp16=True, force=True, verify=False, progress=progress)
+
+
 class TorchCudaSide:
-    """PyTorch eager float16 on CUDA: the same steps as the runtime (exporter.bench.ReferenceSide,
-    on the GPU, synchronized before every clock reading)."""
+    """PyTorch eager float16 on CUDA: the same steps as the runtime (exporter.bench.run's
+    ReferenceSide, on the GPU, synchronized before every clock reading)."""
 
     name = "pytorch-eager-fp16"
 
@@ -454,9 +479,9 @@ def agreement(ours: list[int], reference: list[int]) -> int:
 
 
 def run_benchmark(args, work: Path, report: dict, progress) -> None:
-    from exporter.bench.run import decoder_cost, make_inputs
+    """Prepares the 7B-shaped model, then measures every usable GPU side on the same inputs."""
+    from exporter.bench.run import make_inputs
     from runtime import contract
-    from runtime.pipeline import Pipeline
 
     bench = report["benchmark"] = {
         "text_layers": args.text_layers,
@@ -467,9 +492,28 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
         work, args.text_layers, args.prompt_len, args.new_tokens, bench, progress
     )
     manifest = contract.read_manifest(artifacts)
-    if (
-        engine_folder is not None
-    ):  # plan sizes next to the graphs' weights: two profiles, one copy of the weights?
+    record_sizes(bench, artifacts, manifest, engine_folder)
+    inputs = make_inputs(manifest, 1, args.prompt_len, seed=0)
+    bench["prompt_tokens"] = inputs.prompt_tokens
+    record_decode_roofline(bench, source)
+    results = bench["sides"] = {}
+    for side in gpu_sides(artifacts, engine_folder, source):
+        with progress.stage(f"benchmarking {side.name}"):
+            try:
+                results[side.name] = measure_side(
+                    side, inputs, args.new_tokens, args.repeats, args.encode_repeats
+                )
+            except Exception as err:
+                results[side.name] = {"error": f"{type(err).__name__}: {err}"}
+        if getattr(side, "backend", None) is not None and hasattr(side.backend, "close"):
+            side.backend.close()
+    compare_sides(results, bench["roofline_decode_tokens_per_s"])
+
+
+def record_sizes(bench: dict, artifacts: Path, manifest, engine_folder: Path | None) -> None:
+    """Plan and ONNX sizes side by side: a plan near its graph's size holds its weights once
+    for both optimization profiles."""
+    if engine_folder is not None:
         record = json.loads((engine_folder / "engine.json").read_text())
         bench["plan_bytes"] = {g: record["plans"][g]["bytes"] for g in record["plans"]}
         bench["build_seconds"] = record.get("build_seconds")
@@ -477,15 +521,24 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
         g: sum(p.stat().st_size for p in artifacts.glob(manifest.graphs[g].file + "*"))
         for g in ("vision", "decoder")
     }
-    inputs = make_inputs(manifest, 1, args.prompt_len, seed=0)
-    bench["prompt_tokens"] = inputs.prompt_tokens
+
+
+def record_decode_roofline(bench: dict, source) -> None:
+    """Decode's bound: each token reads every float16 decoder weight once, at the GPU's bandwidth
+    (measured where CUDA PyTorch is, else nominal)."""
+    from exporter.bench.run import decoder_cost
+
     cost = decoder_cost(source, "float16")
     bench["decoder_weight_bytes_per_token"] = cost.weight_bytes
-    bandwidth = measured_bandwidth_gb_s()
-    nominal = nominal_bandwidth_gb_s()
+    bandwidth, nominal = measured_bandwidth_gb_s(), nominal_bandwidth_gb_s()
     bench["bandwidth_gb_s"] = {"measured_copy": bandwidth, "nominal": nominal}
     used = bandwidth or nominal
     bench["roofline_decode_tokens_per_s"] = round(used * 1e9 / cost.weight_bytes, 1) if used else None
+
+
+def gpu_sides(artifacts: Path, engine_folder: Path | None, source) -> list:
+    """TensorRT where its engines were built, ONNX Runtime CUDA and CUDA PyTorch where usable."""
+    from runtime.pipeline import Pipeline
 
     sides = []
     if engine_folder is not None:
@@ -497,24 +550,19 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
             sides.append(RuntimeGpuSide("onnxruntime-cuda", pipe.backend, pipe.embed_table))
     if torch_cuda_status() is None:
         sides.append(TorchCudaSide(source))
-    results = bench["sides"] = {}
-    for side in sides:
-        with progress.stage(f"benchmarking {side.name}"):
-            try:
-                results[side.name] = measure_side(
-                    side, inputs, args.new_tokens, args.repeats, args.encode_repeats
-                )
-            except Exception as err:
-                results[side.name] = {"error": f"{type(err).__name__}: {err}"}
-        if getattr(side, "backend", None) is not None and hasattr(side.backend, "close"):
-            side.backend.close()
+    return sides
+
+
+def compare_sides(results: dict[str, dict], roofline_tokens_per_s: float | None) -> None:
+    """Adds each side's fraction of the decode roofline and its greedy agreement with PyTorch's
+    tokens, then drops the tokens (the report keeps figures only)."""
     reference = results.get(TorchCudaSide.name, {}).get("tokens")
     for name, result in results.items():
         if "error" in result:
             continue
-        roof = bench["roofline_decode_tokens_per_s"]
+        tokens_per_s = result["decode_tokens_per_s"]
         result["fraction_of_roofline"] = (
-            round(result["decode_tokens_per_s"] / roof, 3) if roof and result["decode_tokens_per_s"] else None
+            round(tokens_per_s / roofline_tokens_per_s, 3) if roofline_tokens_per_s and tokens_per_s else None
         )
         if reference and name != TorchCudaSide.name:
             result["greedy_tokens_agreeing_with_pytorch"] = agreement(result["tokens"], reference)
@@ -526,89 +574,96 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
 
 
 def markdown(report: dict) -> str:
-    env = report["environment"]
     lines = [
         "# llava-export GPU check",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {report.get('seconds', '?')} s in all",
         "",
+        *environment_lines(report["environment"]),
     ]
-    gpu = env.get("gpu") or {}
-    lines.append(
-        f"GPU: {gpu.get('name', 'none visible')} (compute {gpu.get('compute_capability', '?')}, {gpu.get('memory_gib', '?')} GiB)"
-    )
-    lines.append(
-        f"Versions: tensorrt {env.get('tensorrt')}, cuda-python {env.get('cuda-python')}, onnxruntime {env.get('onnxruntime')}, "
-        f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}"
-    )
-    lines += ["", "| stack | usable |", "|---|---|"]
-    for stack, reason in env["stacks"].items():
-        lines.append(f"| {stack} | {'yes' if reason is None else 'no: ' + reason} |")
-    parity = report.get("parity")
-    if parity:
-        counts = {}
-        for test in parity["tests"]:
-            counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
-        lines += [
-            "",
-            f"## Parity ({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no tests ran'}; {parity['seconds']} s)",
-            "",
-        ]
-        lines += ["| test | outcome | note |", "|---|---|---|"]
-        for test in parity["tests"]:
-            lines.append(f"| {test['test']} | {test['outcome']} | {test['message'].replace('|', '/')} |")
-        if parity["exit"] not in (0, 5):
-            lines += ["", "```", *parity["output_tail"], "```"]
-    bench = report.get("benchmark")
-    if bench:
-        lines += [
-            "",
-            f"## Benchmark: LLaVA-1.5-7B-shaped, float16, {bench['text_layers']} of 32 decoder layers",
-            "",
-        ]
-        lines.append(
-            f"Prompt: one 336px image + {bench.get('prompt_text_tokens')} text tokens = {bench.get('prompt_tokens')} positions; "
-            f"{bench.get('new_tokens')} greedy decode steps, batch 1."
-        )
-        bw = bench.get("bandwidth_gb_s", {})
-        if "decoder_weight_bytes_per_token" in bench:
-            lines.append(
-                f"Roofline: {bench['decoder_weight_bytes_per_token'] / 1e9:.2f} GB of decoder weights per token / "
-                f"{bw.get('measured_copy') or bw.get('nominal')} GB/s ({'measured copy' if bw.get('measured_copy') else 'nominal'}; "
-                f"nominal {bw.get('nominal')}) = {bench.get('roofline_decode_tokens_per_s')} tok/s."
-            )
-        if bench.get("prepare_s"):
-            lines.append("Preparation (s): " + ", ".join(f"{k} {v}" for k, v in bench["prepare_s"].items()))
-        if bench.get("plan_bytes"):
-            lines.append(
-                "Sizes (MiB): "
-                + ", ".join(
-                    f"{g}.plan {bench['plan_bytes'][g] / 2**20:.0f} vs {g}.onnx {bench['onnx_bytes'][g] / 2**20:.0f}"
-                    for g in bench["plan_bytes"]
-                )
-                + f"; build s: {bench.get('build_seconds')}"
-            )
-        lines += [
-            "",
-            "| side | image encode ms (b=1) | time to first token ms | decode tok/s | of roofline | greedy tokens = PyTorch |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, r in bench.get("sides", {}).items():
-            if "error" in r:
-                lines.append(f"| {name} | error: {r['error'][:200]} | | | | |")
-                continue
-            fraction = r.get("fraction_of_roofline")
-            lines.append(
-                f"| {name} | {r['image_encode_ms']} | {r['time_to_first_token_ms']} | {r['decode_tokens_per_s']} | "
-                f"{'' if fraction is None else f'{fraction:.0%}'} | {r.get('greedy_tokens_agreeing_with_pytorch', '-')} |"
-            )
-        lines.append("")
-        lines.append(
-            "Random weights: greedy agreement counts leading tokens equal to PyTorch's (near ties make later ones meaningless)."
-        )
+    if report.get("parity"):
+        lines += parity_lines(report["parity"])
+    if report.get("benchmark"):
+        lines += benchmark_lines(report["benchmark"])
     for stage, message in report.get("errors", {}).items():
         lines += ["", f"## {stage} failed", "", "```", message.strip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def environment_lines(env: dict) -> list[str]:
+    gpu = env.get("gpu") or {}
+    lines = [
+        f"GPU: {gpu.get('name', 'none visible')} (compute {gpu.get('compute_capability', '?')}, {gpu.get('memory_gib', '?')} GiB)",
+        f"Versions: tensorrt {env.get('tensorrt')}, cuda-python {env.get('cuda-python')}, onnxruntime {env.get('onnxruntime')}, "
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}",
+        "",
+        "| stack | usable |",
+        "|---|---|",
+    ]
+    for stack, reason in env["stacks"].items():
+        lines.append(f"| {stack} | {'yes' if reason is None else 'no: ' + reason} |")
+    return lines
+
+
+def parity_lines(parity: dict) -> list[str]:
+    counts: dict[str, int] = {}
+    for test in parity["tests"]:
+        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no tests ran"
+    lines = ["", f"## Parity ({summary}; {parity['seconds']} s)", ""]
+    failure = parity_failure(parity)
+    if failure:
+        lines += [f"**Failed: {failure}.**", ""]
+    lines += ["| test | outcome | note |", "|---|---|---|"]
+    for test in parity["tests"]:
+        lines.append(f"| {test['test']} | {test['outcome']} | {test['message'].replace('|', '/')} |")
+    if failure:
+        lines += ["", "```", *parity["output_tail"], "```"]
+    return lines
+
+
+def benchmark_lines(bench: dict) -> list[str]:
+    lines = [
+        "",
+        f"## Benchmark: LLaVA-1.5-7B-shaped, float16, {bench['text_layers']} of 32 decoder layers",
+        "",
+        f"Prompt: one 336px image + {bench.get('prompt_text_tokens')} text tokens = {bench.get('prompt_tokens')} positions; "
+        f"{bench.get('new_tokens')} greedy decode steps, batch 1.",
+    ]
+    bw = bench.get("bandwidth_gb_s", {})
+    if "decoder_weight_bytes_per_token" in bench:
+        lines.append(
+            f"Roofline: {bench['decoder_weight_bytes_per_token'] / 1e9:.2f} GB of decoder weights per token / "
+            f"{bw.get('measured_copy') or bw.get('nominal')} GB/s ({'measured copy' if bw.get('measured_copy') else 'nominal'}; "
+            f"nominal {bw.get('nominal')}) = {bench.get('roofline_decode_tokens_per_s')} tok/s."
+        )
+    if bench.get("prepare_s"):
+        lines.append("Preparation (s): " + ", ".join(f"{k} {v}" for k, v in bench["prepare_s"].items()))
+    if bench.get("plan_bytes"):
+        sizes = ", ".join(
+            f"{g}.plan {bench['plan_bytes'][g] / 2**20:.0f} vs {g}.onnx {bench['onnx_bytes'][g] / 2**20:.0f}"
+            for g in bench["plan_bytes"]
+        )
+        lines.append(f"Sizes (MiB): {sizes}; build s: {bench.get('build_seconds')}")
+    lines += [
+        "",
+        "| side | image encode ms (b=1) | time to first token ms | decode tok/s | of roofline | greedy tokens = PyTorch |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in bench.get("sides", {}).items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error'][:200]} | | | | |")
+            continue
+        fraction = r.get("fraction_of_roofline")
+        lines.append(
+            f"| {name} | {r['image_encode_ms']} | {r['time_to_first_token_ms']} | {r['decode_tokens_per_s']} | "
+            f"{'' if fraction is None else f'{fraction:.0%}'} | {r.get('greedy_tokens_agreeing_with_pytorch', '-')} |"
+        )
+    lines += [
+        "",
+        "Random weights: greedy agreement counts leading tokens equal to PyTorch's (near ties make later ones meaningless).",
+    ]
+    return lines
 
 
 def write_report(report: dict, path: Path) -> None:
@@ -617,9 +672,7 @@ def write_report(report: dict, path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from exporter.progress import Progress
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m exporter.bench.gpu_check",
         description=__doc__,
@@ -649,8 +702,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def benchmark_skip_reason(env: dict, elapsed_s: float, budget_s: float) -> str | None:
+    """Why the benchmark cannot start, or None. It needs a GPU stack and, since export and
+    engine build take minutes, most of the budget still left."""
+    if all(env["stacks"][k] is not None for k in ("tensorrt", "onnxruntime-cuda", "torch-cuda")):
+        return "no GPU stack is usable here (see the table above)"
+    if elapsed_s > budget_s * 0.6:
+        return f"skipped: {elapsed_s:.0f} s of the {budget_s:.0f} s budget already spent"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs every stage, writes the report after each; 1 when parity failed (or collected no
+    tests) or a stage failed, else 0."""
+    from exporter.progress import Progress
+
+    args = parse_args(argv)
     start = time.perf_counter()
     progress = Progress()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -661,28 +731,22 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k}: {'yes' if v is None else 'no'}" for k, v in env["stacks"].items())
     )
     if not args.skip_parity:
-        with progress.stage("parity tests (parity_tests/test_tensorrt.py)"):
+        with progress.stage(f"parity tests ({PARITY_FILE})"):
             report["parity"] = run_parity(args.work, timeout_s=args.budget_s * 0.45)
         write_report(report, args.report)
-    elapsed = time.perf_counter() - start
-    usable = any(env["stacks"][k] is None for k in ("tensorrt", "onnxruntime-cuda", "torch-cuda"))
-    if args.skip_bench:
-        pass
-    elif not usable:
-        report["errors"]["benchmark"] = "no GPU stack is usable here (see the table above)"
-    elif elapsed > args.budget_s * 0.6:
-        report["errors"]["benchmark"] = (
-            f"skipped: {elapsed:.0f} s of the {args.budget_s:.0f} s budget already spent"
-        )
-    else:
-        try:
-            run_benchmark(args, args.work, report, progress)
-        except Exception:
-            report["errors"]["benchmark"] = traceback.format_exc()[-3000:]
+    if not args.skip_bench:
+        skip = benchmark_skip_reason(env, time.perf_counter() - start, args.budget_s)
+        if skip:
+            report["errors"]["benchmark"] = skip
+        else:
+            try:
+                run_benchmark(args, args.work, report, progress)
+            except Exception:
+                report["errors"]["benchmark"] = traceback.format_exc()[-3000:]
     report["seconds"] = round(time.perf_counter() - start, 1)
     write_report(report, args.report)
     progress.say(f"wrote {args.report} ({report['seconds']} s)")
-    failed = report.get("parity", {}).get("exit") not in (None, 0, 5) or bool(report["errors"])
+    failed = parity_failure(report.get("parity")) is not None or bool(report["errors"])
     return 1 if failed else 0
 
 

@@ -15,11 +15,8 @@ same random text token ids around the image, then each runs its own whole pipeli
 A run is all four; `--warmup` runs per side are discarded, then `--repeats` runs alternate
 between the sides (so drift in the machine's load hits both alike) and each figure is the
 median over them. The machine's read bandwidth and float32 GEMM rate are measured in the same
-process, with the same threads, for the roofline (exporter.bench.roofline).
-
-Peak memory is per side: resident growth while loading, and the peak above the pre-run
-resident size during each run (Linux: VmHWM, reset through /proc/self/clear_refs before each
-phase). Both sides live in one process, so each figure is what that side added.
+process, with the same threads, for the roofline (exporter.bench.roofline); each side's memory
+by exporter.bench.memory. exporter.bench.report turns the runs into the table, JSON and plot.
 """
 
 from __future__ import annotations
@@ -28,20 +25,28 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from exporter.bench import roofline as rl
+from exporter.bench.memory import RssMeter, SideMemory
+from exporter.bench.report import (
+    REFERENCE,
+    BenchReport,
+    RunTimes,
+    SideResult,
+    SweepPoint,
+    greedy_agreement,
+    plot,
+)
 from exporter.progress import Progress
 from runtime import contract, generate
 from runtime.errors import LlavaError, PromptError
 from runtime.extras import require
 
-REFERENCE = "pytorch"
 PLOT_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # --plot sweeps these fractions of --prompt-len
 
 
@@ -133,86 +138,7 @@ def make_inputs(manifest: contract.Manifest, batch: int, text_tokens: int, seed:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory
-
-
-class RssMeter:
-    """This process's resident memory from /proc (Linux); figures are MiB, None elsewhere.
-
-    The peak (VmHWM) is reset by writing 5 to /proc/self/clear_refs; where that is refused the
-    peak of a phase is only the resident size sampled after it (a lower bound)."""
-
-    def __init__(self):
-        self.available = Path("/proc/self/statm").is_file()
-        self.resettable = self.available and self.reset_peak()
-        self.sampled_peak = 0.0
-
-    @property
-    def method(self) -> str:
-        if not self.available:
-            return "unavailable (no /proc)"
-        if self.resettable:
-            return "VmHWM, reset via /proc/self/clear_refs before each phase"
-        return "resident size sampled after each phase (peak not resettable: a lower bound)"
-
-    def current(self) -> float:
-        if not self.available:
-            return 0.0
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def reset_peak(self) -> bool:
-        self.sampled_peak = 0.0
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-            return True
-        except OSError:
-            return False
-
-    def peak(self) -> float:
-        if not self.available:
-            return 0.0
-        if self.resettable:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        self.sampled_peak = max(self.sampled_peak, self.current())
-        return self.sampled_peak
-
-
-@dataclass
-class SideMemory:
-    """MiB this side added: `resident` after loading, `load_peak` while loading, and the
-    largest peak above the pre-run resident size during a run (`run_peak`)."""
-
-    resident: float = 0.0
-    load_peak: float = 0.0
-    run_peak: float = 0.0
-
-    @property
-    def peak(self) -> float:
-        return max(self.load_peak, self.resident + self.run_peak)
-
-
-# ---------------------------------------------------------------------------------------------
 # The two sides
-
-
-@dataclass
-class RunTimes:
-    """One run (milliseconds) and the greedy tokens it produced, [B][1 + new_tokens]."""
-
-    image_encode_ms: float
-    splice_ms: float
-    prefill_ms: float
-    decode_ms: float
-    end_to_end_ms: float
-    tokens: list[list[int]] = field(repr=False)
-
-    @property
-    def time_to_first_token_ms(self) -> float:
-        return self.image_encode_ms + self.splice_ms + self.prefill_ms
 
 
 def ms_since(start: float) -> float:
@@ -310,345 +236,101 @@ class RuntimeSide:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Results
+def load_runtime(config: BenchConfig, meter: RssMeter, progress: Progress) -> tuple[RuntimeSide, SideMemory]:
+    with progress.stage(f"loading the runtime ({config.backend}) from {config.artifacts}"):
+        from runtime.pipeline import Pipeline
+
+        def load():
+            with environment(LLAVA_THREADS=str(config.threads)):  # the ORT backend's intra-op threads
+                return RuntimeSide(Pipeline.load(config.artifacts, backend=config.backend))
+
+        return meter.loading(load)
 
 
-@dataclass
-class SideResult:
-    name: str
-    runs: list[RunTimes]
-    memory: SideMemory
-    batch: int
-    new_tokens: int
-    prompt_tokens: int
+def load_reference(
+    config: BenchConfig, dtype: str, meter: RssMeter, progress: Progress
+) -> tuple[object, ReferenceSide, SideMemory]:
+    """(the LlavaSource, its ReferenceSide, the memory they added)."""
+    import torch
 
-    def median(self, attribute: str) -> float:
-        return statistics.median(getattr(run, attribute) for run in self.runs)
+    with progress.stage(f"loading the PyTorch reference ({dtype}) from {config.model}"):
+        from exporter.source import load_source
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens all sequences of the batch decoded per second (the prefill's token excluded)."""
-        decode_ms = self.median("decode_ms")
-        return self.batch * self.new_tokens / (decode_ms / 1000) if decode_ms > 0 else 0.0
+        def load():
+            source = load_source(config.model, vision_tower=config.vision_tower, dtype=getattr(torch, dtype))
+            return source, ReferenceSide(source)
 
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        prefill_ms = self.median("prefill_ms")
-        return self.batch * self.prompt_tokens / (prefill_ms / 1000) if prefill_ms > 0 else 0.0
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "image_encode_ms": self.median("image_encode_ms"),
-            "prefill_ms": self.median("prefill_ms"),
-            "decode_tokens_per_s": self.decode_tokens_per_s,
-            "end_to_end_ms": self.median("end_to_end_ms"),
-            "peak_rss_mib": self.memory.peak,
-        }
-
-    def as_dict(self) -> dict:
-        return {
-            **{key: round(value, 3) for key, value in self.metrics().items()},
-            "splice_ms": round(self.median("splice_ms"), 3),
-            "time_to_first_token_ms": round(self.median("time_to_first_token_ms"), 3),
-            "decode_ms": round(self.median("decode_ms"), 3),
-            "decode_ms_per_step": round(self.median("decode_ms") / self.new_tokens, 3),
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
-            "memory_mib": {key: round(value, 1) for key, value in asdict(self.memory).items()},
-            "runs": [
-                {key: round(value, 3) for key, value in asdict(run).items() if key != "tokens"}
-                for run in self.runs
-            ],
-        }
+        (source, reference), memory = meter.loading(load)
+    return source, reference, memory
 
 
-# (key, label, higher is better); prefill's label gets the token count.
-METRICS = (
-    ("image_encode_ms", "image encode ms", False),
-    ("prefill_ms", "prefill ms", False),
-    ("decode_tokens_per_s", "decode tok/s", True),
-    ("end_to_end_ms", "end-to-end ms", False),
-    ("peak_rss_mib", "peak RSS MiB", False),
-)
+@contextlib.contextmanager
+def environment(**values: str):
+    """Sets environment variables for the block only (the backend reads them when it loads)."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
-CEILING_PHASES = {"image_encode_ms": "image encode", "prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
-
-
-def ratio(runtime: float, reference: float) -> float | None:
-    return runtime / reference if reference > 0 else None
-
-
-def efficiency(value: float, bound: float | None, higher_is_better: bool) -> float | None:
-    """Fraction of the roofline reached: 1.0 runs at the bound."""
-    if bound is None or value <= 0:
+def ort_intra_op_threads(backend) -> int | None:
+    """The thread count ONNX Runtime's decoder session was actually given (None: not ORT)."""
+    session = getattr(backend, "decoder", None)
+    try:
+        return session.get_session_options().intra_op_num_threads
+    except AttributeError:
         return None
-    return value / bound if higher_is_better else bound / value
-
-
-def ratio_ceiling(reference: float, bound: float | None, higher_is_better: bool) -> float | None:
-    """The ratio a backend running at the roofline would show against this reference: the
-    ratio column's ceiling (PyTorch at 80% of a compute-bound phase's roofline leaves 1.25x)."""
-    reached = efficiency(reference, bound, higher_is_better)
-    return 1 / reached if reached else None
-
-
-def roofline_metrics(bound: rl.Roofline) -> dict[str, float | None]:
-    return {
-        "image_encode_ms": bound.image_encode.ms,
-        "prefill_ms": bound.prefill.ms,
-        "decode_tokens_per_s": bound.decode_tokens_per_s,
-        "end_to_end_ms": bound.end_to_end_ms,
-        "peak_rss_mib": None,
-    }
-
-
-def greedy_agreement(reference: RunTimes, runtime: RunTimes) -> int:
-    """Leading tokens on which every row of the two runs agrees."""
-    agree = len(reference.tokens[0])
-    for ours, theirs in zip(reference.tokens, runtime.tokens):
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-        agree = min(agree, same)
-    return agree
-
-
-@dataclass
-class SweepPoint:
-    text_tokens: int
-    prompt_tokens: int
-    prefill_tokens_per_s: dict[str, float]
-    decode_tokens_per_s: dict[str, float]
-    roofline_prefill_tokens_per_s: float
-    roofline_decode_tokens_per_s: float
-
-
-@dataclass
-class BenchReport:
-    config: BenchConfig
-    machine: dict
-    model: dict
-    rates: rl.MachineRates  # the best of the two measurements
-    rates_before: rl.MachineRates  # the first one alone
-    bound: rl.Roofline
-    reference: SideResult
-    runtime: SideResult
-    memory_method: str
-    torch_threads: int
-    ort_threads: int | None
-    greedy_match: int
-    reads_between_repeats: list[float] = field(
-        default_factory=list
-    )  # GB/s, before each repeat and after the last
-    sweep: list[SweepPoint] = field(default_factory=list)
-
-    def decode_weight_bytes(self, side: SideResult) -> float:
-        """The weight bytes one decode step of this side reads: the graph's own (quantized or
-        not) for the runtime, the reference dtype's for PyTorch."""
-        if side is self.runtime:
-            return self.bound.decode_step.bytes
-        return self.model["decoder_params"] * rl.BYTES_PER_ELEMENT[self.model["reference_dtype"]]
-
-    def decode_weight_gb_s(self, side: SideResult) -> float:
-        """The weight bytes a side's decode streamed per second (each step reads them once)."""
-        return side.decode_tokens_per_s / self.config.batch * self.decode_weight_bytes(side) / 1e9
-
-    def decode_share_of_reads(self, side: SideResult) -> float | None:
-        """decode_weight_gb_s over the median read bandwidth measured between the repeats: how
-        close decoding came to the memory system as it was during the runs (the roofline columns
-        use the best of the before and after measurements instead)."""
-        if not self.reads_between_repeats:
-            return None
-        return self.decode_weight_gb_s(side) / statistics.median(self.reads_between_repeats)
-
-    @property
-    def overloaded(self) -> bool:
-        """Other processes wanted more cores than there are (1-minute load average)."""
-        load = self.machine.get("load_average_start")
-        return bool(load) and load[0] > self.machine["available_cpus"]
-
-    @property
-    def sides(self) -> list[SideResult]:
-        return [self.reference, self.runtime]
-
-    def to_dict(self) -> dict:
-        config = self.config
-        ref, run = self.reference.metrics(), self.runtime.metrics()
-        bound = roofline_metrics(self.bound)
-        higher = {key: better for key, _, better in METRICS}
-        return {
-            "settings": {
-                "model": config.model,
-                "artifacts": str(config.artifacts),
-                "backend": self.runtime.name,
-                "batch": config.batch,
-                "text_tokens": config.prompt_len,
-                "image_tokens": self.model["image_tokens"],
-                "prompt_tokens": self.runtime.prompt_tokens,
-                "new_tokens": config.new_tokens,
-                "warmup": config.warmup,
-                "repeats": config.repeats,
-                "seed": config.seed,
-                "torch_threads": self.torch_threads,
-                "ort_intra_op_threads": self.ort_threads,
-                "reference_dtype": self.model["reference_dtype"],
-                "memory_method": self.memory_method,
-                "machine_overloaded": self.overloaded,
-            },
-            "machine": {
-                **self.machine,
-                "read_gb_s": round(self.rates.read_gb_s, 2),
-                "copy_gb_s": round(self.rates.copy_gb_s, 2),
-                "gemm_gflop_s": round(self.rates.gemm_gflop_s, 2),
-                "first_measurement": {
-                    "read_gb_s": round(self.rates_before.read_gb_s, 2),
-                    "copy_gb_s": round(self.rates_before.copy_gb_s, 2),
-                    "gemm_gflop_s": round(self.rates_before.gemm_gflop_s, 2),
-                },
-                "bandwidth_buffer_mib": self.rates.buffer_mib,
-                "gemm_size": self.rates.gemm_size,
-                "read_gb_s_between_repeats": [round(r, 2) for r in self.reads_between_repeats],
-            },
-            "model": self.model,
-            "roofline": self.bound.as_dict(),
-            "results": {side.name: side.as_dict() for side in self.sides},
-            "ratios": {key: _round(ratio(run[key], ref[key]), 4) for key, _, _ in METRICS},
-            "efficiency": {
-                side.name: {
-                    key: _round(efficiency(value, bound[key], higher[key]), 4)
-                    for key, value in side.metrics().items()
-                }
-                for side in self.sides
-            },
-            "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 4) for side in self.sides},
-            "decode_share_of_read_between_repeats": {
-                side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides
-            },
-            "ratio_ceiling": {key: _round(ceiling, 4) for key, ceiling in self.ratio_ceilings().items()},
-            "greedy_tokens_matching": {"leading": self.greedy_match, "of": config.new_tokens + 1},
-            "sweep": [asdict(point) for point in self.sweep],
-        }
-
-    def table(self) -> str:
-        config, rates = self.config, self.rates
-        ref, run = self.reference.metrics(), self.runtime.metrics()
-        bound = roofline_metrics(self.bound)
-        quant = f", {self.model['decoder_quant']} weights" if self.model.get("decoder_quant") else ""
-        lines = [
-            f"llava-bench: {config.model} (pytorch, {self.model['reference_dtype']}) vs {config.artifacts} "
-            f"({self.runtime.name}, {self.model['decoder_dtype']}{quant})",
-            f"  batch {config.batch}, prompt {self.runtime.prompt_tokens} tokens ({config.prompt_len} text + "
-            f"{self.model['image_tokens']} image), {config.new_tokens} decode steps; "
-            f"warm-up {config.warmup}, repeats {config.repeats}, medians",
-            f"  threads: torch {self.torch_threads}, onnxruntime intra-op {self.ort_threads if self.ort_threads is not None else 'n/a'}",
-            f"  machine: {self.machine['cpu']}, {self.machine['available_cpus']} cpus, load average "
-            f"{self.machine['load_average_start']} -> {self.machine.get('load_average_end', '?')}",
-            f"  roofline inputs: read {rates.read_gb_s:.1f} GB/s (copy {rates.copy_gb_s:.1f}), float32 GEMM "
-            f"{rates.gemm_gflop_s:.1f} GFLOP/s ({rates.gemm_size}^3); decode reads "
-            f"{self.bound.decode_step.bytes / 2**20:.1f} MiB of weights per step",
-            "",
-        ]
-        name = self.runtime.name
-        header = [
-            "metric",
-            "pytorch",
-            name,
-            f"ratio ({name.split('-')[0]}/pt)",
-            "roofline",
-            "pt/roof",
-            f"{name.split('-')[0]}/roof",
-        ]
-        rows = [header]
-        for key, label, higher in METRICS:
-            if key == "prefill_ms":
-                label = f"prefill ms ({self.runtime.prompt_tokens} tok)"
-            rows.append(
-                [
-                    label,
-                    _fmt(ref[key]),
-                    _fmt(run[key]),
-                    _fmt(ratio(run[key], ref[key]), "x"),
-                    _fmt(bound[key]),
-                    _pct(efficiency(ref[key], bound[key], higher)),
-                    _pct(efficiency(run[key], bound[key], higher)),
-                ]
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        for row in rows:
-            lines.append(
-                "  ".join(
-                    [row[0].ljust(widths[0])]
-                    + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-                )
-            )
-        lines += [""]
-        if self.overloaded:
-            lines.append(
-                f"  warning: the load average ({self.machine['load_average_start'][0]}) exceeds the {self.machine['available_cpus']} "
-                "cpus: other work competed for the cores, so multi-threaded timings are noisy (try --threads 1)"
-            )
-        lines.append(self.ceiling_line())
-        if self.reads_between_repeats:
-            reads = self.reads_between_repeats
-            streamed = ", ".join(
-                f"{side.name} {self.decode_weight_gb_s(side):.1f} GB/s ({_pct(self.decode_share_of_reads(side)).strip()})"
-                for side in self.sides
-            )
-            lines.append(
-                f"  read bandwidth between repeats: {min(reads):.1f} to {max(reads):.1f} GB/s, median {statistics.median(reads):.1f}; "
-                f"decode streamed weights at {streamed} of that median"
-            )
-        lines += [
-            f"  greedy tokens: the runtime matches pytorch on the first {self.greedy_match} of {config.new_tokens + 1}"
-            + (
-                " (random weights have near-tied logits; divergence is not an error)"
-                if self.greedy_match <= config.new_tokens
-                else ""
-            ),
-            "  ratio < 1: the runtime is faster (ms) or smaller (RSS); > 1 on tok/s: faster. x/roof: fraction of the roofline reached",
-            f"  peak RSS: {self.memory_method}",
-        ]
-        return "\n".join(lines)
-
-    def ratio_ceilings(self) -> dict[str, float | None]:
-        """Each metric's ratio_ceiling against this run's PyTorch side (None without a roofline)."""
-        ref, bound = self.reference.metrics(), roofline_metrics(self.bound)
-        return {key: ratio_ceiling(ref[key], bound[key], higher) for key, _, higher in METRICS}
-
-    def ceiling_line(self) -> str:
-        """What the roofline leaves for any backend against this PyTorch run, phase by phase."""
-        ceilings = self.ratio_ceilings()
-        phases = ", ".join(
-            f"{ceilings[key]:.2f}x on {phase}"
-            for key, phase in CEILING_PHASES.items()
-            if ceilings[key] is not None
-        )
-        return f"  ceiling: a backend at the roofline would show {phases} against this pytorch run"
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _fmt(value: float | None, suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    if suffix == "x":
-        return f"{value:.2f}x"
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
-
-
-def _pct(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value * 100:.0f}%" if value >= 0.01 else f"{value * 100:.2g}%"
 
 
 # ---------------------------------------------------------------------------------------------
-# Model and machine descriptions
+# Checks, before any long work
+
+
+def check_outputs(config: BenchConfig) -> None:
+    """Output paths and --plot's dependency, before any compute."""
+    for flag, path in (("--json", config.json_path), ("--plot", config.plot_path)):
+        if path is not None and not Path(path).parent.is_dir():
+            raise LlavaError(f"{flag} {path}: folder {Path(path).parent} does not exist")
+        if path is not None and Path(path).is_dir():
+            raise LlavaError(f"{flag} {path} is a folder; give a file path")
+    if config.plot_path is not None:
+        require("bench", "--plot")
+
+
+def check_prompt(manifest: contract.Manifest, config: BenchConfig) -> None:
+    total = config.prompt_len + manifest.vision.num_image_tokens + config.new_tokens
+    if total > manifest.text.max_positions:
+        raise PromptError(
+            f"--prompt-len {config.prompt_len} + {manifest.vision.num_image_tokens} image tokens + --new-tokens "
+            f"{config.new_tokens} is {total} positions; the model takes at most {manifest.text.max_positions}"
+        )
+
+
+def check_same_model(source, manifest: contract.Manifest, config: BenchConfig) -> None:
+    for what, ours, theirs in (
+        ("text", source.text, manifest.text),
+        ("vision", source.vision, manifest.vision),
+    ):
+        if ours != theirs:
+            differ = next(k for k in asdict(ours) if asdict(ours)[k] != asdict(theirs).get(k))
+            raise LlavaError(
+                f"--artifacts {config.artifacts} were not exported from --model {config.model}: the {what} "
+                f"{differ} is {asdict(theirs).get(differ)} there and {asdict(ours)[differ]} in the model"
+            )
+
+
+def reference_dtype(config: BenchConfig, manifest: contract.Manifest) -> str:
+    return manifest.graphs["decoder"].dtype if config.reference_dtype == "auto" else config.reference_dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model must do, and the machine it runs on
 
 
 def decoder_cost(source, dtype: str, bytes_per_weight: float | None = None) -> rl.DecoderCost:
@@ -695,34 +377,66 @@ def vision_cost(source) -> rl.VisionCost:
     )
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    memory_gib = None
-    cpuinfo, meminfo = Path("/proc/cpuinfo"), Path("/proc/meminfo")
-    if cpuinfo.is_file():
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in cpuinfo.read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            cpu,
-        )
-    if meminfo.is_file():
-        total = next(
-            (line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), None
-        )
-        memory_gib = round(int(total.split()[1]) / 2**20, 1) if total else None
+def model_costs(
+    source, config: BenchConfig, manifest: contract.Manifest
+) -> tuple[rl.DecoderCost, rl.VisionCost]:
+    """The decoder's cost at its graph's dtype and stored bytes per weight, and the vision tower's."""
+    graph = manifest.graphs["decoder"]
+    quantized = quantized_bytes_per_weight(config.artifacts / graph.file, graph) if graph.quant else None
+    return decoder_cost(source, graph.dtype, quantized), vision_cost(source)
+
+
+def model_summary(
+    manifest: contract.Manifest, decoder: rl.DecoderCost, vision: rl.VisionCost, reference_dtype: str
+) -> dict:
     return {
-        "cpu": cpu,
+        "family": manifest.text.family,
+        "decoder_layers": manifest.text.num_layers,
+        "hidden_size": manifest.text.hidden_size,
+        "vocab_size": manifest.text.vocab_size,
+        "image_tokens": manifest.vision.num_image_tokens,
+        "decoder_dtype": manifest.graphs["decoder"].dtype,
+        "decoder_quant": manifest.graphs["decoder"].quant,
+        "vision_dtype": manifest.graphs["vision"].dtype,
+        "reference_dtype": reference_dtype,
+        "decoder_params": decoder.layer_params + decoder.lm_head_params,
+        "decoder_weight_bytes": decoder.weight_bytes,
+        "vision_params": vision.patch_params + vision.layer_params + vision.projector_params,
+    }
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(),
         "available_cpus": available_cpus(),
-        "memory_gib": memory_gib,
+        "memory_gib": memory_gib(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": package_versions(),
         "load_average_start": load_average(),
     }
+
+
+def cpu_name() -> str:
+    fallback = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return fallback
+    names = (
+        line.split(":", 1)[1].strip()
+        for line in cpuinfo.read_text().splitlines()
+        if line.startswith("model name")
+    )
+    return next(names, fallback)
+
+
+def memory_gib() -> float | None:
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    total = next((line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), None)
+    return round(int(total.split()[1]) / 2**20, 1) if total else None
 
 
 def package_versions() -> dict[str, str]:
@@ -744,45 +458,13 @@ def load_average() -> list[float] | None:
         return None
 
 
+def measure_rates(config: BenchConfig, progress: Progress, what: str) -> rl.MachineRates:
+    with progress.stage(what):
+        return rl.measure_machine(config.threads, config.bandwidth_mib, config.gemm_size)
+
+
 # ---------------------------------------------------------------------------------------------
-# Running
-
-
-def check_outputs(config: BenchConfig) -> None:
-    """Output paths and --plot's dependency, before any compute."""
-    for flag, path in (("--json", config.json_path), ("--plot", config.plot_path)):
-        if path is not None and not Path(path).parent.is_dir():
-            raise LlavaError(f"{flag} {path}: folder {Path(path).parent} does not exist")
-        if path is not None and Path(path).is_dir():
-            raise LlavaError(f"{flag} {path} is a folder; give a file path")
-    if config.plot_path is not None:
-        require("bench", "--plot")
-
-
-def check_prompt(manifest: contract.Manifest, config: BenchConfig) -> None:
-    total = config.prompt_len + manifest.vision.num_image_tokens + config.new_tokens
-    if total > manifest.text.max_positions:
-        raise PromptError(
-            f"--prompt-len {config.prompt_len} + {manifest.vision.num_image_tokens} image tokens + --new-tokens "
-            f"{config.new_tokens} is {total} positions; the model takes at most {manifest.text.max_positions}"
-        )
-
-
-def check_same_model(source, manifest: contract.Manifest, config: BenchConfig) -> None:
-    for what, ours, theirs in (
-        ("text", source.text, manifest.text),
-        ("vision", source.vision, manifest.vision),
-    ):
-        if ours != theirs:
-            differ = next(k for k in asdict(ours) if asdict(ours)[k] != asdict(theirs).get(k))
-            raise LlavaError(
-                f"--artifacts {config.artifacts} were not exported from --model {config.model}: the {what} "
-                f"{differ} is {asdict(theirs).get(differ)} there and {asdict(ours)[differ]} in the model"
-            )
-
-
-def reference_dtype(config: BenchConfig, manifest: contract.Manifest) -> str:
-    return manifest.graphs["decoder"].dtype if config.reference_dtype == "auto" else config.reference_dtype
+# Measuring
 
 
 def measure(
@@ -804,10 +486,8 @@ def measure(
             reads.append(rl.measure_read(config.bandwidth_mib))
         done = []
         for side in sides:
-            before = meter.current()
-            meter.reset_peak()
-            result = side.run(inputs, config.new_tokens)
-            memory[side.name].run_peak = max(memory[side.name].run_peak, meter.peak() - before)
+            result, peak = meter.peak_above_start(side.run, inputs, config.new_tokens)
+            memory[side.name].run_peak = max(memory[side.name].run_peak, peak)
             done.append(f"{side.name} {result.end_to_end_ms:.0f} ms")
             if not warm:
                 runs[side.name].append(result)
@@ -822,8 +502,19 @@ def measure(
     return runs
 
 
-def sweep_lengths(prompt_len: int) -> list[int]:
-    return sorted({max(1, round(prompt_len * fraction)) for fraction in PLOT_FRACTIONS})
+def side_results(
+    sides,
+    runs: dict[str, list[RunTimes]],
+    memory: dict[str, SideMemory],
+    config: BenchConfig,
+    prompt_tokens: int,
+) -> dict[str, SideResult]:
+    return {
+        side.name: SideResult(
+            side.name, runs[side.name], memory[side.name], config.batch, config.new_tokens, prompt_tokens
+        )
+        for side in sides
+    }
 
 
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
@@ -833,77 +524,40 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     manifest = contract.read_manifest(config.artifacts)
     check_prompt(manifest, config)
     meter = RssMeter()
-    memory = {REFERENCE: SideMemory()}
-    with progress.stage(f"loading the runtime ({config.backend}) from {config.artifacts}"):
-        from runtime.pipeline import Pipeline
-
-        base = meter.current()
-        meter.reset_peak()
-        with environment(LLAVA_THREADS=str(config.threads)):  # the ORT backend's intra-op threads
-            runtime = RuntimeSide(Pipeline.load(config.artifacts, backend=config.backend))
-        memory[runtime.name] = SideMemory(meter.current() - base, meter.peak() - base)
-    ort_threads = ort_intra_op_threads(runtime.backend)
+    runtime, runtime_memory = load_runtime(config, meter, progress)
 
     import torch
 
     torch.set_num_threads(config.threads)
     machine = machine_info()
-    with progress.stage(
-        f"measuring this machine ({config.bandwidth_mib} MiB buffer, {config.gemm_size}^3 GEMM, {config.threads} threads)"
-    ):
-        rates = rl.measure_machine(config.threads, config.bandwidth_mib, config.gemm_size)
-
-    dtype = reference_dtype(config, manifest)
-    with progress.stage(f"loading the PyTorch reference ({dtype}) from {config.model}"):
-        from exporter.source import load_source
-
-        base = meter.current()
-        meter.reset_peak()
-        source = load_source(config.model, vision_tower=config.vision_tower, dtype=getattr(torch, dtype))
-        reference = ReferenceSide(source)
-        memory[REFERENCE] = SideMemory(meter.current() - base, meter.peak() - base)
-    check_same_model(source, manifest, config)
-
-    graph = manifest.graphs["decoder"]
-    decoder = decoder_cost(
-        source,
-        graph.dtype,
-        quantized_bytes_per_weight(config.artifacts / graph.file, graph) if graph.quant else None,
+    first_rates = measure_rates(
+        config,
+        progress,
+        f"measuring this machine ({config.bandwidth_mib} MiB buffer, "
+        f"{config.gemm_size}^3 GEMM, {config.threads} threads)",
     )
-    vision = vision_cost(source)
+    dtype = reference_dtype(config, manifest)
+    source, reference, reference_memory = load_reference(config, dtype, meter, progress)
+    check_same_model(source, manifest, config)
+    decoder, vision = model_costs(source, config, manifest)
+
     sides = [reference, runtime]
+    memory = {REFERENCE: reference_memory, runtime.name: runtime_memory}
     inputs = make_inputs(manifest, config.batch, config.prompt_len, config.seed)
     progress.say(
         f"running {inputs.prompt_tokens}-token prefill + {config.new_tokens} decode steps, batch {config.batch}"
     )
     reads: list[float] = []
     runs = measure(sides, inputs, config, meter, memory, progress, reads)
-    with progress.stage("measuring this machine again (the best of before and after counts)"):
-        first = rates
-        rates = rl.best_rates(
-            first, rl.measure_machine(config.threads, config.bandwidth_mib, config.gemm_size)
-        )
-    results = {
-        side.name: SideResult(
-            side.name,
-            runs[side.name],
-            memory[side.name],
-            config.batch,
-            config.new_tokens,
-            inputs.prompt_tokens,
-        )
-        for side in sides
-    }
-    bound = rl.roofline(
-        rates,
-        decoder,
-        vision,
-        config.batch,
-        inputs.prompt_tokens,
-        config.new_tokens,
-        manifest.graphs["vision"].dtype,
+    again = measure_rates(
+        config, progress, "measuring this machine again (the best of before and after counts)"
     )
-
+    rates = rl.best_rates(first_rates, again)
+    results = side_results(sides, runs, memory, config, inputs.prompt_tokens)
+    vision_dtype = manifest.graphs["vision"].dtype
+    bound = rl.roofline(
+        rates, decoder, vision, config.batch, inputs.prompt_tokens, config.new_tokens, vision_dtype
+    )
     sweep = []
     if config.plot_path is not None:
         sweep = run_sweep(sides, results, config, manifest, rates, decoder, vision, progress)
@@ -911,65 +565,36 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     report = BenchReport(
         config=config,
         machine=machine,
-        model={
-            "family": manifest.text.family,
-            "decoder_layers": manifest.text.num_layers,
-            "hidden_size": manifest.text.hidden_size,
-            "vocab_size": manifest.text.vocab_size,
-            "image_tokens": manifest.vision.num_image_tokens,
-            "decoder_dtype": manifest.graphs["decoder"].dtype,
-            "decoder_quant": graph.quant,
-            "vision_dtype": manifest.graphs["vision"].dtype,
-            "reference_dtype": dtype,
-            "decoder_params": decoder.layer_params + decoder.lm_head_params,
-            "decoder_weight_bytes": decoder.weight_bytes,
-            "vision_params": vision.patch_params + vision.layer_params + vision.projector_params,
-        },
+        model=model_summary(manifest, decoder, vision, dtype),
         rates=rates,
-        rates_before=first,
+        rates_before=first_rates,
         bound=bound,
         reference=results[REFERENCE],
         runtime=results[runtime.name],
         memory_method=meter.method,
         torch_threads=torch.get_num_threads(),
-        ort_threads=ort_threads,
+        ort_threads=ort_intra_op_threads(runtime.backend),
         greedy_match=greedy_agreement(runs[REFERENCE][-1], runs[runtime.name][-1]),
         reads_between_repeats=reads,
         sweep=sweep,
     )
+    write_outputs(report, config)
+    return report
+
+
+def write_outputs(report: BenchReport, config: BenchConfig) -> None:
     if config.json_path is not None:
         Path(config.json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if config.plot_path is not None:
         plot(report, Path(config.plot_path))
-    return report
-
-
-@contextlib.contextmanager
-def environment(**values: str):
-    """Sets environment variables for the block only (the backend reads them when it loads)."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def ort_intra_op_threads(backend) -> int | None:
-    """The thread count ONNX Runtime's decoder session was actually given (None: not ORT)."""
-    session = getattr(backend, "decoder", None)
-    try:
-        return session.get_session_options().intra_op_num_threads
-    except AttributeError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
-# --plot
+# --plot's sweep over prompt lengths
+
+
+def sweep_lengths(prompt_len: int) -> list[int]:
+    return sorted({max(1, round(prompt_len * fraction)) for fraction in PLOT_FRACTIONS})
 
 
 def run_sweep(sides, results, config, manifest, rates, decoder, vision, progress) -> list[SweepPoint]:
@@ -983,68 +608,23 @@ def run_sweep(sides, results, config, manifest, rates, decoder, vision, progress
         else:
             inputs = make_inputs(manifest, config.batch, text_tokens, config.seed)
             progress.say(f"sweep: {inputs.prompt_tokens}-token prompt")
-            runs = measure(sides, inputs, config, RssMeter(), {s.name: SideMemory() for s in sides}, progress)
-            measured = {
-                s.name: SideResult(
-                    s.name, runs[s.name], SideMemory(), config.batch, config.new_tokens, inputs.prompt_tokens
-                )
-                for s in sides
-            }
+            unmetered = {side.name: SideMemory() for side in sides}  # the sweep reports no memory
+            runs = measure(sides, inputs, config, RssMeter(), unmetered, progress)
+            measured = side_results(sides, runs, unmetered, config, inputs.prompt_tokens)
         prompt_tokens = text_tokens + manifest.vision.num_image_tokens
         bound = rl.roofline(rates, decoder, vision, config.batch, prompt_tokens, config.new_tokens)
-        points.append(
-            SweepPoint(
-                text_tokens=text_tokens,
-                prompt_tokens=prompt_tokens,
-                prefill_tokens_per_s={name: round(r.prefill_tokens_per_s, 2) for name, r in measured.items()},
-                decode_tokens_per_s={name: round(r.decode_tokens_per_s, 2) for name, r in measured.items()},
-                roofline_prefill_tokens_per_s=round(
-                    config.batch * prompt_tokens / (bound.prefill.ms / 1000), 2
-                ),
-                roofline_decode_tokens_per_s=round(bound.decode_tokens_per_s, 2),
-            )
-        )
+        points.append(sweep_point(text_tokens, prompt_tokens, measured, bound, config.batch))
     return points
 
 
-def plot(report: BenchReport, path: Path) -> None:
-    """Two panels against prompt length: prefill tokens/s and decode tokens/s, one line per
-    side, the roofline dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [point.prompt_tokens for point in report.sweep]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, attribute, bound_attribute, title in (
-        (axes[0], "prefill_tokens_per_s", "roofline_prefill_tokens_per_s", "prefill (prompt tokens/s)"),
-        (axes[1], "decode_tokens_per_s", "roofline_decode_tokens_per_s", "decode (new tokens/s)"),
-    ):
-        for side in report.sides:
-            axis.plot(
-                x,
-                [getattr(point, attribute)[side.name] for point in report.sweep],
-                marker="o",
-                label=side.name,
-            )
-        axis.plot(
-            x,
-            [getattr(point, bound_attribute) for point in report.sweep],
-            linestyle="--",
-            color="gray",
-            label="roofline",
-        )
-        axis.set_title(title)
-        axis.set_xlabel("prompt tokens (text + image)")
-        axis.set_ylabel("tokens/s")
-        axis.set_yscale("log")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
-    config = report.config
-    figure.suptitle(
-        f"{config.model}: batch {config.batch}, {config.new_tokens} decode steps, {report.torch_threads} threads"
+def sweep_point(
+    text_tokens: int, prompt_tokens: int, measured: dict[str, SideResult], bound: rl.Roofline, batch: int
+) -> SweepPoint:
+    return SweepPoint(
+        text_tokens=text_tokens,
+        prompt_tokens=prompt_tokens,
+        prefill_tokens_per_s={name: round(r.prefill_tokens_per_s, 2) for name, r in measured.items()},
+        decode_tokens_per_s={name: round(r.decode_tokens_per_s, 2) for name, r in measured.items()},
+        roofline_prefill_tokens_per_s=round(batch * prompt_tokens / (bound.prefill.ms / 1000), 2),
+        roofline_decode_tokens_per_s=round(bound.decode_tokens_per_s, 2),
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
