@@ -1,6 +1,7 @@
 """llava-bench: the roofline arithmetic against hand-computed numbers, the report's ratios on
-synthetic sides (every ratio reads "times better than PyTorch"), the command end to end on the
-tiny model (a real subprocess: it sets process-wide thread counts), and its user errors."""
+synthetic sides (every ratio reads "times better than PyTorch"), the two sides on the same
+inputs, the command end to end on the tiny model (a real subprocess: it sets process-wide thread
+counts), and its user errors (the runtime's limits among them, before PyTorch loads)."""
 
 from __future__ import annotations
 
@@ -262,6 +263,30 @@ def test_a_runtime_twice_as_fast_shows_two_in_the_table_and_the_json():
 
 
 # ---------------------------------------------------------------------------------------------
+# The two sides
+
+
+def test_both_sides_turn_the_same_inputs_into_the_same_greedy_tokens(tiny_hf, tiny_artifacts):
+    """A batch of 2 through the runtime's own loop (Pipeline.run) and through the reference:
+    each [B][1 + new_tokens] tokens, row by row the same (float32 graphs, confident logits)."""
+    from exporter.bench.report import greedy_agreement
+    from exporter.bench.run import ReferenceSide, RuntimeSide, make_inputs
+    from exporter.source import load_source
+    from runtime import contract
+    from runtime.pipeline import Pipeline
+
+    inputs = make_inputs(contract.read_manifest(tiny_artifacts), batch=2, text_tokens=8)
+    with Pipeline.load(tiny_artifacts, threads=1) as pipe:
+        runtime = RuntimeSide(pipe).run(inputs, new_tokens=4)
+    reference = ReferenceSide(load_source(str(tiny_hf))).run(inputs, new_tokens=4)
+    for run in (runtime, reference):
+        assert [len(row) for row in run.tokens] == [5, 5]
+        assert 0 < run.time_to_first_token_ms <= run.end_to_end_ms and run.decode_ms > 0
+    assert runtime.tokens == reference.tokens and runtime.tokens[0] != runtime.tokens[1]
+    assert greedy_agreement(reference, runtime) == 5
+
+
+# ---------------------------------------------------------------------------------------------
 # The command end to end
 
 
@@ -372,13 +397,55 @@ def test_missing_artifacts(tiny_hf, tmp_path):
     assert_user_error(invoke("--model", tiny_hf, "--artifacts", tmp_path / "nowhere"), "does not exist")
 
 
-def test_prompt_too_long_for_the_model(tiny_hf, tiny_artifacts):
-    # 250 text + 16 image + 4 new tokens > 256 positions
+@pytest.fixture
+def slow_work(monkeypatch) -> list[str]:
+    """Records the slow work after the runtime is loaded (measuring the machine, loading PyTorch),
+    which a run that does not fit must never reach."""
+    from exporter.bench import run
+
+    done: list[str] = []
+    monkeypatch.setattr(run, "measure_rates", lambda *args: done.append("measured the machine"))
+    monkeypatch.setattr(run, "load_reference", lambda *args: done.append("loaded the reference"))
+    return done
+
+
+def test_prompt_too_long_for_the_model(tiny_hf, tiny_artifacts, slow_work):
+    # 250 text + 16 image tokens > 256 positions: the runtime's own limits, with the flags
     assert_user_error(
         invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--prompt-len", 250, "--new-tokens", 4),
-        "--prompt-len 250",
-        "at most 256",
+        "--prompt-len 250 (+ 16 image tokens) and --new-tokens 4",
+        "prompt is 266 tokens with its images; the model takes at most 256 positions",
     )
+    assert slow_work == []
+
+
+def test_a_static_kv_cache_too_small_is_refused_before_pytorch_loads(
+    tiny_hf, tiny_artifacts, tmp_path, slow_work
+):
+    """The backend's limits, not only the model's positions: 8 text + 16 image tokens and the
+    prefill's token + 16 decode steps reach 40 cache positions; the static cache holds 32."""
+    from exporter.graphs.decoder import export_decoder
+    from exporter.progress import Progress
+    from exporter.source import load_source
+    from runtime import contract
+
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "static")
+    export_decoder(
+        load_source(str(tiny_hf)),
+        artifacts,
+        force=True,
+        verify=False,
+        progress=Progress(quiet=True),
+        kv_cache=contract.KV_STATIC,
+        max_seq_len=32,
+    )
+    assert_user_error(
+        invoke("--model", tiny_hf, "--artifacts", artifacts, "--prompt-len", 8, "--new-tokens", 16),
+        "--new-tokens 16 (17 new tokens with the prefill's) do not fit",
+        "the decoder's static KV cache holds 32",
+        "--max-seq-len 40",
+    )
+    assert slow_work == []
 
 
 def test_json_into_a_missing_folder(tiny_hf, tiny_artifacts, tmp_path):

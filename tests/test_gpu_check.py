@@ -92,8 +92,10 @@ def test_prepare_model_exports_once_and_builds_engines_on_the_fakes(
 
 
 def test_benchmark_flow_on_the_fakes(fake_gpu, artifacts, workshop, tmp_path, monkeypatch):
-    """run_benchmark with the fake TensorRT: sides measured, roofline from the nominal
-    bandwidth, greedy agreement, and the Markdown report (PyTorch CUDA is absent here)."""
+    """run_benchmark with the fake TensorRT and llava-bench's sides: PyTorch asked for on CUDA
+    (the CPU stands in for it here), the runtime through its own Pipeline.run; roofline from the
+    nominal bandwidth, greedy agreement, and the Markdown report."""
+    from exporter.bench import run
     from exporter.source import load_source
     from exporter.testing.tiny import TinyConfig
 
@@ -103,23 +105,67 @@ def test_benchmark_flow_on_the_fakes(fake_gpu, artifacts, workshop, tmp_path, mo
         gpu_check, "prepare_model", lambda *a, **k: (artifacts, source, artifacts / "engines" / FAKE_FOLDER)
     )
     monkeypatch.setattr(gpu_check, "ort_cuda_status", lambda: "no CUDA here")
-    monkeypatch.setattr(gpu_check, "torch_cuda_status", lambda: "no CUDA here")
-    args = SimpleNamespace(text_layers=2, prompt_len=8, new_tokens=4, repeats=2, encode_repeats=2)
+    monkeypatch.setattr(gpu_check, "torch_cuda_status", lambda: None)
+    monkeypatch.setattr(gpu_check, "measured_bandwidth_gb_s", lambda: None)  # no CUDA copy to time here
+    devices, reference_side = [], run.ReferenceSide
+
+    def reference_on_the_cpu(source, device):
+        devices.append(device)
+        return reference_side(source, device="cpu")
+
+    monkeypatch.setattr(run, "ReferenceSide", reference_on_the_cpu)
+    pipeline_runs = []
+    monkeypatch.setattr(run.Pipeline, "run", recording(run.Pipeline.run, pipeline_runs))
+    args = SimpleNamespace(text_layers=2, prompt_len=8, new_tokens=4, repeats=2)
     report = {
-        "environment": {"stacks": {"tensorrt": None, "onnxruntime-cuda": "no", "torch-cuda": "no"}},
+        "environment": {"stacks": {"tensorrt": None, "onnxruntime-cuda": "no", "torch-cuda": None}},
         "errors": {},
     }
     gpu_check.run_benchmark(args, tmp_path, report, Progress(quiet=True))
     bench = report["benchmark"]
+    assert devices == ["cuda"]
     assert bench["bandwidth_gb_s"] == {"measured_copy": None, "nominal": 4800.0}
     assert bench["decoder_weight_bytes_per_token"] > 0 and bench["roofline_decode_tokens_per_s"] > 0
-    side = bench["sides"]["tensorrt"]
-    assert (
-        side["image_encode_ms"] > 0 and side["time_to_first_token_ms"] > 0 and side["decode_tokens_per_s"] > 0
-    )
-    assert side["fraction_of_roofline"] is not None and "tokens" not in side
+    assert list(bench["sides"]) == ["pytorch", "trt"]
+    for side in bench["sides"].values():
+        assert (
+            side["image_encode_ms"] > 0
+            and side["time_to_first_token_ms"] > 0
+            and side["decode_tokens_per_s"] > 0
+        )
+        assert side["fraction_of_roofline"] is not None and "tokens" not in side
+    # a warm-up and two repeats, each the prefill's token + 4 decode steps, EOS ignored
+    assert pipeline_runs == [(3, False), (5, False), (5, False)]
+    # float32 graphs on the fake TensorRT reproduce the reference's greedy tokens
+    assert bench["sides"]["trt"]["greedy_tokens_agreeing_with_pytorch"] == 5
     text = gpu_check.markdown({**report, "seconds": 1.0})
-    assert "| tensorrt |" in text and "4800.0 GB/s" in text
+    assert "| trt |" in text and "| pytorch |" in text and "4800.0 GB/s" in text
+
+
+def recording(pipeline_run, calls: list):
+    """Pipeline.run, noting each call's (max_new_tokens, stop_at_eos)."""
+
+    def run(pipe, batch, max_new_tokens, sampling=None, timings=None, stop_at_eos=True):
+        calls.append((max_new_tokens, stop_at_eos))
+        return pipeline_run(pipe, batch, max_new_tokens, sampling, timings, stop_at_eos)
+
+    return run
+
+
+def test_the_cuda_reference_waits_for_the_gpu_before_each_clock_reading(workshop, monkeypatch):
+    import torch
+
+    from exporter.bench.run import ReferenceSide
+    from exporter.source import load_source
+
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waits.append("synchronize"))
+    side = ReferenceSide(load_source(str(workshop.tiny()["hf"])))
+    side.clock()
+    assert waits == []  # on the CPU nothing runs asynchronously
+    side.device = "cuda"
+    side.clock()
+    assert waits == ["synchronize"]
 
 
 # ---------------------------------------------------------------------------------------------

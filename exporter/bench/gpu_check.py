@@ -12,8 +12,10 @@
 3. Benchmark, on a LLaVA-1.5-7B-shaped float16 model with random weights (exporter.testing.scale: CLIP
    ViT-L/14-336, mlp2x_gelu, hidden 4096, vocab 32064) and --text-layers decoder layers (32 is
    the real depth; the default keeps export + engine build inside the time budget): export
-   with --fp16, build engines, then per side (TensorRT, ONNX Runtime CUDA, PyTorch eager
-   float16 on CUDA), on identical inputs (one 336px image + --prompt-len text tokens):
+   with --fp16, build engines, then llava-bench's sides (exporter.bench.run) on the GPU:
+   PyTorch eager float16 on CUDA (ReferenceSide), TensorRT and ONNX Runtime CUDA (RuntimeSide:
+   the runtime's own Pipeline.run), on identical inputs (one 336px image + --prompt-len text
+   tokens), a warm-up run and --repeats runs each, medians:
        image encode ms at batch 1, time to first token (encode + splice + prefill), decode
        tokens/s over --new-tokens greedy steps, and decode against the memory roofline:
        bound tok/s = GPU bandwidth / bytes of decoder weights read per token
@@ -30,13 +32,16 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from exporter.bench.report import SideResult
 
 REPO = Path(__file__).resolve().parents[2]  # exporter/bench/gpu_check.py -> the repository
 PARITY_FILE = "parity_tests/test_tensorrt.py"
@@ -280,10 +285,6 @@ def parity_failure(parity: dict | None) -> str | None:
 # Benchmark
 
 
-def median_ms(times: list[float]) -> float:
-    return round(statistics.median(times) * 1000, 3)
-
-
 def prepare_model(work: Path, text_layers: int, prompt_len: int, new_tokens: int, report: dict, progress):
     """Checkpoint -> fp16 artifacts -> engines (each reused when already there). Returns
     (artifacts folder, LlavaSource loaded in float16, engines folder or None)."""
@@ -349,138 +350,21 @@ def export_fp16(source, artifacts: Path, progress) -> None:
     export_decoder(source, artifacts, fp16=True, force=True, verify=False, progress=progress)
 
 
-class TorchCudaSide:
-    """PyTorch eager float16 on CUDA: the same steps as the runtime (exporter.bench.run's
-    ReferenceSide, on the GPU, synchronized before every clock reading)."""
+def measure_side(side, inputs, new_tokens: int, repeats: int) -> SideResult:
+    """A warm-up run (kernels chosen, memory allocated), then `repeats` runs, each the prompt
+    with its image and `new_tokens` decode steps: llava-bench's figures for one side."""
+    from exporter.bench.memory import SideMemory
+    from exporter.bench.report import SideResult
 
-    name = "pytorch-eager-fp16"
-
-    def __init__(self, source):
-        import torch
-
-        from exporter.graphs.vision import VisionEncoder
-
-        model = source.model.to("cuda")
-        self.torch = torch
-        self.encoder = VisionEncoder(model, source.vision.select_layer, source.vision.select_strategy).eval()
-        self.language_model = model.model.language_model
-        self.lm_head = model.lm_head
-        self.embed = model.get_input_embeddings()
-
-    def clock(self) -> float:
-        self.torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def run(self, inputs, new_tokens: int) -> dict:
-        torch = self.torch
-        from transformers import DynamicCache
-
-        with torch.no_grad():
-            start = self.clock()
-            image = self.encoder(torch.from_numpy(inputs.pixels).to("cuda", torch.float16))
-            encoded = self.clock()
-            before, after = (torch.from_numpy(a).to("cuda") for a in (inputs.before, inputs.after))
-            embeds = torch.cat([self.embed(before), image, self.embed(after)], dim=1)
-            batch, length = embeds.shape[:2]
-            mask = torch.ones(batch, length, dtype=torch.long, device="cuda")
-            cache = DynamicCache()
-            positions = torch.arange(length, device="cuda").expand(batch, length)
-            token = self.forward(embeds, mask, positions, cache).argmax(-1)
-            first = self.clock()
-            tokens = [token]
-            for step in range(new_tokens):
-                mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device="cuda")], dim=1)
-                positions = torch.full((batch, 1), length + step, dtype=torch.long, device="cuda")
-                token = self.forward(self.embed(token)[:, None], mask, positions, cache).argmax(-1)
-                tokens.append(token)
-            done = self.clock()
-        return {
-            "encode": encoded - start,
-            "ttft": first - start,
-            "decode": done - first,
-            "tokens": torch.stack(tokens, 1).tolist(),
-        }
-
-    def forward(self, embeds, mask, positions, cache):
-        hidden = self.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        ).last_hidden_state
-        return self.lm_head(hidden[:, -1]).float()
-
-    def encode_only(self, inputs) -> float:
-        torch = self.torch
-        with torch.no_grad():
-            start = self.clock()
-            self.encoder(torch.from_numpy(inputs.pixels).to("cuda", torch.float16))
-            return self.clock() - start
-
-
-class RuntimeGpuSide:
-    """A runtime backend (TensorRT or ONNX Runtime CUDA) through runtime.generate, as llava-run runs it."""
-
-    def __init__(self, name: str, backend, embed_table):
-        self.name, self.backend, self.table = name, backend, embed_table
-
-    def run(self, inputs, new_tokens: int) -> dict:
-        import numpy as np
-
-        from runtime import generate
-
-        backend, table = self.backend, self.table
-        start = time.perf_counter()
-        image = backend.encode_images(inputs.pixels)
-        encoded = time.perf_counter()
-        sequences = [
-            np.concatenate([table[inputs.before[row]], image[row], table[inputs.after[row]]]).astype(
-                backend.dtype, copy=False
-            )
-            for row in range(inputs.batch)
-        ]
-        state = generate.prefill(backend, sequences)
-        token = state.logits.argmax(-1)
-        first = time.perf_counter()
-        tokens = [token]
-        for _ in range(new_tokens):
-            state = generate.decode_one_token(backend, table, token, state)
-            token = state.logits.argmax(-1)
-            tokens.append(token)
-        done = time.perf_counter()
-        return {
-            "encode": encoded - start,
-            "ttft": first - start,
-            "decode": done - first,
-            "tokens": np.stack(tokens, 1).tolist(),
-        }
-
-    def encode_only(self, inputs) -> float:
-        start = time.perf_counter()
-        self.backend.encode_images(inputs.pixels)
-        return time.perf_counter() - start
-
-
-def measure_side(side, inputs, new_tokens: int, repeats: int, encode_repeats: int) -> dict:
-    side.run(inputs, 2)  # warm-up: kernels chosen, memory allocated
+    side.run(inputs, 2)
     runs = [side.run(inputs, new_tokens) for _ in range(repeats)]
-    encodes = [side.encode_only(inputs) for _ in range(encode_repeats)]
-    decode_s = statistics.median(r["decode"] for r in runs)
-    return {
-        "image_encode_ms": median_ms(encodes),
-        "time_to_first_token_ms": median_ms([r["ttft"] for r in runs]),
-        "decode_tokens_per_s": round(new_tokens / decode_s, 1) if decode_s > 0 else None,
-        "decode_ms_per_token": round(decode_s / new_tokens * 1000, 3),
-        "tokens": runs[-1]["tokens"][0],
-    }
-
-
-def agreement(ours: list[int], reference: list[int]) -> int:
-    return next(
-        (i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference))
-    )
+    return SideResult(side.name, runs, SideMemory(), inputs.batch, new_tokens, inputs.prompt_tokens)
 
 
 def run_benchmark(args, work: Path, report: dict, progress) -> None:
     """Prepares the 7B-shaped model, then measures every usable GPU side on the same inputs."""
-    from exporter.bench.run import make_inputs
+    from exporter.bench.report import REFERENCE
+    from exporter.bench.run import RuntimeSide, make_inputs
     from runtime import contract
 
     bench = report["benchmark"] = {
@@ -496,18 +380,41 @@ def run_benchmark(args, work: Path, report: dict, progress) -> None:
     inputs = make_inputs(manifest, 1, args.prompt_len, seed=0)
     bench["prompt_tokens"] = inputs.prompt_tokens
     record_decode_roofline(bench, source)
-    results = bench["sides"] = {}
-    for side in gpu_sides(artifacts, engine_folder, source):
+    figures = bench["sides"] = {}
+    reference = None
+    for side in gpu_sides(artifacts, engine_folder, source):  # the reference first
         with progress.stage(f"benchmarking {side.name}"):
             try:
-                results[side.name] = measure_side(
-                    side, inputs, args.new_tokens, args.repeats, args.encode_repeats
-                )
+                result = measure_side(side, inputs, args.new_tokens, args.repeats)
+                if side.name == REFERENCE:
+                    reference = result
+                figures[side.name] = side_figures(result, reference, bench["roofline_decode_tokens_per_s"])
             except Exception as err:
-                results[side.name] = {"error": f"{type(err).__name__}: {err}"}
-        if getattr(side, "backend", None) is not None and hasattr(side.backend, "close"):
-            side.backend.close()
-    compare_sides(results, bench["roofline_decode_tokens_per_s"])
+                figures[side.name] = {"error": f"{type(err).__name__}: {err}"}
+        if isinstance(side, RuntimeSide):
+            side.close()  # its sessions or engines, and the device memory they hold
+
+
+def side_figures(
+    result: SideResult, reference: SideResult | None, roofline_tokens_per_s: float | None
+) -> dict:
+    """The report's figures for one side: medians, the fraction of the decode roofline, and the
+    leading greedy tokens it shares with PyTorch's (the report keeps no tokens)."""
+    from exporter.bench.report import greedy_agreement
+
+    medians, tokens_per_s = result.as_dict(), result.decode_tokens_per_s
+    figures = {
+        "image_encode_ms": medians["image_encode_ms"],
+        "time_to_first_token_ms": medians["time_to_first_token_ms"],
+        "decode_tokens_per_s": round(tokens_per_s, 1),
+        "decode_ms_per_token": medians["decode_ms_per_step"],
+        "fraction_of_roofline": (
+            round(tokens_per_s / roofline_tokens_per_s, 3) if roofline_tokens_per_s and tokens_per_s else None
+        ),
+    }
+    if reference is not None and reference is not result:
+        figures["greedy_tokens_agreeing_with_pytorch"] = greedy_agreement(reference.runs[-1], result.runs[-1])
+    return figures
 
 
 def record_sizes(bench: dict, artifacts: Path, manifest, engine_folder: Path | None) -> None:
@@ -537,36 +444,23 @@ def record_decode_roofline(bench: dict, source) -> None:
 
 
 def gpu_sides(artifacts: Path, engine_folder: Path | None, source) -> list:
-    """TensorRT where its engines were built, ONNX Runtime CUDA and CUDA PyTorch where usable."""
+    """llava-bench's sides on the GPU: PyTorch eager on CUDA, TensorRT where its engines were
+    built, ONNX Runtime CUDA, each where usable (the reference first)."""
+    from exporter.bench.run import ReferenceSide, RuntimeSide
     from runtime.pipeline import Pipeline
 
     sides = []
+    if torch_cuda_status() is None:
+        sides.append(ReferenceSide(source, device="cuda"))
     if engine_folder is not None:
-        pipe = Pipeline.load(artifacts, backend="trt")
-        sides.append(RuntimeGpuSide("tensorrt", pipe.backend, pipe.embed_table))
+        sides.append(RuntimeSide(Pipeline.load(artifacts, backend="trt")))
     if ort_cuda_status() is None:
         pipe = Pipeline.load(artifacts, backend="ort")
         if pipe.backend.name == "ort-cuda":
-            sides.append(RuntimeGpuSide("onnxruntime-cuda", pipe.backend, pipe.embed_table))
-    if torch_cuda_status() is None:
-        sides.append(TorchCudaSide(source))
+            sides.append(RuntimeSide(pipe))
+        else:
+            pipe.close()
     return sides
-
-
-def compare_sides(results: dict[str, dict], roofline_tokens_per_s: float | None) -> None:
-    """Adds each side's fraction of the decode roofline and its greedy agreement with PyTorch's
-    tokens, then drops the tokens (the report keeps figures only)."""
-    reference = results.get(TorchCudaSide.name, {}).get("tokens")
-    for name, result in results.items():
-        if "error" in result:
-            continue
-        tokens_per_s = result["decode_tokens_per_s"]
-        result["fraction_of_roofline"] = (
-            round(tokens_per_s / roofline_tokens_per_s, 3) if roofline_tokens_per_s and tokens_per_s else None
-        )
-        if reference and name != TorchCudaSide.name:
-            result["greedy_tokens_agreeing_with_pytorch"] = agreement(result["tokens"], reference)
-        result.pop("tokens", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +590,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32, help="text tokens next to the image")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--encode-repeats", type=int, default=10)
     parser.add_argument(
         "--budget-s", type=float, default=290, help="stop starting new stages after this many seconds"
     )

@@ -20,6 +20,7 @@ from exporter.bench.memory import SideMemory
 
 if TYPE_CHECKING:
     from exporter.bench.run import BenchConfig
+    from runtime.pipeline import Timings
 
 REFERENCE = "pytorch"
 RATIO_CONVENTION = (
@@ -30,7 +31,9 @@ RATIO_CONVENTION = (
 
 @dataclass
 class RunTimes:
-    """One run (milliseconds) and the greedy tokens it produced, [B][1 + new_tokens]."""
+    """One run of either side (milliseconds) and the greedy tokens it produced, [B][1 + new_tokens].
+    The phases are the runtime's own Timings fields (Pipeline.run fills them; the reference side
+    times the same phases); end to end is the whole run as its caller waits for it."""
 
     image_encode_ms: float
     splice_ms: float
@@ -38,6 +41,17 @@ class RunTimes:
     decode_ms: float
     end_to_end_ms: float
     tokens: list[list[int]] = field(repr=False)
+
+    @classmethod
+    def from_timings(cls, timings: Timings, end_to_end_ms: float, tokens: list[list[int]]) -> RunTimes:
+        return cls(
+            timings.image_encode_ms,
+            timings.splice_ms,
+            timings.prefill_ms,
+            timings.decode_ms,
+            end_to_end_ms,
+            tokens,
+        )
 
     @property
     def time_to_first_token_ms(self) -> float:
@@ -132,7 +146,8 @@ def roofline_metrics(bound: rl.Roofline) -> dict[str, float | None]:
 
 
 def greedy_agreement(reference: RunTimes, runtime: RunTimes) -> int:
-    """Leading tokens on which every row of the two runs agrees."""
+    """Leading greedy tokens on which every row of the two runs agrees (llava-bench and the GPU
+    check alike)."""
     agree = len(reference.tokens[0])
     for ours, theirs in zip(reference.tokens, runtime.tokens):
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))

@@ -4,13 +4,18 @@ Both sides get identical inputs: the same seeded pixel values (one image per seq
 same random text token ids around the image, then each runs its own whole pipeline:
 
     image encode   reference: VisionEncoder (tower, layer select, projector), eager, no_grad
-                   runtime:   backend.encode_images (vision.onnx)
+                   runtime:   the vision graph
     splice         text embeddings | image embeddings | text embeddings -> [B, L, hidden]
     prefill        one forward over the L positions with an empty cache -> first token
                    reference: the text model with a transformers DynamicCache + lm_head at the
-                   last position; runtime: runtime.generate.prefill
+                   last position; runtime: the decoder graph with an empty cache
     decode         --new-tokens single-token steps with the cache, greedy (argmax), EOS ignored
-                   reference: the same model and cache; runtime: runtime.generate.decode_one_token
+                   reference: the same model and cache; runtime: the decoder graph, a position a step
+
+The runtime side is the user's own loop: Pipeline.run on a Batch of those ids and pixels, for
+1 + --new-tokens steps with stop_at_eos=False. It times the four phases itself (Timings); only
+end to end is timed from outside. The reference times the same phases with perf_counter (on
+CUDA, for the GPU check, after a synchronize), into the same RunTimes.
 
 A run is all four; `--warmup` runs per side are discarded, then `--repeats` runs alternate
 between the sides (so drift in the machine's load hits both alike) and each figure is the
@@ -21,7 +26,6 @@ by exporter.bench.memory. exporter.bench.report turns the runs into the table, J
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -43,9 +47,10 @@ from exporter.bench.report import (
     plot,
 )
 from exporter.progress import Progress
-from runtime import contract, generate
-from runtime.errors import LlavaError, PromptError
+from runtime import contract
+from runtime.errors import EngineError, LlavaError, PromptError
 from runtime.extras import require
+from runtime.pipeline import Batch, Pipeline, Timings, ms_since
 
 PLOT_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # --plot sweeps these fractions of --prompt-len
 
@@ -121,6 +126,10 @@ class BenchInputs:
     def prompt_tokens(self) -> int:
         return self.text_tokens + self.image_tokens
 
+    def pipeline_batch(self) -> Batch:
+        """The same inputs as the runtime's Batch: per row, the text before and after its image."""
+        return Batch([[before, after] for before, after in zip(self.before, self.after)], self.pixels)
+
 
 def make_inputs(manifest: contract.Manifest, batch: int, text_tokens: int, seed: int = 0) -> BenchInputs:
     """Seeded pixels and random ordinary token ids (never BOS, EOS or pad inside the text);
@@ -141,54 +150,64 @@ def make_inputs(manifest: contract.Manifest, batch: int, text_tokens: int, seed:
 # The two sides
 
 
-def ms_since(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
-
-
 class ReferenceSide:
-    """The source's LlavaForConditionalGeneration, eager, under torch.no_grad()."""
+    """The source's LlavaForConditionalGeneration, eager, under torch.no_grad(), on `device`
+    (cpu | cuda: there every clock reading waits for the GPU to finish what was queued)."""
 
     name = REFERENCE
 
-    def __init__(self, source):
+    def __init__(self, source, device: str = "cpu"):
         from exporter.graphs.vision import VisionEncoder
 
-        model = source.model
+        model = source.model.to(device)
+        self.device = device
         self.encoder = VisionEncoder(model, source.vision.select_layer, source.vision.select_strategy).eval()
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
         self.embed = model.get_input_embeddings()
         self.dtype = next(model.parameters()).dtype
 
+    def clock(self) -> float:
+        """perf_counter, once the device has run what was queued (CUDA kernels run asynchronously)."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def run(self, inputs: BenchInputs, new_tokens: int) -> RunTimes:
         import torch
         from transformers import DynamicCache
 
+        device = self.device
         with torch.no_grad():
-            start = time.perf_counter()
-            image_embeds = self.encoder(torch.from_numpy(inputs.pixels).to(self.dtype))  # [B, N_img, hidden]
-            encode_ms = ms_since(start)
-            splice_start = time.perf_counter()
-            before, after = torch.from_numpy(inputs.before), torch.from_numpy(inputs.after)
+            start = self.clock()
+            pixels = torch.from_numpy(inputs.pixels).to(device, self.dtype)
+            image_embeds = self.encoder(pixels)  # [B, N_img, hidden]
+            encoded = self.clock()
+            before, after = (torch.from_numpy(ids).to(device) for ids in (inputs.before, inputs.after))
             embeds = torch.cat([self.embed(before), image_embeds, self.embed(after)], dim=1)  # [B, L, hidden]
-            splice_ms = ms_since(splice_start)
-            prefill_start = time.perf_counter()
+            spliced = self.clock()
             batch, length = embeds.shape[:2]
-            mask = torch.ones(batch, length, dtype=torch.long)
+            mask = torch.ones(batch, length, dtype=torch.long, device=device)
             cache = DynamicCache()
-            logits = self.forward(embeds, mask, torch.arange(length).expand(batch, length), cache)
-            token = logits.argmax(-1)  # [B]
-            prefill_ms = ms_since(prefill_start)
+            positions = torch.arange(length, device=device).expand(batch, length)
+            token = self.forward(embeds, mask, positions, cache).argmax(-1)  # [B]
+            prefilled = self.clock()
             tokens = [token]
-            decode_start = time.perf_counter()
             for step in range(new_tokens):
-                mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
-                positions = torch.full((batch, 1), length + step, dtype=torch.long)
+                mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
+                positions = torch.full((batch, 1), length + step, dtype=torch.long, device=device)
                 token = self.forward(self.embed(token)[:, None], mask, positions, cache).argmax(-1)
                 tokens.append(token)
-            decode_ms = ms_since(decode_start)
+            decoded = self.clock()
         return RunTimes(
-            encode_ms, splice_ms, prefill_ms, decode_ms, ms_since(start), torch.stack(tokens, 1).tolist()
+            image_encode_ms=ms_since(start, encoded),
+            splice_ms=ms_since(encoded, spliced),
+            prefill_ms=ms_since(spliced, prefilled),
+            decode_ms=ms_since(prefilled, decoded),
+            end_to_end_ms=ms_since(start, decoded),
+            tokens=torch.stack(tokens, 1).tolist(),
         )
 
     def forward(self, embeds, mask, positions, cache):
@@ -200,51 +219,37 @@ class ReferenceSide:
 
 
 class RuntimeSide:
-    """An artifact folder through runtime.backends and runtime.generate, as llava-run runs it."""
+    """An artifact folder's Pipeline, running the user's own loop (Pipeline.run). A run is the
+    prefill's token plus `new_tokens` decode steps, EOS ignored: 1 + new_tokens steps of it."""
 
-    def __init__(self, pipeline):
-        self.backend = pipeline.backend
-        self.embed_table = pipeline.embed_table  # [vocab, hidden], memory-mapped
-        self.name = self.backend.name
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+        self.name = pipe.backend.name
+
+    def check(self, inputs: BenchInputs, new_tokens: int) -> None:
+        """The backend's limits for these runs (PromptError or EngineError naming the fix)."""
+        self.pipe.backend.limits.check(
+            batch=inputs.batch, prompt=inputs.prompt_tokens, new_tokens=new_tokens + 1
+        )
 
     def run(self, inputs: BenchInputs, new_tokens: int) -> RunTimes:
-        table, backend = self.embed_table, self.backend
+        batch, timings = inputs.pipeline_batch(), Timings()
         start = time.perf_counter()
-        image_embeds = backend.encode_images(inputs.pixels)
-        encode_ms = ms_since(start)
-        splice_start = time.perf_counter()
-        sequences = [
-            np.concatenate([table[inputs.before[row]], image_embeds[row], table[inputs.after[row]]]).astype(
-                backend.dtype, copy=False
-            )
-            for row in range(inputs.batch)
-        ]
-        splice_ms = ms_since(splice_start)
-        prefill_start = time.perf_counter()
-        state = generate.prefill(backend, sequences)
-        token = state.logits.argmax(-1)
-        prefill_ms = ms_since(prefill_start)
-        tokens = [token]
-        decode_start = time.perf_counter()
-        for _ in range(new_tokens):
-            state = generate.decode_one_token(backend, table, token, state)
-            token = state.logits.argmax(-1)
-            tokens.append(token)
-        decode_ms = ms_since(decode_start)
-        return RunTimes(
-            encode_ms, splice_ms, prefill_ms, decode_ms, ms_since(start), np.stack(tokens, 1).tolist()
-        )
+        steps = list(self.pipe.run(batch, new_tokens + 1, timings=timings, stop_at_eos=False))
+        end_to_end_ms = ms_since(start)
+        return RunTimes.from_timings(timings, end_to_end_ms, [list(row) for row in zip(*steps)])
+
+    def close(self) -> None:
+        self.pipe.close()
 
 
 def load_runtime(config: BenchConfig, meter: RssMeter, progress: Progress) -> tuple[RuntimeSide, SideMemory]:
     with progress.stage(f"loading the runtime ({config.backend}) from {config.artifacts}"):
-        from runtime.pipeline import Pipeline
-
-        def load():
-            with environment(LLAVA_THREADS=str(config.threads)):  # the ORT backend's intra-op threads
-                return RuntimeSide(Pipeline.load(config.artifacts, backend=config.backend))
-
-        return meter.loading(load)
+        return meter.loading(
+            lambda: RuntimeSide(
+                Pipeline.load(config.artifacts, backend=config.backend, threads=config.threads)
+            )
+        )
 
 
 def load_reference(
@@ -264,30 +269,6 @@ def load_reference(
     return source, reference, memory
 
 
-@contextlib.contextmanager
-def environment(**values: str):
-    """Sets environment variables for the block only (the backend reads them when it loads)."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def ort_intra_op_threads(backend) -> int | None:
-    """The thread count ONNX Runtime's decoder session was actually given (None: not ORT)."""
-    session = getattr(backend, "decoder", None)
-    try:
-        return session.get_session_options().intra_op_num_threads
-    except AttributeError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Checks, before any long work
 
@@ -303,13 +284,17 @@ def check_outputs(config: BenchConfig) -> None:
         require("bench", "--plot")
 
 
-def check_prompt(manifest: contract.Manifest, config: BenchConfig) -> None:
-    total = config.prompt_len + manifest.vision.num_image_tokens + config.new_tokens
-    if total > manifest.text.max_positions:
-        raise PromptError(
-            f"--prompt-len {config.prompt_len} + {manifest.vision.num_image_tokens} image tokens + --new-tokens "
-            f"{config.new_tokens} is {total} positions; the model takes at most {manifest.text.max_positions}"
-        )
+def check_fits(runtime: RuntimeSide, inputs: BenchInputs, config: BenchConfig) -> None:
+    """The runtime's own limits for these runs (the model's positions, a static KV cache, a
+    TensorRT engine's profiles), before the slow PyTorch load; the error names the flags too."""
+    try:
+        runtime.check(inputs, config.new_tokens)
+    except (PromptError, EngineError) as err:
+        raise type(err)(
+            f"--batch {config.batch}, --prompt-len {config.prompt_len} (+ {inputs.image_tokens} image tokens) "
+            f"and --new-tokens {config.new_tokens} ({config.new_tokens + 1} new tokens with the prefill's) "
+            f"do not fit: {err}"
+        ) from None
 
 
 def check_same_model(source, manifest: contract.Manifest, config: BenchConfig) -> None:
@@ -522,9 +507,10 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     progress = progress or Progress()
     check_outputs(config)
     manifest = contract.read_manifest(config.artifacts)
-    check_prompt(manifest, config)
     meter = RssMeter()
     runtime, runtime_memory = load_runtime(config, meter, progress)
+    inputs = make_inputs(manifest, config.batch, config.prompt_len, config.seed)
+    check_fits(runtime, inputs, config)
 
     import torch
 
@@ -543,7 +529,6 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
 
     sides = [reference, runtime]
     memory = {REFERENCE: reference_memory, runtime.name: runtime_memory}
-    inputs = make_inputs(manifest, config.batch, config.prompt_len, config.seed)
     progress.say(
         f"running {inputs.prompt_tokens}-token prefill + {config.new_tokens} decode steps, batch {config.batch}"
     )
@@ -573,7 +558,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         runtime=results[runtime.name],
         memory_method=meter.method,
         torch_threads=torch.get_num_threads(),
-        ort_threads=ort_intra_op_threads(runtime.backend),
+        ort_threads=runtime.pipe.backend.threads,
         greedy_match=greedy_agreement(runs[REFERENCE][-1], runs[runtime.name][-1]),
         reads_between_repeats=reads,
         sweep=sweep,
