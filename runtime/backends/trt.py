@@ -298,7 +298,7 @@ class TrtBackend(Backend):
         self.decoder_profiles = self.engine_folder.profiles("decoder")
         self.manifest = manifest
         text = manifest.text
-        self.layers, self.kv_heads, self.head_dim = text.num_layers, text.num_kv_heads, text.head_dim
+        self.kv_heads, self.head_dim = text.num_kv_heads, text.head_dim
         self.past_names = contract.decoder_input_names(text.num_layers)[3:]
         self.present_names = contract.decoder_output_names(text.num_layers)[1:]
 
