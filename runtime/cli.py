@@ -63,36 +63,10 @@ PROCESS_START = time.perf_counter()
 @click.option(
     "--timings", "show_timings", is_flag=True, help="After the streamed answer, print its timings on stderr."
 )
-def main(
-    artifacts,
-    images,
-    prompt,
-    max_new_tokens,
-    backend,
-    threads,
-    template,
-    temperature,
-    top_p,
-    seed,
-    as_json,
-    show_timings,
-):
+def main(**options):
     """Answer PROMPT about the images with the exported model."""
     try:
-        run(
-            artifacts,
-            images,
-            prompt,
-            max_new_tokens,
-            backend,
-            threads,
-            template,
-            temperature,
-            top_p,
-            seed,
-            as_json,
-            show_timings,
-        )
+        run(**options)
     except LlavaError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
