@@ -174,12 +174,13 @@ def main():
 @output_options
 @user_errors
 @needs_extra("export", "llava-export vision")
-def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
+def vision(model, vision_tower, out, quiet, **flags):
     """CLIP tower + projector -> OUT/vision.onnx."""
-    from exporter.graphs.vision import export_vision
+    from exporter.graphs.export import ExportOptions, export_graph
+    from exporter.graphs.vision import VisionGraph
 
-    source, progress = begin("vision", model, vision_tower, out, fp16, quiet)
-    export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
+    source, progress = begin("vision", model, vision_tower, out, flags["fp16"], quiet)
+    export_graph(VisionGraph(source, ExportOptions(**flags)), out, progress)
     progress.say(f"wrote {out / 'vision.onnx'}")
 
 
@@ -191,26 +192,13 @@ def vision(model, vision_tower, out, fp16, opset, force, quiet, verify):
 @kv_cache_options
 @user_errors
 @needs_extra("export", "llava-export decoder")
-def decoder(
-    model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len
-):
+def decoder(model, vision_tower, out, quiet, **flags):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
-    from exporter.graphs.decoder import export_decoder
+    from exporter.graphs.decoder import DecoderGraph
+    from exporter.graphs.export import ExportOptions, export_graph
 
-    source, progress = begin("decoder", model, vision_tower, out, fp16, quiet, template)
-    export_decoder(
-        source,
-        out,
-        fp16=fp16,
-        opset=opset,
-        force=force,
-        template=template,
-        verify=verify,
-        progress=progress,
-        quant=quant,
-        kv_cache=kv_cache,
-        max_seq_len=max_seq_len,
-    )
+    source, progress = begin("decoder", model, vision_tower, out, flags["fp16"], quiet, flags["template"])
+    export_graph(DecoderGraph(source, ExportOptions(**flags)), out, progress)
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
 
@@ -222,30 +210,20 @@ def decoder(
 @kv_cache_options
 @user_errors
 @needs_extra("export", "llava-export all")
-def all_graphs(
-    model, vision_tower, out, fp16, opset, force, quiet, verify, template, quant, kv_cache, max_seq_len
-):
+def all_graphs(model, vision_tower, out, quiet, **flags):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
-    from exporter.graphs.decoder import check_kv_cache, export_decoder
-    from exporter.graphs.vision import export_vision
+    from exporter.graphs.decoder import DecoderGraph
+    from exporter.graphs.export import ExportOptions, export_graph
+    from exporter.graphs.vision import VisionGraph
 
-    source, progress = begin("all", model, vision_tower, out, fp16, quiet, template)
-    check_kv_cache(source, kv_cache, max_seq_len)  # bad KV cache options fail before any export
+    source, progress = begin("all", model, vision_tower, out, flags["fp16"], quiet, flags["template"])
+    options = ExportOptions(**flags)
+    decoder = DecoderGraph(source, options)
+    decoder.check_options()  # bad decoder options fail before the vision export
     progress.say("[1/2] vision")
-    export_vision(source, out, fp16=fp16, opset=opset, force=force, verify=verify, progress=progress)
+    export_graph(VisionGraph(source, options), out, progress)
     progress.say("[2/2] decoder")
-    export_decoder(
-        source,
-        out,
-        fp16=fp16,
-        opset=opset,
-        template=template,
-        verify=verify,
-        progress=progress,
-        quant=quant,
-        kv_cache=kv_cache,
-        max_seq_len=max_seq_len,
-    )
+    export_graph(decoder, out, progress)
     progress.say(f"wrote {out} (run it: llava-run --artifacts {out} --image IMAGE --prompt TEXT)")
 
 

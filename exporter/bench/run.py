@@ -159,9 +159,9 @@ class ReferenceSide:
     def __init__(self, source, device: str = "cpu"):
         from exporter.graphs.vision import VisionEncoder
 
-        model = source.model.to(device)
+        model = source.model.to(device)  # in place: the source's model is on `device` now
         self.device = device
-        self.encoder = VisionEncoder(model, source.vision.select_layer, source.vision.select_strategy).eval()
+        self.encoder = VisionEncoder.of(source)
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
         self.embed = model.get_input_embeddings()
