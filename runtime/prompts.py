@@ -6,8 +6,11 @@ chunk is tokenized on its own without special tokens, and BOS goes only at the v
 is the id sequence of the original `tokenizer_image_token`, which tokenizes every chunk with BOS
 and strips it from all but the first. No image token id has to exist in the vocabulary.
 
-Templates follow haotian-liu/LLaVA `llava/conversation.py` (`Conversation.get_prompt` with one
-user turn and an open assistant turn); `chatml` is LLaVA-NeXT's `conv_qwen`. Runtime module:
+A conversation (alternating user and assistant `Turn`s, for an OpenAI-style server) becomes
+text by `render_conversation`; `render_prompt` is its one-user-turn case.
+
+Templates follow haotian-liu/LLaVA `llava/conversation.py` (`Conversation.get_prompt`, ending
+with an open assistant turn); `chatml` is LLaVA-NeXT's `conv_qwen`. Runtime module:
 `tokenizers` and (for tokenizer chat templates only) jinja2, never torch or transformers.
 """
 
@@ -19,22 +22,61 @@ from typing import TYPE_CHECKING
 from runtime.errors import PromptError
 
 if TYPE_CHECKING:
+    import jinja2
     import tokenizers
 
 IMAGE_PLACEHOLDER = "<image>"
 CHAT = "chat"  # the tokenizer's own chat_template (jinja)
+USER = "user"
+ASSISTANT = "assistant"
 
 # Separator styles of llava/conversation.py (SeparatorStyle), plus LLaVA-NeXT's CHATML.
-TWO = "two"  # vicuna: system SEP role: msg SEP role:
-LLAMA_2 = "llama_2"  # [INST] <<SYS>>...<</SYS>> msg [/INST]
-MPT = "mpt"  # system SEP role msg SEP role  (roles carry their own markup)
-CHATML = "chatml"  # system SEP\n role\n msg SEP\n role\n
+TWO = "two"  # vicuna: system SEP role: msg SEP role: msg SEP2 ... role:
+LLAMA_2 = "llama_2"  # [INST] <<SYS>>...<</SYS>> msg [/INST] answer SEP2 SEP[INST] msg [/INST]
+MPT = "mpt"  # system SEP role msg SEP ... role  (roles carry their own markup)
+CHATML = "chatml"  # system SEP\n role\n msg SEP\n ... role\n
 PLAIN = "plain"  # the question as it is
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: `role` is "user" or "assistant"; `text` holds an
+    `<image>` placeholder where each of its images stands."""
+
+    role: str
+    text: str
+
+
+def check_turns(turns: list[Turn]) -> None:
+    """PromptError unless the turns alternate user, assistant, ..., user: the prompt must end
+    where the next answer begins, and every template assumes a user turn first."""
+    for number, turn in enumerate(turns, 1):
+        if turn.role not in (USER, ASSISTANT):
+            raise PromptError(
+                f"turn {number} has the unknown role {turn.role!r}; a turn is {USER!r} or {ASSISTANT!r}"
+            )
+    if not turns:
+        raise PromptError("a conversation needs at least one user turn")
+    if turns[0].role != USER:
+        raise PromptError(f"a conversation starts with a {USER!r} turn, not {turns[0].role!r}")
+    for number, (before, after) in enumerate(zip(turns, turns[1:]), 1):
+        if before.role == after.role:
+            raise PromptError(
+                f"turns {number} and {number + 1} are both {after.role!r}; user and assistant turns alternate"
+            )
+    if turns[-1].role != USER:
+        raise PromptError(
+            f"a conversation ends with a {USER!r} turn for the assistant to answer, not {ASSISTANT!r}"
+        )
+
+
+@dataclass(frozen=True)
 class Template:
-    """One conversation format: `render(message)` is the prompt up to where the answer begins."""
+    """One conversation format: `render_turns(turns)` is the prompt up to where the next answer begins.
+
+    `system_role` is the markup in front of the system prompt, as `roles` carry theirs (ChatML's
+    "<|im_start|>system"), so that an OpenAI system message replaces the prompt, not the markup.
+    """
 
     name: str
     style: str
@@ -42,25 +84,61 @@ class Template:
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = ""
     sep2: str | None = None
+    system_role: str = ""
 
     def render(self, message: str) -> str:
-        user, assistant = self.roles
+        """The prompt for one user message."""
+        return self.render_turns([Turn(USER, message)])
+
+    def render_turns(self, turns: list[Turn], system: str | None = None) -> str:
+        """The prompt for alternating turns (user first and last), as upstream's get_prompt writes
+        them followed by the open assistant turn. `system` None keeps this template's system prompt."""
+        check_turns(turns)
+        system = self.system if system is None else system
         if self.style == TWO:
-            # get_prompt: system + sep, then "role: message" + sep for the user, "role:" for the open turn
-            return f"{self.system}{self.sep}{user}: {message}{self.sep}{assistant}:"
+            return self._render_two(turns, system)
         if self.style == LLAMA_2:
-            # wrap_sys only when there is a system message (upstream's later `if len(msg) > 0`)
-            system = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" if self.system else ""
-            # upstream prepends sep, then lstrip(sep): a character set, and "[" is never in it
-            return (self.sep + f"[INST] {system}{message} [/INST]").lstrip(self.sep)
+            return self._render_llama_2(turns, system)
         if self.style == MPT:
-            return f"{self.system}{self.sep}{user}{message}{self.sep}{assistant}"
+            return self._render_mpt(turns, system)
         if self.style == CHATML:
-            head = "" if self.system == "" else f"{self.system}{self.sep}\n"
-            return f"{head}{user}\n{message}{self.sep}\n{assistant}\n"
+            return self._render_chatml(turns, system)
         if self.style == PLAIN:
-            return message
+            # Upstream writes message + sep ("\n") per user turn, + sep2 (None: a TypeError) per
+            # answer. One turn stays the question as it is; several are joined with "\n".
+            return "\n".join(turn.text for turn in turns)
         raise PromptError(f"template {self.name!r} has an unknown style {self.style!r}")
+
+    def _role(self, turn: Turn) -> str:
+        return self.roles[0] if turn.role == USER else self.roles[1]
+
+    def _render_two(self, turns: list[Turn], system: str) -> str:
+        # system + sep, then "role: message" + sep after a user turn, + sep2 after an answer
+        seps = (self.sep, self.sep2)
+        body = "".join(f"{self._role(turn)}: {turn.text}{seps[i % 2]}" for i, turn in enumerate(turns))
+        return f"{system}{self.sep}{body}{self.roles[1]}:"
+
+    def _render_llama_2(self, turns: list[Turn], system: str) -> str:
+        # wrap_sys on the first message only, and only when there is a system message
+        # (upstream's later `if len(msg) > 0`)
+        wrapped_system = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+        text = ""
+        for i, turn in enumerate(turns):
+            if turn.role == USER:
+                text += f"{self.sep}[INST] {wrapped_system if i == 0 else ''}{turn.text} [/INST]"
+            else:
+                text += f" {turn.text} {self.sep2}"
+        # upstream prepends sep, then lstrip(sep): a character set, and "[" is never in it
+        return text.lstrip(self.sep)
+
+    def _render_mpt(self, turns: list[Turn], system: str) -> str:
+        body = "".join(f"{self._role(turn)}{turn.text}{self.sep}" for turn in turns)
+        return f"{self.system_role}{system}{self.sep}{body}{self.roles[1]}"
+
+    def _render_chatml(self, turns: list[Turn], system: str) -> str:
+        head = "" if system == "" else f"{self.system_role}\n{system}{self.sep}\n"
+        body = "".join(f"{self._role(turn)}\n{turn.text}{self.sep}\n" for turn in turns)
+        return f"{head}{body}{self.roles[1]}\n"
 
 
 _VICUNA_SYSTEM = (
@@ -94,17 +172,19 @@ TEMPLATES: dict[str, Template] = {
         Template(
             "chatml_direct",
             MPT,
-            "<|im_start|>system\nAnswer the questions.",
+            "Answer the questions.",
             ("<|im_start|>user\n", "<|im_start|>assistant\n"),
             "<|im_end|>",
+            system_role="<|im_start|>system\n",
         ),
         # LLaVA-NeXT's conv_qwen: Qwen's own ChatML (newline after every <|im_end|>).
         Template(
             "chatml",
             CHATML,
-            "<|im_start|>system\nYou are a helpful assistant.",
+            "You are a helpful assistant.",
             ("<|im_start|>user", "<|im_start|>assistant"),
             "<|im_end|>",
+            system_role="<|im_start|>system",
         ),
         Template("plain", PLAIN),
     ]
@@ -143,20 +223,92 @@ def render_prompt(template: str, question: str, num_images: int, chat_template: 
     placeholders do not match the images, or "chat" has no template.
     """
     message = place_images(question, num_images)
+    return render_conversation(template, [Turn(USER, message)], None, chat_template)
+
+
+def render_conversation(
+    template: str, turns: list[Turn], system: str | None, chat_template: str | None
+) -> str:
+    """The text to tokenize for a conversation, ending where the next assistant answer begins.
+
+    `turns` alternate user and assistant, first and last a user turn, each text with its
+    `<image>` placeholders where its images stand. `system` replaces the template's system
+    prompt (None keeps it); for "chat" it is a system message in front of the turns.
+    `template` and `chat_template` as in render_prompt. PromptError when the turns do not
+    alternate like that, the name is unknown, or "chat" has no template or fails.
+    """
     if template == CHAT:
         if chat_template is None:
             raise PromptError(
                 f"template {CHAT!r} needs the tokenizer's chat_template and this tokenizer has none; "
                 f"use one of: {', '.join(TEMPLATES)}"
             )
-        return _render_chat(chat_template, message, num_images)
+        return _render_chat(chat_template, turns, system)
     if template not in TEMPLATES:
         raise PromptError(f"unknown prompt template {template!r}; known: {', '.join([*TEMPLATES, CHAT])}")
-    return TEMPLATES[template].render(message)
+    return TEMPLATES[template].render_turns(turns, system)
 
 
-def _render_chat(chat_template: str, message: str, num_images: int) -> str:
-    """Renders a Hugging Face chat template like transformers' apply_chat_template, for one user turn."""
+def _render_chat(chat_template: str, turns: list[Turn], system: str | None) -> str:
+    """Renders a Hugging Face chat template like transformers' apply_chat_template, with
+    add_generation_prompt and empty special tokens.
+
+    Tokenizer templates take string content; processor templates (llava-hf) iterate typed
+    content parts and write "<image>" themselves. The string render is tried first; the render
+    kept holds as many placeholders as the turns do, and every user turn's text (answers
+    are not looked for: templates may rewrite them, e.g. drop their reasoning).
+    """
+    check_turns(turns)
+    compiled = _compile_chat_template(chat_template)
+    num_images = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
+    user_texts = [_without_placeholders(turn.text).strip() for turn in turns if turn.role == USER]
+    found = 0
+    for typed in (False, True):
+        try:
+            rendered = compiled.render(
+                messages=_chat_messages(turns, system, typed),
+                add_generation_prompt=True,
+                bos_token="",
+                eos_token="",
+                unk_token="",
+                pad_token="",
+            )
+        except Exception as err:  # a template's own raise_exception, or a type error inside it
+            if typed:
+                raise PromptError(f"the tokenizer's chat template failed: {err}") from None
+            continue
+        found = rendered.count(IMAGE_PLACEHOLDER)
+        if found == num_images and all(text in rendered for text in user_texts):
+            return rendered
+    raise PromptError(
+        f"the tokenizer's chat template rendered {_plural(found, IMAGE_PLACEHOLDER + ' placeholder')} "
+        f"for {_plural(num_images, 'image')}; pick a named template instead: {', '.join(TEMPLATES)}"
+    )
+
+
+def _chat_messages(turns: list[Turn], system: str | None, typed: bool) -> list[dict]:
+    """A chat template's `messages`: the system message first when there is one, then the turns.
+
+    Content is each text as it is, or (`typed`) content parts: {"type": "image"} per
+    placeholder, then {"type": "text"} with the placeholders taken out.
+    """
+    messages = [] if system is None else [("system", system)]
+    messages += [(turn.role, turn.text) for turn in turns]
+    return [{"role": role, "content": _content_parts(text) if typed else text} for role, text in messages]
+
+
+def _content_parts(text: str) -> list[dict]:
+    images = [{"type": "image"} for _ in range(text.count(IMAGE_PLACEHOLDER))]
+    return [*images, {"type": "text", "text": _without_placeholders(text)}]
+
+
+def _without_placeholders(text: str) -> str:
+    return text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
+
+
+def _compile_chat_template(chat_template: str) -> jinja2.Template:
+    """The template in a sandbox, with transformers' extras: raise_exception, loop controls and
+    the {% generation %} tag. PromptError when jinja2 is missing or the template does not parse."""
     try:
         import jinja2
         import jinja2.ext
@@ -188,36 +340,9 @@ def _render_chat(chat_template: str, message: str, num_images: int) -> str:
     )
     env.globals["raise_exception"] = raise_exception
     try:
-        compiled = env.from_string(chat_template)
+        return env.from_string(chat_template)
     except jinja2.TemplateError as err:
         raise PromptError(f"the tokenizer's chat template does not parse: {err}") from None
-    # Tokenizer templates take a string; processor templates (llava-hf) iterate typed content
-    # parts and write "<image>" themselves. Try the string first, keep the render that holds the
-    # question and one placeholder per image.
-    text = message.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
-    parts = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-    found = 0
-    for content in (message, parts):
-        try:
-            rendered = compiled.render(
-                messages=[{"role": "user", "content": content}],
-                add_generation_prompt=True,
-                bos_token="",
-                eos_token="",
-                unk_token="",
-                pad_token="",
-            )
-        except Exception as err:  # a template's own raise_exception, or a type error inside it
-            if content is parts:
-                raise PromptError(f"the tokenizer's chat template failed: {err}") from None
-            continue
-        found = rendered.count(IMAGE_PLACEHOLDER)
-        if found == num_images and text.strip() in rendered:
-            return rendered
-    raise PromptError(
-        f"the tokenizer's chat template rendered {_plural(found, IMAGE_PLACEHOLDER + ' placeholder')} "
-        f"for {_plural(num_images, 'image')}; pick a named template instead: {', '.join(TEMPLATES)}"
-    )
 
 
 def tokenize_prompt(tokenizer: tokenizers.Tokenizer, prompt: str, bos_id: int | None) -> list[list[int]]:

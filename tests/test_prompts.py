@@ -11,7 +11,9 @@ from runtime.errors import PromptError
 from runtime.prompts import (
     IMAGE_PLACEHOLDER,
     TEMPLATES,
+    Turn,
     count_prompt_tokens,
+    render_conversation,
     render_prompt,
     tokenize_prompt,
 )
@@ -123,6 +125,137 @@ def test_chat_template_errors():
         render_prompt("chat", Q, 1, "{{ raise_exception('no images please') }}")
     with pytest.raises(PromptError, match="rendered 0 <image> placeholders for 1 image"):
         render_prompt("chat", Q, 1, "USER: hello ASSISTANT:")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations: get_prompt() with several turns, as upstream writes them
+
+TURNS = [Turn("user", "<image>\nWhat is it?"), Turn("assistant", "A ball."), Turn("user", "What colour?")]
+SYSTEM = "Be brief."
+
+# (template, system, prompt) for TURNS, written out from llava/conversation.py's get_prompt().
+CONVERSATIONS = [
+    (
+        "vicuna_v1",
+        None,
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+        "USER: <image>\nWhat is it? ASSISTANT: A ball.</s>USER: What colour? ASSISTANT:",
+    ),
+    (
+        "vicuna_v1",
+        SYSTEM,
+        "Be brief. USER: <image>\nWhat is it? ASSISTANT: A ball.</s>USER: What colour? ASSISTANT:",
+    ),
+    (
+        "llava_llama_2",
+        None,
+        "[INST] <<SYS>>\nYou are a helpful language and vision assistant. You are able to "
+        "understand the visual content that the user provides, and assist the user with a variety of tasks "
+        "using natural language.\n<</SYS>>\n\n<image>\nWhat is it? [/INST] A ball. </s><s>[INST] What colour? [/INST]",
+    ),
+    (
+        "llava_llama_2",
+        SYSTEM,
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nWhat is it? [/INST] A ball. </s><s>[INST] What colour? [/INST]",
+    ),
+    ("llava_llama_2", "", "[INST] <image>\nWhat is it? [/INST] A ball. </s><s>[INST] What colour? [/INST]"),
+    ("mistral_instruct", None, "[INST] <image>\nWhat is it? [/INST] A ball. </s>[INST] What colour? [/INST]"),
+    (
+        "chatml_direct",
+        None,
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is it?<|im_end|>"
+        "<|im_start|>assistant\nA ball.<|im_end|><|im_start|>user\nWhat colour?<|im_end|><|im_start|>assistant\n",
+    ),
+    (
+        "chatml_direct",
+        SYSTEM,
+        "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n<image>\nWhat is it?<|im_end|>"
+        "<|im_start|>assistant\nA ball.<|im_end|><|im_start|>user\nWhat colour?<|im_end|><|im_start|>assistant\n",
+    ),
+    (
+        "chatml",
+        None,
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
+        "<|im_start|>assistant\nA ball.<|im_end|>\n<|im_start|>user\nWhat colour?<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    (
+        "chatml",
+        SYSTEM,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
+        "<|im_start|>assistant\nA ball.<|im_end|>\n<|im_start|>user\nWhat colour?<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    (
+        "chatml",
+        "",
+        "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
+        "<|im_start|>assistant\nA ball.<|im_end|>\n<|im_start|>user\nWhat colour?<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    ("plain", None, "<image>\nWhat is it?\nA ball.\nWhat colour?"),
+]
+
+
+@pytest.mark.parametrize("name, system, prompt", CONVERSATIONS)
+def test_conversations_render_like_llava(name, system, prompt):
+    assert render_conversation(name, TURNS, system, None) == prompt
+    assert TEMPLATES[name].render_turns(TURNS, system) == prompt
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_one_turn_renders_as_render(name):
+    template = TEMPLATES[name]
+    message = "<image>\n" + Q
+    assert template.render(message) == template.render_turns([Turn("user", message)]) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_system_override_replaces_only_the_system_prompt(name):
+    template = TEMPLATES[name]
+    assert template.render_turns(TURNS, template.system) == template.render_turns(TURNS)
+
+
+def test_chat_conversation_processor_template():
+    expected = "USER: <image>\nWhat is it? ASSISTANT: A ball. USER: What colour? ASSISTANT:"
+    assert render_conversation("chat", TURNS, None, LLAVA_HF_TEMPLATE) == expected
+    assert render_conversation("chat", TURNS, SYSTEM, LLAVA_HF_TEMPLATE) == "Be brief. " + expected
+
+
+def test_chat_conversation_string_template():
+    expected = "[INST] <image>\nWhat is it? [/INST]A ball.[INST] What colour? [/INST]"
+    assert render_conversation("chat", TURNS, None, STRING_TEMPLATE) == expected
+    assert render_conversation("chat", TURNS, SYSTEM, STRING_TEMPLATE) == "Be brief." + expected
+
+
+def test_chat_conversation_counts_placeholders_across_turns():
+    last_message_only = "{{ messages[-1]['content'] }}"
+    with pytest.raises(PromptError, match="rendered 0 <image> placeholders for 1 image"):
+        render_conversation("chat", TURNS, None, last_message_only)
+
+
+@pytest.mark.parametrize(
+    "turns, message",
+    [
+        ([], "at least one user turn"),
+        ([Turn("assistant", "Hi."), Turn("user", Q)], "starts with a 'user' turn, not 'assistant'"),
+        ([Turn("user", Q), Turn("assistant", "Red.")], "ends with a 'user' turn"),
+        ([Turn("user", Q), Turn("user", "Well?")], "turns 1 and 2 are both 'user'"),
+        (TURNS + [Turn("assistant", "Red."), Turn("assistant", "Or?"), Turn("user", "Hm?")], "turns 4 and 5"),
+        ([Turn("system", SYSTEM), Turn("user", Q)], "turn 1 has the unknown role 'system'"),
+    ],
+)
+@pytest.mark.parametrize(
+    "name, chat_template", [("vicuna_v1", None), ("plain", None), ("chat", STRING_TEMPLATE)]
+)
+def test_conversation_turns_must_alternate(turns, message, name, chat_template):
+    with pytest.raises(PromptError, match=message):
+        render_conversation(name, turns, None, chat_template)
+
+
+def test_conversation_template_errors():
+    with pytest.raises(PromptError, match="unknown prompt template 'vicuna_v2'"):
+        render_conversation("vicuna_v2", TURNS, None, None)
+    with pytest.raises(PromptError, match="chat_template"):
+        render_conversation("chat", TURNS, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
