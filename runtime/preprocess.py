@@ -11,6 +11,7 @@ up to a few 1e-2 after normalisation.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -47,21 +48,41 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     path = Path(path)
     _check_file(path)
+    return _decode(path, path)
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """An image held in memory (a data URL's payload, a download) -> RGB, with load_image's checks.
+
+    `name` is how the message calls the image (e.g. "image 1" or a shortened URL), since
+    there is no file name to give. Raises ImageError when the bytes are empty, not an
+    image, truncated or corrupt, or over MAX_IMAGE_PIXELS.
+    """
+    if not data:
+        raise ImageError(f"{name}: image file is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str | Path) -> Image.Image:
+    """Decodes `source` fully, EXIF-rotated, 16-bit modes scaled to 8 bits, as RGB; errors name `name`.
+
+    One body for files and in-memory bytes, so both meet the same bomb and truncation checks.
+    """
     try:
         with warnings.catch_warnings():
             # our own limit below is the one that speaks; PIL's warning would only be noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_pixels(path, image.size)
+            with Image.open(source) as image:
+                _check_pixels(name, image.size)
                 image.load()  # decode now, so a truncated file fails here and not later
                 image = ImageOps.exif_transpose(image)  # a copy, rotated as the camera meant
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{path}: image refused as a possible decompression bomb ({err})") from None
+        raise ImageError(f"{name}: image refused as a possible decompression bomb ({err})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (PIL cannot identify its format)") from None
+        raise ImageError(f"{name}: not an image file (PIL cannot identify its format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as err:
         # truncated or corrupt data; PIL's decoders raise all of these
-        raise ImageError(f"{path}: image file is truncated or corrupt ({err})") from None
+        raise ImageError(f"{name}: image file is truncated or corrupt ({err})") from None
     if image.mode in _SIXTEEN_BIT_MODES:
         # [H,W] uint16 -> [H,W] uint8, keeping the top byte
         image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
@@ -79,11 +100,11 @@ def _check_file(path: Path) -> None:
         raise ImageError(f"{path}: image file is not readable (permission denied)")
 
 
-def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+def _check_pixels(name: str | Path, size: tuple[int, int]) -> None:
     width, height = size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(
-            f"{path}: image is {width}x{height} = {width * height} pixels, over the "
+            f"{name}: image is {width}x{height} = {width * height} pixels, over the "
             f"{MAX_IMAGE_PIXELS}-pixel limit (refused as a possible decompression bomb)"
         )
 
