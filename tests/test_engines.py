@@ -656,6 +656,136 @@ def test_backend_limits_and_stale_cache_handles(fake_gpu, artifacts):
     assert not fake_gpu.cudart.blocks, "memory leaked"
 
 
+def prefill(backend, embeds: np.ndarray):
+    """A prefill of these [B,S,hidden] embeddings (no padding) on a new empty cache."""
+    batch, sequence, _ = embeds.shape
+    positions = np.broadcast_to(np.arange(sequence), (batch, sequence))
+    return backend.decode(embeds, np.ones((batch, sequence), np.int64), positions, backend.empty_cache(batch))
+
+
+def decode_one(backend, embeds: np.ndarray, cache):
+    """One decode step of these [B,1,hidden] embeddings after the cache's positions (no padding)."""
+    batch, past = len(embeds), cache.length
+    mask, positions = np.ones((batch, past + 1), np.int64), np.full((batch, 1), past, np.int64)
+    return backend.decode(embeds, mask, positions, cache)
+
+
+def test_cache_regroups_through_the_host_like_a_batch(fake_gpu, artifacts):
+    """The scheduler's regroup: two rows prefilled alone, their caches brought to the host and
+    merged into one batch, decode as the same two rows prefilled together do."""
+    from runtime.backends.trt import TrtBackend
+
+    build(artifacts, "--max-batch", 2)
+    manifest = contract.read_manifest(artifacts)
+    text = manifest.text
+    backend = TrtBackend(artifacts, manifest)
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((2, 3, text.hidden_size)).astype(np.float32)
+    step = rng.standard_normal((2, 1, text.hidden_size)).astype(np.float32)
+
+    alone = []
+    for row in range(2):
+        _, cache = prefill(backend, rows[row : row + 1])
+        arrays = backend.cache_to_host(cache, 3)
+        assert len(arrays) == 2 * text.num_layers
+        assert all(a.shape == (1, text.num_kv_heads, 3, text.head_dim) for a in arrays)
+        assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+        assert len({a.tobytes() for a in arrays}) == len(arrays)  # every layer's key and value its own
+        alone.append(arrays)
+    merged = [np.concatenate(pair) for pair in zip(*alone)]
+    assert backend.kv.batch == 1
+    cache = backend.cache_from_host(merged)  # the slabs grow to 2 rows
+    assert (cache.batch, cache.length, backend.kv.batch) == (2, 3, 2)
+    # what goes up comes down, byte for byte; a shorter length is a prefix of the positions
+    assert all(np.array_equal(a, b) for a, b in zip(backend.cache_to_host(cache, 3), merged))
+    assert all(np.array_equal(a, b[:, :, :2]) for a, b in zip(backend.cache_to_host(cache, 2), merged))
+    with pytest.raises(EngineError, match="4 positions of a cache holding 3"):
+        backend.cache_to_host(cache, 4)
+    regrouped, after = decode_one(backend, step, cache)
+    assert after.length == 4
+
+    _, together = prefill(backend, rows)
+    batched = backend.cache_to_host(together, 3)
+    assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(merged, batched))
+    expected, _ = decode_one(backend, step, together)
+    np.testing.assert_allclose(regrouped, expected, rtol=1e-5, atol=1e-5)
+    # a regroup that reorders the rows reorders the answers (and needs no new slabs)
+    swapped, _ = decode_one(backend, step[::-1], backend.cache_from_host([a[::-1] for a in merged]))
+    np.testing.assert_allclose(swapped, expected[::-1], rtol=1e-5, atol=1e-5)
+    backend.close()
+    assert not fake_gpu.cudart.blocks, "memory leaked"
+
+
+def test_cache_from_host_refuses_what_the_engine_cannot_hold(fake_gpu, artifacts):
+    from runtime.backends.trt import TrtBackend
+
+    build(artifacts, "--max-seq-len", 128)  # max_batch 1
+    manifest = contract.read_manifest(artifacts)
+    text = manifest.text
+    backend = TrtBackend(artifacts, manifest)
+    hidden, layers = text.hidden_size, text.num_layers
+    _, cache = prefill(backend, np.ones((1, 3, hidden), np.float32))
+    arrays = backend.cache_to_host(cache, 3)
+
+    def cache_of(batch, positions):
+        shape = (batch, text.num_kv_heads, positions, text.head_dim)
+        return [np.zeros(shape, np.float32) for _ in range(2 * layers)]
+
+    runs, copies = len(fake_gpu.executions), len(fake_gpu.cudart.copies)
+    with pytest.raises(
+        EngineError,
+        match=rf"2 sequences in one batch; the TensorRT engine takes at most 1: send fewer or resize the "
+        rf"TensorRT engine: `llava-export engine --artifacts {artifacts} --max-batch 2`",
+    ):
+        backend.cache_from_host(cache_of(2, 3))
+    with pytest.raises(
+        PromptError, match=r"reach 129 positions; the TensorRT engine holds 128: .*--max-seq-len 129`"
+    ):
+        backend.cache_from_host(cache_of(1, 129))
+    with pytest.raises(EngineError, match="one per past input"):
+        backend.cache_from_host(arrays[:-1])
+    with pytest.raises(EngineError, match=r"past_key_values\.1\.key is \(1, \d+, 4, \d+\)"):
+        backend.cache_from_host(
+            [*arrays[:2], np.zeros((1, text.num_kv_heads, 4, text.head_dim)), *arrays[3:]]
+        )
+    # refused before anything moved: the slabs, and the live cache in them, are as they were
+    assert backend.kv.batch == 1 and len(fake_gpu.cudart.copies) == copies
+    assert all(np.array_equal(a, b) for a, b in zip(backend.cache_to_host(cache, 3), arrays))
+    assert len(fake_gpu.executions) == runs
+    full = backend.cache_from_host(cache_of(1, 128))  # the whole capacity fits
+    assert full.length == 128
+    backend.close()
+
+
+def test_stale_caches_are_refused_by_cache_to_host(fake_gpu, artifacts):
+    from runtime.backends.trt import TrtBackend
+
+    build(artifacts)
+    manifest = contract.read_manifest(artifacts)
+    backend = TrtBackend(artifacts, manifest)
+    hidden = manifest.text.hidden_size
+    empty = backend.empty_cache(1)
+    _, cache = prefill(backend, np.ones((1, 3, hidden), np.float32))  # a new empty cache: `empty` is stale
+    with pytest.raises(EngineError, match="latest"):
+        backend.cache_to_host(empty, 0)
+    arrays = backend.cache_to_host(cache, 3)
+    restored = backend.cache_from_host(arrays)
+    for stale in (cache, empty):  # a regroup starts a new cache: the one it came from is gone
+        with pytest.raises(EngineError, match="latest"):
+            backend.cache_to_host(stale, stale.length)
+        with pytest.raises(EngineError, match="latest"):
+            decode_one(backend, np.ones((1, 1, hidden), np.float32), stale)
+    with pytest.raises(EngineError, match="latest"):
+        backend.cache_to_host(("not", "a", "cache"), 0)
+    _, newer = decode_one(backend, np.ones((1, 1, hidden), np.float32), restored)
+    with pytest.raises(EngineError, match="latest"):
+        backend.cache_to_host(restored, 3)  # one step on, its handle is stale too
+    assert backend.cache_to_host(newer, 4)[0].shape[2] == 4
+    backend.close()
+    with pytest.raises(EngineError, match="the trt backend is closed"):
+        backend.cache_to_host(newer, 4)
+
+
 def test_backend_is_a_context_manager(fake_gpu, artifacts):
     from runtime.backends import load_backend
 

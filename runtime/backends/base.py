@@ -123,6 +123,18 @@ class Backend(ABC):
         self.check_open()
         return self.decode_impl(inputs_embeds, attention_mask, position_ids, cache)
 
+    def cache_to_host(self, cache: Any, length: int) -> list[np.ndarray]:
+        """The cache's `length` live positions as host arrays, one [B,kv,length,hd] per past
+        input (in contract order). With cache_from_host, what a continuous-batching scheduler
+        uses to regroup rows (docs/serving.md); a copy of the whole cache, so not per step."""
+        self.check_open()
+        return self.cache_to_host_impl(cache, length)
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> Any:
+        """A cache holding these [B,kv,P,hd] arrays as its P live positions."""
+        self.check_open()
+        return self.cache_from_host_impl(arrays)
+
     def close(self) -> None:
         """Releases the sessions or device memory; later calls do nothing."""
         if not self.closed:
@@ -149,6 +161,12 @@ class Backend(ABC):
     def decode_impl(
         self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any
     ) -> tuple[np.ndarray, Any]: ...
+
+    @abstractmethod
+    def cache_to_host_impl(self, cache: Any, length: int) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def cache_from_host_impl(self, arrays: list[np.ndarray]) -> Any: ...
 
     @abstractmethod
     def close_impl(self) -> None:

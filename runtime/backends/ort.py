@@ -120,6 +120,25 @@ class OrtBackend(Backend):
         outputs = binding.get_outputs()
         return outputs[0].numpy(), (cache if static else outputs[1:])
 
+    def cache_to_host_impl(self, cache: list, length: int) -> list[np.ndarray]:
+        # the static layout's buffers hold kv_capacity columns, of which the first `length` are live
+        return [np.ascontiguousarray(value.numpy()[:, :, :length]) for value in cache]
+
+    def cache_from_host_impl(self, arrays: list[np.ndarray]) -> list:
+        capacity = self.limits.kv_capacity
+        if capacity is not None:
+            self.check_capacity(arrays[0].shape[2])
+            buffers = []
+            for array in arrays:
+                buffer = np.zeros((*array.shape[:2], capacity, array.shape[3]), dtype=self.dtype)
+                buffer[:, :, : array.shape[2]] = array
+                buffers.append(buffer)
+            arrays = buffers
+        return [
+            self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=self.dtype), self.device)
+            for a in arrays
+        ]
+
     def check_capacity(self, positions: int) -> None:
         """PromptError before a call would write past the static buffers. generate checks the
         whole request up front (Limits.check), so this guards direct callers of decode only."""

@@ -4,9 +4,10 @@ stream with device memory from cuda-python (no torch).
     DIR/engines/<gpu>-sm<cc>-trt<version>/{vision,decoder}.plan + engine.json
     (runtime.engines picks the folder for this GPU and TensorRT version, or says how to build it)
 
-The KV cache never leaves the device. The decoder's past inputs are [B,kv,P,hd] and its
-presents [B,kv,P+S,hd], dense; two device slabs, each with room for every layer's key and
-value at the engine's full capacity [B,kv,max_seq_len,hd], take turns:
+The KV cache stays on the device from step to step (only a continuous-batching regroup,
+cache_to_host then cache_from_host, copies it out and back). The decoder's past inputs are
+[B,kv,P,hd] and its presents [B,kv,P+S,hd], dense; two device slabs, each with room for every
+layer's key and value at the engine's full capacity [B,kv,max_seq_len,hd], take turns:
 
     step t:   past <- slab[t % 2] (P positions)    present -> slab[(t + 1) % 2] (P+S positions)
     step t+1: past <- slab[(t + 1) % 2]            present -> slab[t % 2]
@@ -41,7 +42,7 @@ from runtime import contract, engines
 from runtime.backends.base import Backend, Limits
 from runtime.contract import Manifest
 from runtime.engines import GpuIdentity
-from runtime.errors import EngineError
+from runtime.errors import EngineError, PromptError
 
 INSTALL = "pip install 'llava-export[gpu]' (see the README, GPU install)"
 ALIGN = 256  # bytes: TensorRT wants I/O addresses aligned (256 covers every dtype and vector load)
@@ -336,6 +337,7 @@ class TrtBackend(Backend):
         self.logits = self.staging(batch * text.vocab_size * 4)
         self.generations = itertools.count()
         self.live: tuple[int, int] | None = None  # (generation, step) of the one valid cache
+        self.kv_host: Staging | None = None  # one slab tensor's worth, for cache_to/from_host
 
     def staging(self, nbytes: int) -> Staging:
         buffer = Staging(self.cuda, nbytes)
@@ -367,9 +369,11 @@ class TrtBackend(Backend):
 
     # -- decoder --------------------------------------------------------------------------------
 
-    def empty_cache_impl(self, batch: int) -> TrtCache:
+    def slabs_for(self, batch: int) -> KvSlabs:
+        """The KV slabs, reallocated (which ends the live cache) when `batch` rows do not fit."""
         if self.kv is None or self.kv.batch < batch:
             if self.kv is not None:
+                self.live = None  # its memory is going
                 self.kv.free()
                 self.kv = None
             self.kv = KvSlabs(
@@ -381,15 +385,22 @@ class TrtBackend(Backend):
                 self.head_dim,
                 self.kv_dtype,
             )
+        return self.kv
+
+    def empty_cache_impl(self, batch: int) -> TrtCache:
+        self.slabs_for(batch)
         generation = next(self.generations)
         self.live = (generation, 0)
         return TrtCache(batch, 0, 0, generation, 0)
 
-    def decode_impl(self, inputs_embeds, attention_mask, position_ids, cache: TrtCache):
+    def check_live(self, cache) -> None:
         if not isinstance(cache, TrtCache) or self.live != (cache.generation, cache.step):
             raise EngineError(
                 "this KV cache is not the TensorRT backend's latest one (it keeps one cache on the device)"
             )
+
+    def decode_impl(self, inputs_embeds, attention_mask, position_ids, cache: TrtCache):
+        self.check_live(cache)
         batch, sequence, hidden = inputs_embeds.shape
         past = cache.length
         if (
@@ -444,6 +455,82 @@ class TrtBackend(Backend):
         self.live = (cache.generation, cache.step + 1)
         return logits.copy(), TrtCache(batch, past + sequence, target, cache.generation, cache.step + 1)
 
+    # -- regrouping (continuous batching) --------------------------------------------------------
+
+    def kv_staging(self) -> Staging:
+        """Pinned memory for one tensor of the current slabs (the device twin goes unused): made
+        on the first regroup, so a backend that never regroups pays nothing, and again when the
+        slabs grow."""
+        if self.kv_host is None or self.kv_host.nbytes < self.kv.stride:
+            if self.kv_host is not None:
+                self.buffers.remove(self.kv_host)
+                self.kv_host.free()
+                self.kv_host = None
+            self.kv_host = self.staging(self.kv.stride)
+        return self.kv_host
+
+    def cache_to_host_impl(self, cache: TrtCache, length: int) -> list[np.ndarray]:
+        """The live cache's first `length` positions, [B,kv,length,hd] per past input, in the KV
+        dtype. Each tensor of the cache lies contiguous [B,kv,T,hd] (T = cache.length) in its
+        slab: all of it comes down, one tensor at a time through pinned memory, and is cut to
+        `length` positions on the host."""
+        self.check_live(cache)
+        if not 0 <= length <= cache.length:
+            raise EngineError(f"cache_to_host asks for {length} positions of a cache holding {cache.length}")
+        full = (cache.batch, self.kv_heads, cache.length, self.head_dim)
+        staging = self.kv_staging()
+        arrays = []
+        for index in range(len(self.past_names)):
+            view = staging.host_view(full, self.kv_dtype)
+            if view.nbytes:
+                self.cuda.download(staging.host, self.kv.address(cache.slab, index), view.nbytes, self.stream)
+                self.cuda.synchronize(self.stream)  # before the next tensor reuses the pinned buffer
+            arrays.append(view[:, :, :length].copy())  # C-contiguous, and off the pinned buffer
+        return arrays
+
+    def cache_from_host_impl(self, arrays: list[np.ndarray]) -> TrtCache:
+        """A new live cache of these [B,kv,P,hd] arrays, in slab 0 (the slabs grow when B rows do
+        not fit). Whatever cache was live before is no longer: its slab may be overwritten."""
+        if len(arrays) != len(self.past_names):
+            raise EngineError(
+                f"cache_from_host takes {len(self.past_names)} arrays (one per past input), not {len(arrays)}"
+            )
+        first = tuple(np.shape(arrays[0])) if arrays else ()
+        batch, positions = (first[0], first[2]) if len(first) == 4 else (0, 0)
+        expected = (batch, self.kv_heads, positions, self.head_dim)
+        for name, array in zip(self.past_names, arrays):
+            if tuple(np.shape(array)) != expected or batch < 1:
+                raise EngineError(
+                    f"cache_from_host: {name} is {tuple(np.shape(array))}; every past input takes "
+                    f"[B,{self.kv_heads},P,{self.head_dim}] with the same B >= 1 and P"
+                )
+        limits = self.limits
+        if batch > limits.max_batch:
+            raise EngineError(
+                f"{batch} sequences in one batch; {limits.owner} takes at most {limits.max_batch}: "
+                f"send fewer{limits.or_resize([f'--max-batch {batch}'])}"
+            )
+        if positions > limits.kv_capacity:
+            fix = limits.or_resize(
+                [f"--max-seq-len {positions}"] if positions <= limits.max_positions else []
+            )
+            raise PromptError(
+                f"prompt and answer reach {positions} positions; {limits.owner} holds {limits.kv_capacity}: "
+                f"ask for fewer new tokens{fix}"
+            )
+        kv = self.slabs_for(batch)
+        staging = self.kv_staging()
+        self.live = None  # slab 0 is overwritten from here on
+        for index, array in enumerate(arrays):
+            view = staging.host_view(expected, self.kv_dtype)
+            np.copyto(view, array, casting="same_kind")
+            if view.nbytes:
+                self.cuda.upload(kv.address(0, index), staging.host, view.nbytes, self.stream)
+                self.cuda.synchronize(self.stream)  # before the next tensor reuses the pinned buffer
+        generation = next(self.generations)
+        self.live = (generation, 0)
+        return TrtCache(batch, positions, 0, generation, 0)
+
     # -- cleanup --------------------------------------------------------------------------------
 
     def close_impl(self) -> None:
@@ -459,6 +546,7 @@ class TrtBackend(Backend):
         for buffer in self.buffers:
             buffer.free()
         self.buffers = []
+        self.kv_host = None
         self.cuda.destroy_stream(self.stream)
 
     def __del__(self):
