@@ -20,6 +20,10 @@ EXTRAS = {
         ("torch", "transformers", "onnxscript", "safetensors"),
     ),
     "bench": ("matplotlib", ("matplotlib",)),
+    "serve": (
+        "the server (FastAPI, uvicorn, prometheus-client)",
+        ("fastapi", "uvicorn", "prometheus_client"),
+    ),
 }
 # How to install each, when `pip install 'llava-export[NAME]'` alone is not the whole story.
 INSTALL = {

@@ -182,3 +182,14 @@ def broken_copies(good: Path, folder: Path) -> dict[str, Path]:
 def broken_artifacts(tiny_artifacts, tmp_path_factory) -> dict[str, Path]:
     """Copies of the tiny artifact folder, each broken one way (see broken_copies)."""
     return broken_copies(tiny_artifacts, tmp_path_factory.mktemp("broken"))
+
+
+@pytest.fixture(scope="session")
+def toy_artifacts(tmp_path_factory) -> Path:
+    """The shipped toy model exported with `llava-export all` (fp32), once per session; skips
+    where models/toy-llava is not in the checkout."""
+    from tests.support.toy import TOY_HF_DIR, export_with_cli
+
+    if not (TOY_HF_DIR / "model.safetensors").is_file():
+        pytest.skip("models/toy-llava is not in this checkout")
+    return export_with_cli(TOY_HF_DIR, tmp_path_factory.mktemp("toy") / "toy-fp32")
