@@ -196,6 +196,12 @@ class ImageHandler(http.server.BaseHTTPRequestHandler):
         if self.path == "/missing.png":
             self.send_error(404, "Not Found")
             return
+        if self.path in ("/to-ftp", "/to-self"):
+            target = "ftp://127.0.0.1/image.png" if self.path == "/to-ftp" else "/image.png"
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+            return
         if self.path == "/no-content":
             self.send_response(204)
             self.end_headers()
@@ -245,6 +251,12 @@ def test_remote_png_loads(remote):
 def test_remote_404_names_url_and_status(remote):
     message = refusal(f"{remote}/missing.png", REMOTE)
     assert f"{remote}/missing.png" in message and "HTTP 404" in message
+
+
+def test_remote_redirects_stay_on_the_web(remote):
+    assert load_image_url(f"{remote}/to-self", REMOTE).size == (11, 6)
+    message = refusal(f"{remote}/to-ftp", REMOTE)
+    assert "to-ftp" in message and "redirect to ftp://127.0.0.1/image.png refused" in message
 
 
 def test_remote_status_other_than_200(remote):

@@ -115,6 +115,18 @@ def _load_file_url(url: str, policy: MediaPolicy) -> Image.Image:
     return load_image(resolved)
 
 
+class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) URLs only: urllib's own handler follows ftp:// too."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to {_cut(newurl)} refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_FETCH = urllib.request.build_opener(_WebOnlyRedirects)
+
+
 def _load_remote_url(url: str, policy: MediaPolicy) -> Image.Image:
     """http(s)://..., fetched with the policy's timeout and never read past its size limit."""
     name = short_name(url)
@@ -122,7 +134,7 @@ def _load_remote_url(url: str, policy: MediaPolicy) -> Image.Image:
         raise ImageError(f"{name}: remote image URLs are off: start llava-serve with --allow-remote-images")
     limit = policy.max_image_bytes
     try:
-        with urllib.request.urlopen(url, timeout=policy.remote_timeout_s) as response:
+        with _FETCH.open(url, timeout=policy.remote_timeout_s) as response:
             if response.status != 200:
                 raise ImageError(f"{name}: fetching the image gave HTTP {response.status}, not 200")
             data = response.read(limit + 1)  # one byte more than allowed tells "too large"
