@@ -209,6 +209,7 @@ def test_models_health_and_metrics(server, client):
         "llava_generation_tokens_total",
         "llava_time_to_first_token_seconds_bucket",
         "llava_inter_token_latency_seconds_bucket",
+        "llava_decode_step_rows_bucket",
     ):
         assert name in text
 

@@ -212,6 +212,21 @@ def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(toy_pipe, monkeypa
     assert finish.completion_tokens == 3
 
 
+def test_a_backend_that_keeps_failing_makes_the_engine_unhealthy(tiny_pipe, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    async def scenario(engine):
+        assert engine.healthy
+        monkeypatch.setattr(tiny_pipe.backend, "decode_impl", broken)
+        for _ in range(3):
+            with pytest.raises(EngineError, match="device lost"):
+                await (await engine.submit(job(tiny_pipe, "one", (), GenerationParams(3)))).collect()
+        return engine.healthy
+
+    assert run_with_engine(tiny_pipe, scenario) is False
+
+
 def test_shutdown_finishes_running_requests_then_refuses_new_ones(tiny_pipe):
     async def scenario(engine):
         stream = await engine.submit(job(tiny_pipe, "one", (), GenerationParams(20, ignore_eos=True)))

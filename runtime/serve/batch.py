@@ -29,20 +29,23 @@ class HostRows:
         mask = self.mask[rows]
         live = np.flatnonzero(mask.any(axis=0))
         start = int(live[0]) if len(live) else mask.shape[1]
+        if start == 0 and rows == list(range(len(self.mask))):
+            return self  # every row stays and no column is all padding: no copy
         return HostRows([array[rows, :, start:] for array in self.arrays], mask[:, start:])
-
-    def padded_to(self, width: int) -> HostRows:
-        """The same rows with zero columns added on the left up to `width`."""
-        extra = width - self.width
-        if extra == 0:
-            return self
-        arrays = [np.pad(array, ((0, 0), (0, 0), (extra, 0), (0, 0))) for array in self.arrays]
-        return HostRows(arrays, np.pad(self.mask, ((0, 0), (extra, 0))))
 
 
 def stack(parts: list[HostRows]) -> HostRows:
-    """Parts one after another along the batch, each left-padded to the widest part."""
+    """Parts one after another along the batch, each left-padded to the widest part: one
+    copy of every part into arrays allocated once."""
     width = max(part.width for part in parts)
-    padded = [part.padded_to(width) for part in parts]
-    arrays = [np.concatenate(tensors, axis=0) for tensors in zip(*(part.arrays for part in padded))]
-    return HostRows(arrays, np.concatenate([part.mask for part in padded], axis=0))
+    rows = sum(len(part.mask) for part in parts)
+    arrays = [np.zeros((rows, a.shape[1], width, a.shape[3]), dtype=a.dtype) for a in parts[0].arrays]
+    mask = np.zeros((rows, width), dtype=np.int64)
+    row = 0
+    for part in parts:
+        end, start = row + len(part.mask), width - part.width  # right-aligned: padding on the left
+        for merged, array in zip(arrays, part.arrays):
+            merged[row:end, :, start:] = array
+        mask[row:end, start:] = part.mask
+        row = end
+    return HostRows(arrays, mask)

@@ -30,6 +30,8 @@ from runtime.errors import EngineError, LlavaError, PromptError
 from runtime.pipeline import Batch, Pipeline, TextStream, Timings
 from runtime.serve.batch import HostRows, stack
 
+UNHEALTHY_AFTER = 3  # failed steps in a row
+
 
 class QueueFull(LlavaError):
     """The queue of waiting requests is full: try again later (HTTP 429)."""
@@ -118,6 +120,9 @@ class Observer:
     def first_token(self, seconds: float) -> None: ...
 
     def token_gap(self, seconds: float) -> None: ...
+
+    def step(self, rows: int, seconds: float) -> None:
+        """One batched decode step of `rows` rows (prefills and regroups not included)."""
 
     def finished(self, finish: Finish) -> None: ...
 
@@ -265,6 +270,7 @@ class Engine:
         self.aborting = False  # fail what is left
         self.thread: threading.Thread | None = None
         self.steps = 0  # decode steps run, for tests and metrics
+        self.failed_steps = 0  # in a row: a backend that keeps failing makes the engine unhealthy
 
     # -- the asyncio side -------------------------------------------------------------------
 
@@ -296,7 +302,10 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self.thread is not None and self.thread.is_alive() and not self.backend.closed
+        """The thread runs, the backend is open and its last steps did not all fail (/health,
+        and Ray Serve's health check, which replaces an unhealthy replica)."""
+        alive = self.thread is not None and self.thread.is_alive()
+        return alive and not self.backend.closed and self.failed_steps < UNHEALTHY_AFTER
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stops taking requests, lets the queued and running ones finish for up to `grace_s`,
@@ -324,9 +333,9 @@ class Engine:
                     self.lock.wait()
                 if self.aborting or (self.stopping and not self.waiting and not self.rows):
                     break
-                joining = []
-                while self.waiting and len(self.rows) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.popleft())
+                # one prefill per step boundary: the running rows wait for at most one prefill
+                # between two of their tokens (docs/serving.md)
+                joining = [self.waiting.popleft()] if self.waiting and len(self.rows) < self.max_batch else []
             self.step(joining)
         self.fail_all(EngineStopped("the server shut down before the request finished: retry it"))
 
@@ -339,7 +348,9 @@ class Engine:
                 self.regroup(leaving, joining)
             if self.rows:
                 self.decode_step()
+                self.failed_steps = 0
         except Exception as err:  # a backend failure: fail this batch, keep serving the queue
+            self.failed_steps += 1
             self.fail_batch(err)
 
     def regroup(self, leaving: list[int], joining: list[tuple[Job, Stream, float]]) -> None:
@@ -348,8 +359,10 @@ class Engine:
         keep = [index for index in range(len(self.rows)) if index not in set(leaving)]
         parts = []
         if keep:
-            host = HostRows(self.backend.cache_to_host(self.cache, self.mask.shape[1]), self.mask)
-            parts.append(host.select(keep))
+            parts.append(
+                HostRows(self.backend.cache_to_host(self.cache, self.mask.shape[1]), self.mask).select(keep)
+            )
+        self.cache = None  # the backend's copy goes before the merge: one copy less at the peak
         self.rows = [self.rows[index] for index in keep]
         for job, stream, submitted in joining:
             admitted = self.admit(job, stream, submitted)
@@ -380,19 +393,27 @@ class Engine:
             sequences = self.pipe.splice_rows(batch.chunks, self.pipe.image_embeds(batch, row.timings))
             state = generate.prefill(self.backend, sequences)
             cache = HostRows(self.backend.cache_to_host(state.cache, state.mask.shape[1]), state.mask)
-        except Exception as err:
+        except LlavaError as err:  # the request's own fault
             self.observer.failed()
-            stream.send(err if isinstance(err, LlavaError) else EngineError(f"the request failed: {err}"))
+            stream.send(err)
             return None
+        except Exception as err:  # the backend's: counts towards unhealthy, like a failed step
+            self.failed_steps += 1
+            self.observer.failed()
+            stream.send(EngineError(f"the request failed: {err}"))
+            return None
+        self.failed_steps = 0
         self.accept(row, int(row.sampling.pick(state.logits)[0]))
         return None if row.gone else (row, cache)
 
     def decode_step(self) -> None:
+        start = time.perf_counter()
         tokens = np.array([row.next_token for row in self.rows])
         state = generate.DecodeState(self.cache, self.mask, None)
         state = generate.decode_one_token(self.backend, self.pipe.embed_table, tokens, state)
         self.cache, self.mask = state.cache, state.mask
         self.steps += 1
+        self.observer.step(len(self.rows), time.perf_counter() - start)
         for index, row in enumerate(self.rows):
             self.accept(row, int(row.sampling.pick(state.logits[index : index + 1])[0]))
 

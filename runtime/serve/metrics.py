@@ -52,6 +52,18 @@ class Metrics(Observer):
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.step_seconds = Histogram(
+            "llava_decode_step_seconds",
+            "One batched decode step, all running rows",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_rows = Histogram(
+            "llava_decode_step_rows",
+            "Rows in one batched decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self.queue = Gauge("llava_num_requests_waiting", "Requests in the queue", registry=self.registry)
         self.running = Gauge(
             "llava_num_requests_running", "Rows in the running batch", registry=self.registry
@@ -67,6 +79,10 @@ class Metrics(Observer):
 
     def token_gap(self, seconds: float) -> None:
         self.itl.observe(seconds)
+
+    def step(self, rows: int, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+        self.step_rows.observe(rows)
 
     def finished(self, finish: Finish) -> None:
         self.prompt_tokens.inc(finish.prompt_tokens)
