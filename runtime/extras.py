@@ -24,6 +24,7 @@ EXTRAS = {
         "the server (FastAPI, uvicorn, prometheus-client)",
         ("fastapi", "uvicorn", "prometheus_client"),
     ),
+    "serve-ray": ("Ray Serve", ("ray",)),
 }
 # How to install each, when `pip install 'llava-export[NAME]'` alone is not the whole story.
 INSTALL = {

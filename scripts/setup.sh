@@ -10,7 +10,7 @@ if [ ! -f "$stamp" ]; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet torch==2.13.0
-  .venv/bin/pip install --quiet -e ".[export,serve,dev,bench]"
+  .venv/bin/pip install --quiet -e ".[export,serve,serve-ray,dev,bench]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -98,6 +98,29 @@ def test_without_the_serve_extra_it_names_the_extra(monkeypatch, tiny_artifacts)
     assert "pip install 'llava-export[serve]'" in result.output and "fastapi missing" in result.output
 
 
+def test_ray_without_its_extra_names_the_extra(monkeypatch, tiny_artifacts):
+    from runtime import extras
+
+    monkeypatch.setattr(extras, "installed", lambda module: module != "ray")
+    result = CliRunner().invoke(main, ["--artifacts", str(tiny_artifacts), "--ray"])
+    assert result.exit_code == 2
+    assert "llava-serve --ray needs Ray Serve" in result.output
+    assert "pip install 'llava-export[serve-ray]'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicas", "2"], "take --ray"),
+        (["--ray", "--autoscale", "4:2"], "--autoscale 4:2: give MIN:MAX"),
+        (["--ray", "--autoscale", "two"], "--autoscale two"),
+    ],
+)
+def test_ray_options_are_checked_before_ray_starts(tiny_artifacts, args, message):
+    result = CliRunner().invoke(main, ["--artifacts", str(tiny_artifacts), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
 def test_the_api_key_can_come_from_the_environment(monkeypatch):
     captured = {}
     monkeypatch.setattr("runtime.serve.cli.serve", lambda **options: captured.update(options))

@@ -44,8 +44,6 @@ from runtime.serve.media import MediaPolicy, load_image_url
 from runtime.serve.metrics import Metrics
 from runtime.serve.protocol import ApiError, ChatRequest
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -335,7 +333,6 @@ class CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
         status = {"code": 500}
 
         async def send_counting(message):
@@ -346,6 +343,8 @@ class CountRequests:
         try:
             await self.app(scope, receive, send_counting)
         finally:
+            # the matched route's template (the router records it in the scope): a bounded label set
+            route = getattr(scope.get("route"), "path", "other")
             self.metrics.requests.labels(route, str(status["code"])).inc()
 
 

@@ -65,6 +65,34 @@ from runtime.errors import LlavaError
 @click.option(
     "--max-images", default=1, show_default=True, type=click.IntRange(1), help="Images per request."
 )
+@click.option("--ray", "use_ray", is_flag=True, help="Run as replicas on Ray Serve (the serve-ray extra).")
+@click.option(
+    "--replicas",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="--ray: replicas, one pipeline each.",
+)
+@click.option(
+    "--autoscale", metavar="MIN:MAX", help="--ray: replicas follow ongoing requests between MIN and MAX."
+)
+@click.option(
+    "--cpus-per-replica",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="--ray: CPUs per replica.",
+)
+@click.option(
+    "--gpus-per-replica",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="--ray: GPUs per replica.",
+)
+@click.option(
+    "--ray-address", help="--ray: join this cluster (auto, or ray://HEAD:10001)  [default: a local instance]"
+)
 @click.option(
     "--max-body-mb",
     default=32.0,
@@ -96,10 +124,20 @@ def serve(
     allow_remote_images,
     max_images,
     max_body_mb,
+    use_ray=False,
+    replicas=1,
+    autoscale=None,
+    cpus_per_replica=1.0,
+    gpus_per_replica=0.0,
+    ray_address=None,
 ) -> None:
     from runtime.extras import require
 
     require("serve", "llava-serve")
+    if use_ray:
+        require("serve-ray", "llava-serve --ray")
+    elif autoscale or ray_address or replicas != 1:
+        raise LlavaError("--replicas, --autoscale and --ray-address take --ray")
     import uvicorn
 
     from runtime.pipeline import Pipeline
@@ -119,6 +157,17 @@ def serve(
         max_images=max_images,
         max_body_bytes=int(max_body_mb * 2**20),
     )
+    if use_ray:
+        from runtime import contract
+        from runtime.serve import ray_serve
+
+        contract.read_manifest(Path(artifacts))  # a wrong folder fails here, not in every replica
+        config = ray_serve.ReplicaConfig(
+            str(Path(artifacts).resolve()), settings, backend, threads, max_batch, request_timeout
+        )
+        scaling = ray_serve.Scaling(replicas, parse_autoscale(autoscale), cpus_per_replica, gpus_per_replica)
+        ray_serve.run(config, scaling, host, port, ray_address)
+        return
     with Pipeline.load(artifacts, backend=backend, threads=threads) as pipe:
         engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue, request_timeout_s=request_timeout)
         app = create_app(engine, settings)
@@ -128,6 +177,15 @@ def serve(
         uvicorn.run(
             app, host=host, port=port, log_level="info", timeout_graceful_shutdown=settings.shutdown_grace_s
         )
+
+
+def parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, colon, high = text.partition(":")
+    if not (colon and low.isdigit() and high.isdigit() and int(low) <= int(high) and int(high) >= 1):
+        raise LlavaError(f"--autoscale {text}: give MIN:MAX replicas, e.g. 1:4")
+    return int(low), int(high)
 
 
 if __name__ == "__main__":
