@@ -335,7 +335,8 @@ class Engine:
                     break
                 # one prefill per step boundary: the running rows wait for at most one prefill
                 # between two of their tokens (docs/serving.md)
-                joining = [self.waiting.popleft()] if self.waiting and len(self.rows) < self.max_batch else []
+                live = sum(not row.gone for row in self.rows)  # rows that finish now leave at this boundary
+                joining = [self.waiting.popleft()] if self.waiting and live < self.max_batch else []
             self.step(joining)
         self.fail_all(EngineStopped("the server shut down before the request finished: retry it"))
 
