@@ -1,24 +1,41 @@
 """`llava-bench`: the PyTorch reference against the runtime on identical inputs, with the
-machine's roofline. A thin command: parses options, calls exporter.bench.run.run_bench,
-prints the table (progress goes to stderr). User errors print as one `error:` line, exit 2."""
+machine's roofline; `llava-bench serve`: llava-serve under concurrent streaming clients.
+Thin commands: parse options, call exporter.bench.run.run_bench or
+exporter.bench.serve.run_serve_bench, print the table (progress goes to stderr). User errors
+print as one `error:` line, exit 2.
+
+`llava-bench` is a click group that runs the PyTorch-against-runtime bench itself when no
+subcommand is named, so `llava-bench --model SRC --artifacts DIR ...` works as it always did;
+its --model and --artifacts are checked here rather than by click (a required group option
+would be required before `serve` too)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from exporter.cli import needs_extra, source_options, user_errors
+from exporter.cli import needs_extra, user_errors
 from runtime.backends import BACKENDS
 
 
-@click.command()
-@source_options
+@click.group(invoke_without_command=True, subcommand_metavar="[serve [OPTIONS]]")
+@click.option(
+    "--model",
+    "model",
+    metavar="SRC",
+    help="Model folder or hub id (HF Llava or original LLaVA format).  [required]",
+)
+@click.option(
+    "--vision-tower",
+    metavar="PATH",
+    help="CLIP tower folder for an original-format model (overrides mm_vision_tower).",
+)
 @click.option(
     "--artifacts",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Artifact folder exported from --model.",
+    help="Artifact folder exported from --model.  [required]",
 )
 @click.option(
     "--backend",
@@ -88,13 +105,135 @@ from runtime.backends import BACKENDS
     help="n of the n x n x n float32 GEMM measuring the FLOP rate.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for pixels and token ids.")
+@click.pass_context
+def main(ctx: click.Context, **options):
+    """Side-by-side speed and memory of PyTorch and the runtime, against this machine's roofline.
+
+    `llava-bench serve --help`: llava-serve's aggregate tokens/s and latencies under 1, 4, 16
+    concurrent clients, against the batched decode step's roofline."""
+    given = [name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if ctx.invoked_subcommand is not None:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise click.UsageError(f"{flags}: put the options of `{ctx.invoked_subcommand}` after its name")
+        return
+    for name in ("model", "artifacts"):
+        if options[name] is None:
+            raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == name))
+    bench(**options)
+
+
 @user_errors
 @needs_extra("export", "llava-bench")
-def main(**options):
-    """Side-by-side speed and memory of PyTorch and the runtime, against this machine's roofline."""
+def bench(**options):
     from exporter.bench.run import BenchConfig, run_bench
 
     report = run_bench(BenchConfig(**options))
+    click.echo(report.table())
+
+
+@main.command("serve")
+@click.option(
+    "--artifacts",
+    type=click.Path(path_type=Path),
+    help="Artifact folder to serve in this process (with --url: the folder that server serves, "
+    "for the KV figures and the question's length).",
+)
+@click.option("--url", help="A running llava-serve (http://HOST:PORT) instead of one in this process.")
+@click.option(
+    "--model",
+    "model",
+    metavar="SRC",
+    help="The source --artifacts were exported from, for the roofline's costs  [default: no roofline]",
+)
+@click.option("--vision-tower", metavar="PATH", help="CLIP tower folder for an original-format --model.")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="ort",
+    show_default=True,
+    help="The in-process server's backend.",
+)
+@click.option(
+    "--clients",
+    default="1,4,16",
+    show_default=True,
+    help="Concurrent streaming clients, one measurement for each count (comma-separated).",
+)
+@click.option(
+    "--requests",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Requests each client sends back to back.",
+)
+@click.option(
+    "--prompt-len",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Text tokens of each request's question; the template and the image add theirs.",
+)
+@click.option(
+    "--new-tokens", type=click.IntRange(1), default=32, show_default=True, help="max_tokens of each request."
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Requests sent alone first, not counted.",
+)
+@click.option(
+    "--ignore-eos/--honour-eos",
+    default=True,
+    show_default=True,
+    help="Send ignore_eos (vLLM's extension): answers run to max_tokens. Tokens are counted from "
+    "the server's usage either way.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    help="The in-process server's ONNX Runtime intra-op threads (and torch's, for the machine's "
+    "rates)  [default: all cores]",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    help="The in-process server's --max-batch  [default: the largest --clients]",
+)
+@click.option("--api-key", envvar="LLAVA_API_KEY", help="The --url server's API key (or set LLAVA_API_KEY).")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds a client waits for the next chunk.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON here.")
+@click.option(
+    "--bandwidth-mib",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Buffer for the bandwidth measurement (with --model).",
+)
+@click.option(
+    "--gemm-size",
+    type=click.IntRange(16),
+    default=2048,
+    show_default=True,
+    help="n of the n x n x n float32 GEMM measuring the FLOP rate (with --model).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the images.")
+@user_errors
+def serve(clients, **options):
+    """llava-serve under N concurrent streaming clients, for each N of --clients: aggregate
+    tokens/s, TTFT and inter-token latency, against the batched decode step's roofline."""
+    from exporter.bench.serve import ServeBenchConfig, parse_clients, run_serve_bench
+
+    report = run_serve_bench(ServeBenchConfig(clients=parse_clients(clients), **options))
     click.echo(report.table())
 
 

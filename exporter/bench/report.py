@@ -247,7 +247,7 @@ class BenchReport:
             "efficiency": {side.name: _rounded(self.efficiencies(side), 4) for side in self.sides},
             "decode_weight_gb_s": {side.name: round(self.decode_weight_gb_s(side), 4) for side in self.sides},
             "decode_share_of_read_between_repeats": {
-                side.name: _round(self.decode_share_of_reads(side), 4) for side in self.sides
+                side.name: round_or_none(self.decode_share_of_reads(side), 4) for side in self.sides
             },
             "ratio_ceiling": _rounded(self.ratio_ceilings(), 4),
             "greedy_tokens_matching": {"leading": self.greedy_match, "of": self.config.new_tokens + 1},
@@ -278,8 +278,8 @@ class BenchReport:
     def machine_dict(self) -> dict:
         return {
             **self.machine,
-            **_rates_dict(self.rates),
-            "first_measurement": _rates_dict(self.rates_before),
+            **rates_dict(self.rates),
+            "first_measurement": rates_dict(self.rates_before),
             "bandwidth_buffer_mib": self.rates.buffer_mib,
             "gemm_size": self.rates.gemm_size,
             "read_gb_s_between_repeats": [round(r, 2) for r in self.reads_between_repeats],
@@ -333,15 +333,15 @@ class BenchReport:
             rows.append(
                 [
                     label,
-                    _fmt(ref[key]),
-                    _fmt(run[key]),
-                    _fmt(ratios[key], "x"),
-                    _fmt(bound[key]),
-                    _pct(ref_reached[key]),
-                    _pct(run_reached[key]),
+                    fmt(ref[key]),
+                    fmt(run[key]),
+                    fmt(ratios[key], "x"),
+                    fmt(bound[key]),
+                    pct(ref_reached[key]),
+                    pct(run_reached[key]),
                 ]
             )
-        return _align(rows)
+        return align_columns(rows)
 
     def note_lines(self) -> list[str]:
         config, machine = self.config, self.machine
@@ -378,7 +378,7 @@ class BenchReport:
     def reads_line(self) -> str:
         reads = self.reads_between_repeats
         streamed = ", ".join(
-            f"{side.name} {self.decode_weight_gb_s(side):.1f} GB/s ({_pct(self.decode_share_of_reads(side)).strip()})"
+            f"{side.name} {self.decode_weight_gb_s(side):.1f} GB/s ({pct(self.decode_share_of_reads(side)).strip()})"
             for side in self.sides
         )
         return (
@@ -387,7 +387,7 @@ class BenchReport:
         )
 
 
-def _rates_dict(rates: rl.MachineRates) -> dict:
+def rates_dict(rates: rl.MachineRates) -> dict:
     return {
         "read_gb_s": round(rates.read_gb_s, 2),
         "copy_gb_s": round(rates.copy_gb_s, 2),
@@ -395,15 +395,15 @@ def _rates_dict(rates: rl.MachineRates) -> dict:
     }
 
 
-def _round(value: float | None, digits: int) -> float | None:
+def round_or_none(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
 def _rounded(values: dict[str, float | None], digits: int) -> dict[str, float | None]:
-    return {key: _round(value, digits) for key, value in values.items()}
+    return {key: round_or_none(value, digits) for key, value in values.items()}
 
 
-def _align(rows: list[list[str]]) -> list[str]:
+def align_columns(rows: list[list[str]]) -> list[str]:
     """The first column left-aligned, the others right-aligned, two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
@@ -412,7 +412,8 @@ def _align(rows: list[list[str]]) -> list[str]:
     ]
 
 
-def _fmt(value: float | None, suffix: str = "") -> str:
+def fmt(value: float | None, suffix: str = "") -> str:
+    """A table's figure: 3 significant digits or so, thousands separated; "x": a ratio, 2 decimals."""
     if value is None:
         return "-"
     if suffix == "x":
@@ -424,7 +425,8 @@ def _fmt(value: float | None, suffix: str = "") -> str:
     return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A share as a percentage ("-" for none)."""
     if value is None:
         return "-"
     return f"{value * 100:.0f}%" if value >= 0.01 else f"{value * 100:.2g}%"

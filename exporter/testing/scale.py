@@ -6,7 +6,11 @@
 `checkpoint` writes a LLaVA-1.5-7B-shaped Hugging Face folder (CLIP ViT-L/14-336, 24 layers,
 mlp2x_gelu to 4096; a Vicuna-7B-shaped decoder of `--text-layers` layers, vocab 32064) with
 random weights, float16 like the published checkpoint, one tensor at a time so that memory
-stays near the model's own size. `measure` runs a command and prints its wall time and peak RSS.
+stays near the model's own size. Its tokenizer is the tiny test one (exporter.testing.tiny_tokenizer)
+with a placeholder piece for every other id of the model's vocabulary (`▁w320` ... `▁w32063`,
+decoded " w320" ...): text tokenizes as with the tiny one alone, and whatever ids a random model
+generates decode to text, so an export of it can be served and streamed. `measure` runs a
+command and prints its wall time and peak RSS.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from exporter.source import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_empty_model
 from exporter.testing.original_format import write_processor_config
 from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
-from runtime.contract import PreprocessSpec
+from runtime.contract import TOKENIZER_FILE, PreprocessSpec
 
 CLIP_L_336 = {
     "model_type": "clip_vision_model",
@@ -78,7 +82,29 @@ def write_checkpoint(out: Path, text_layers: int, seed: int = 0) -> None:
         shortest_edge=336, crop_size=336, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, aspect="pad"
     )
     write_processor_config(out, spec, "LlavaImageProcessor")
-    build_tiny_tokenizer(out)  # a stand-in tokenizer: the scale check is about the graphs
+    write_tokenizer(out, config.text_config.vocab_size)
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """The tiny tokenizer (a stand-in: the scale checks are about the graphs), one piece per id
+    of the model's `vocab_size` ids."""
+    build_tiny_tokenizer(out)
+    cover_vocabulary(out / TOKENIZER_FILE, vocab_size)
+
+
+def cover_vocabulary(path: Path, vocab_size: int) -> None:
+    """Adds a placeholder piece `▁w<id>` to the BPE vocabulary of tokenizer.json `path` for each
+    id it lacks below `vocab_size`. No merge leads to them, so encoding is unchanged; decoding
+    an id gives " w<id>" where it gave nothing before."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab: dict[str, int] = data["model"]["vocab"]
+    first = max(vocab.values()) + 1
+    for token_id in range(first, vocab_size):
+        piece = f"\u2581w{token_id}"
+        if piece in vocab:
+            raise ValueError(f"{path}: the placeholder {piece!r} is already a piece")
+        vocab[piece] = token_id
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def measure(command: list[str]) -> int:
