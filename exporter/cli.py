@@ -48,7 +48,11 @@ def needs_extra(extra: str, feature: str):
     return decorate
 
 
-def source_options(command):
+def source_options(command=None, *, required: bool = True, what: str = ""):
+    """--model and --vision-tower. `required=False` (and `what`, appended to --model's help:
+    what it is for) where a command can do without the source; used bare as @source_options."""
+    if command is None:
+        return functools.partial(source_options, required=required, what=what)
     command = click.option(
         "--vision-tower",
         metavar="PATH",
@@ -57,9 +61,9 @@ def source_options(command):
     command = click.option(
         "--model",
         "model",
-        required=True,
+        required=required,
         metavar="SRC",
-        help="Model folder or hub id (HF Llava or original LLaVA format).",
+        help="Model folder or hub id (HF Llava or original LLaVA format)." + what,
     )(command)
     return command
 

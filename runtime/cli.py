@@ -16,10 +16,27 @@ from runtime.errors import LlavaError
 PROCESS_START = time.perf_counter()
 
 
+def artifact_options(command):
+    """--artifacts, --backend and --threads: how llava-run and llava-serve open a folder."""
+    command = click.option(
+        "--threads",
+        type=click.IntRange(1),
+        help="ONNX Runtime's intra-op threads (the ort backend)  [default: ONNX Runtime's choice]",
+    )(command)
+    command = click.option(
+        "--backend",
+        type=click.Choice(["ort", "trt"]),
+        default="ort",
+        show_default=True,
+        help="ONNX Runtime (CPU, or CUDA when installed) or TensorRT.",
+    )(command)
+    return click.option(
+        "--artifacts", required=True, type=click.Path(), help="Artifact folder written by `llava-export all`."
+    )(command)
+
+
 @click.command()
-@click.option(
-    "--artifacts", required=True, type=click.Path(), help="Artifact folder written by `llava-export all`."
-)
+@artifact_options
 @click.option(
     "--image", "images", multiple=True, type=click.Path(), help="Image file; repeat for several images."
 )
@@ -32,18 +49,6 @@ PROCESS_START = time.perf_counter()
     show_default=True,
     type=click.IntRange(1),
     help="Most tokens to generate.",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["ort", "trt"]),
-    default="ort",
-    show_default=True,
-    help="ONNX Runtime (CPU, or CUDA when installed) or TensorRT.",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(1),
-    help="ONNX Runtime's intra-op threads (the ort backend)  [default: ONNX Runtime's choice]",
 )
 @click.option("--template", metavar="NAME", help="Prompt template (default: the manifest's).")
 @click.option(

@@ -16,22 +16,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from exporter.cli import needs_extra, user_errors
+from exporter.cli import needs_extra, source_options, user_errors
 from runtime.backends import BACKENDS
 
 
 @click.group(invoke_without_command=True, subcommand_metavar="[serve [OPTIONS]]")
-@click.option(
-    "--model",
-    "model",
-    metavar="SRC",
-    help="Model folder or hub id (HF Llava or original LLaVA format).  [required]",
-)
-@click.option(
-    "--vision-tower",
-    metavar="PATH",
-    help="CLIP tower folder for an original-format model (overrides mm_vision_tower).",
-)
+@source_options(required=False, what="  [required]")
 @click.option(
     "--artifacts",
     type=click.Path(path_type=Path),
@@ -140,13 +130,9 @@ def bench(**options):
     "for the KV figures and the question's length).",
 )
 @click.option("--url", help="A running llava-serve (http://HOST:PORT) instead of one in this process.")
-@click.option(
-    "--model",
-    "model",
-    metavar="SRC",
-    help="The source --artifacts were exported from, for the roofline's costs  [default: no roofline]",
+@source_options(
+    required=False, what=" The one --artifacts were exported from, for the roofline  [default: no roofline]"
 )
-@click.option("--vision-tower", metavar="PATH", help="CLIP tower folder for an original-format --model.")
 @click.option(
     "--backend",
     type=click.Choice(BACKENDS),

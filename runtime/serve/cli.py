@@ -12,21 +12,16 @@ from pathlib import Path
 
 import click
 
+from runtime.cli import artifact_options
 from runtime.errors import LlavaError
 
 
 @click.command()
-@click.option(
-    "--artifacts", required=True, type=click.Path(), help="Artifact folder written by `llava-export all`."
-)
+@artifact_options
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface)."
 )
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(1), help="ONNX Runtime's intra-op threads  [default: its choice]"
-)
 @click.option(
     "--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Rows decoded together."
 )
