@@ -48,9 +48,7 @@ import io
 import itertools
 import json
 import re
-import socket
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,32 +123,17 @@ def parse_clients(text: str) -> tuple[int, ...]:
 def in_process_server(config: ServeBenchConfig, progress: Progress):
     """llava-serve's app over `config.artifacts` on a free loopback port, in a thread:
     yields (its URL, the served model's name, the Pipeline)."""
-    import uvicorn
-
     from runtime.pipeline import Pipeline
-    from runtime.serve.app import Settings, create_app
+    from runtime.serve.app import Settings, create_app, running_in_thread
     from runtime.serve.engine import Engine
 
     with progress.stage(f"loading {config.artifacts} ({config.backend}, {config.threads} threads)"):
         pipe = Pipeline.load(config.artifacts, backend=config.backend, threads=config.threads)
-    with contextlib.closing(pipe), socket.socket() as sock:
+    with contextlib.closing(pipe):
         engine = Engine(pipe, max_batch=config.max_batch, max_queue=max(64, max(config.clients)))
         name = config.artifacts.resolve().name
-        app = create_app(engine, Settings(model_name=name))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        sock.bind(("127.0.0.1", 0))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise LlavaError("llava-serve did not start in this process (see the messages above)")
-            time.sleep(0.02)
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}", name, pipe
-        finally:
-            server.should_exit = True
-            thread.join(60)
+        with running_in_thread(create_app(engine, Settings(model_name=name))) as url:
+            yield url, name, pipe
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import hmac
 import json
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -54,6 +56,29 @@ class Settings:
     max_body_bytes: int = 32 * 2**20
     retry_after_s: int = 1  # what a 429 tells the client to wait
     shutdown_grace_s: float = 30.0  # running requests get this long to finish at shutdown
+
+
+@contextlib.contextmanager
+def running_in_thread(app: FastAPI, start_timeout_s: float = 60.0):
+    """`app` served by uvicorn on a free loopback port, in a thread of this process (tests,
+    llava-bench serve): yields its URL; stops it (the app's shutdown: its engine's) on leaving."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise EngineError("llava-serve did not start in this process (see the messages above)")
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(60)
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
@@ -236,7 +261,7 @@ def api_error(err: Exception) -> ApiError:
         return ApiError(400, str(err), param="messages", code="invalid_image")
     if isinstance(err, PromptError):
         return ApiError(400, str(err), param="messages")
-    if isinstance(err, EngineError | LlavaError):
+    if isinstance(err, LlavaError):
         return ApiError(500, str(err), "server_error")
     return ApiError(500, f"internal error: {err}", "server_error")
 

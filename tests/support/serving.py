@@ -1,6 +1,6 @@
 """llava-serve inside pytest: the real app on a real loopback socket, in a thread.
 
-    with live_server(pipe, max_batch=4) as server:
+    with live_server(pipe, engine_options={"max_batch": 4}) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 
 Each server gets its own Engine over the given Pipeline, stopped (its requests finished or
@@ -12,9 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
 from PIL import Image
@@ -31,30 +28,13 @@ class LiveServer:
 @contextlib.contextmanager
 def live_server(pipe, model: str = "toy", engine_options: dict | None = None, **settings):
     """A running server for `pipe`; `engine_options` go to Engine, `settings` to Settings."""
-    import uvicorn
-
-    from runtime.serve.app import Settings, create_app
+    from runtime.serve.app import Settings, create_app, running_in_thread
     from runtime.serve.engine import Engine
 
     engine = Engine(pipe, **(engine_options or {}))
     app = create_app(engine, Settings(model_name=model, **settings))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("llava-serve did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", app, engine, model)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with running_in_thread(app, start_timeout_s=30) as url:
+        yield LiveServer(url, app, engine, model)
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:
