@@ -17,7 +17,6 @@ from PIL import Image
 
 from exporter.toy.evaluate import held_out_questions
 from runtime import prompts
-from runtime.pipeline import Pipeline
 from runtime.serve.media import MediaPolicy
 from tests.support.fixtures import bomb_png
 from tests.support.serving import data_url, image_message, live_server
@@ -26,14 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pipe(toy_artifacts):
-    with Pipeline.load(toy_artifacts) as pipe:
-        yield pipe
-
-
-@pytest.fixture(scope="module")
-def server(pipe):
-    with live_server(pipe, engine_options={"max_batch": 8, "max_queue": 64}) as server:
+def server(toy_pipe):
+    with live_server(toy_pipe, engine_options={"max_batch": 8, "max_queue": 64}) as server:
         yield server
 
 
@@ -65,9 +58,9 @@ def error_of(response: httpx.Response, status: int) -> dict:
 # -- answers --------------------------------------------------------------------------------
 
 
-def test_64_requests_from_16_clients_answer_as_each_alone(server, pipe):
+def test_64_requests_from_16_clients_answer_as_each_alone(server, toy_pipe):
     questions = held_out_questions(16)[:64]
-    alone = [pipe.generate(q.question, [q.image], 32).text for q in questions]
+    alone = [toy_pipe.generate(q.question, [q.image], 32).text for q in questions]
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
     async def one(q, stream: bool) -> str:
@@ -98,7 +91,7 @@ def test_64_requests_from_16_clients_answer_as_each_alone(server, pipe):
     steps_before = server.engine.steps
     answers = asyncio.run(clients())
     assert answers == alone
-    tokens = sum(len(pipe.tokenizer.encode(a, add_special_tokens=False).ids) for a in alone)
+    tokens = sum(len(toy_pipe.tokenizer.encode(a, add_special_tokens=False).ids) for a in alone)
     assert server.engine.steps - steps_before < tokens  # requests shared decode steps
 
 
@@ -136,18 +129,18 @@ def test_the_stream_is_server_sent_events_ending_with_done(server, question):
     )
 
 
-def test_usage_counts_the_image_tokens_and_the_finish_reason_says_length(server, client, question, pipe):
+def test_usage_counts_the_image_tokens_and_the_finish_reason_says_length(server, client, question, toy_pipe):
     messages = image_message(question.question, data_url(question.image))
     reply = client.chat.completions.create(model=server.model, messages=messages, temperature=0, max_tokens=2)
-    prompt = prompts.render_prompt(pipe.manifest.template, question.question, 1)
-    chunks = prompts.tokenize_prompt(pipe.tokenizer, prompt, pipe.manifest.tokens.bos)
+    prompt = prompts.render_prompt(toy_pipe.manifest.template, question.question, 1)
+    chunks = prompts.tokenize_prompt(toy_pipe.tokenizer, prompt, toy_pipe.manifest.tokens.bos)
     assert reply.usage.prompt_tokens == prompts.count_prompt_tokens(
-        chunks, pipe.manifest.vision.num_image_tokens
+        chunks, toy_pipe.manifest.vision.num_image_tokens
     )
     assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("length", 2)
 
 
-def test_a_conversation_goes_on_with_its_history(server, client, question, pipe):
+def test_a_conversation_goes_on_with_its_history(server, client, question, toy_pipe):
     first = image_message(question.question, data_url(question.image))
     answer = client.chat.completions.create(model=server.model, messages=first, temperature=0)
     follow_up = [
@@ -161,10 +154,10 @@ def test_a_conversation_goes_on_with_its_history(server, client, question, pipe)
         prompts.Turn("assistant", answer.choices[0].message.content),
         prompts.Turn("user", "how many shapes?"),
     ]
-    prompt = prompts.render_conversation(pipe.manifest.template, turns, None, pipe.chat_template)
-    chunks = prompts.tokenize_prompt(pipe.tokenizer, prompt, pipe.manifest.tokens.bos)
+    prompt = prompts.render_conversation(toy_pipe.manifest.template, turns, None, toy_pipe.chat_template)
+    chunks = prompts.tokenize_prompt(toy_pipe.tokenizer, prompt, toy_pipe.manifest.tokens.bos)
     assert second.usage.prompt_tokens == prompts.count_prompt_tokens(
-        chunks, pipe.manifest.vision.num_image_tokens
+        chunks, toy_pipe.manifest.vision.num_image_tokens
     )
     assert second.choices[0].message.content
 
@@ -316,12 +309,12 @@ def test_more_images_than_the_server_takes_is_a_400(server):
     assert error_of(post(server, ask(server, content)), 400)["code"] == "too_many_images"
 
 
-def test_a_prompt_past_the_context_is_refused_before_any_compute(server, pipe):
+def test_a_prompt_past_the_context_is_refused_before_any_compute(server, toy_pipe):
     steps = server.engine.steps
-    long_text = "red circle " * pipe.manifest.text.max_positions
+    long_text = "red circle " * toy_pipe.manifest.text.max_positions
     error = error_of(post(server, ask(server, long_text)), 400)
     assert error["code"] == "context_length_exceeded" and "shorten it" in error["message"]
-    error = error_of(post(server, ask(server, "hi", max_tokens=pipe.manifest.text.max_positions)), 400)
+    error = error_of(post(server, ask(server, "hi", max_tokens=toy_pipe.manifest.text.max_positions)), 400)
     assert error["code"] == "context_length_exceeded" and "ask for at most" in error["message"]
     assert server.engine.steps == steps
 
@@ -341,8 +334,8 @@ def test_the_server_keeps_serving_after_bad_requests(server, client):
 # -- servers with other settings ------------------------------------------------------------
 
 
-def test_the_api_key_is_required_when_set(pipe):
-    with live_server(pipe, api_key="s3cret") as server:
+def test_the_api_key_is_required_when_set(toy_pipe):
+    with live_server(toy_pipe, api_key="s3cret") as server:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             error = error_of(post(server, ask(server, "hi", max_tokens=1), headers=headers), 401)
             assert error["code"] == "invalid_api_key" and "Bearer" in error["message"]
@@ -354,20 +347,20 @@ def test_the_api_key_is_required_when_set(pipe):
         assert httpx.get(server.url + "/health").status_code == 200  # health stays open for load balancers
 
 
-def test_an_oversize_body_is_a_413(pipe):
-    with live_server(pipe, max_body_bytes=4096) as server:
+def test_an_oversize_body_is_a_413(toy_pipe):
+    with live_server(toy_pipe, max_body_bytes=4096) as server:
         url = "data:image/png;base64," + b64(png_bytes((256, 256)) + bytes(8000))
         error = error_of(post(server, ask(server, image_content(url))), 413)
         assert "over" in error["message"] and error["code"] == "body_too_large"
         assert post(server, ask(server, "hi", max_tokens=1)).status_code == 200
 
 
-def test_file_urls_inside_the_allowed_folder_load(pipe, tmp_path, question):
+def test_file_urls_inside_the_allowed_folder_load(toy_pipe, tmp_path, question):
     media = tmp_path / "media"
     media.mkdir()
     question.image.save(media / "shapes.png")
     (tmp_path / "secret.png").write_bytes(png_bytes())
-    with live_server(pipe, media=MediaPolicy(media.resolve())) as server:
+    with live_server(toy_pipe, media=MediaPolicy(media.resolve())) as server:
         reply = post(
             server,
             ask(server, image_content(f"file://{media / 'shapes.png'}", question.question), temperature=0),
@@ -375,15 +368,15 @@ def test_file_urls_inside_the_allowed_folder_load(pipe, tmp_path, question):
         assert reply.status_code == 200
         assert (
             reply.json()["choices"][0]["message"]["content"]
-            == pipe.generate(question.question, [question.image]).text
+            == toy_pipe.generate(question.question, [question.image]).text
         )
         escape = f"file://{media}/../secret.png"
         assert "outside" in error_of(post(server, ask(server, image_content(escape))), 400)["message"]
 
 
-def test_a_full_queue_answers_429_with_retry_after(pipe):
+def test_a_full_queue_answers_429_with_retry_after(toy_pipe):
     long = {"max_tokens": 400, "ignore_eos": True}
-    with live_server(pipe, engine_options={"max_batch": 1, "max_queue": 1}) as server:
+    with live_server(toy_pipe, engine_options={"max_batch": 1, "max_queue": 1}) as server:
 
         async def flood():
             async with httpx.AsyncClient(timeout=60) as http:
@@ -408,8 +401,8 @@ def test_a_full_queue_answers_429_with_retry_after(pipe):
     assert running.status_code == waiting.status_code == 200
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(pipe):
-    with live_server(pipe) as server:
+def test_a_client_that_leaves_mid_stream_frees_its_row(toy_pipe):
+    with live_server(toy_pipe) as server:
         body = ask(server, "one", stream=True, max_tokens=400, ignore_eos=True)
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()

@@ -31,12 +31,6 @@ LONG = GenerationParams(max_tokens=None, ignore_eos=True)  # all the context lea
 
 
 @pytest.fixture(scope="module")
-def toy_pipe(toy_artifacts):
-    with Pipeline.load(toy_artifacts) as pipe:
-        yield pipe
-
-
-@pytest.fixture(scope="module")
 def tiny_pipe(tiny_artifacts):
     with Pipeline.load(tiny_artifacts) as pipe:
         yield pipe

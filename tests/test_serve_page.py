@@ -59,15 +59,6 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def pipe(toy_artifacts):
-    from runtime.pipeline import Pipeline
-
-    pipe = Pipeline.load(toy_artifacts)
-    yield pipe
-    pipe.close()
-
-
-@pytest.fixture(scope="module")
 def scene():
     """One held-out toy image and three of its questions: a long answer, then follow-ups."""
     from exporter.toy.evaluate import held_out_questions
@@ -147,12 +138,12 @@ def save_png(image, tmp_path: Path) -> Path:
 # -- tests -----------------------------------------------------------------------------------
 
 
-def test_page_streams_the_answer_and_keeps_the_conversation(browser, pipe, scene, tmp_path):
+def test_page_streams_the_answer_and_keeps_the_conversation(browser, toy_pipe, scene, tmp_path):
     import openai
 
     image, (first, second, third) = scene
     path = save_png(image, tmp_path)
-    with live_server(pipe) as server:
+    with live_server(toy_pipe) as server:
         open_page(browser, server)
         assert by_id(browser, "model-name").text == server.model
         assert by_id(browser, "temperature").get_attribute("value") == "0"
@@ -160,7 +151,7 @@ def test_page_streams_the_answer_and_keeps_the_conversation(browser, pipe, scene
 
         choose_image(browser, path)
         ask(browser, first)
-        expected = pipe.generate(first, [image], max_new_tokens=max_tokens).text
+        expected = toy_pipe.generate(first, [image], max_new_tokens=max_tokens).text
         assert expected
         assert answer(browser, 1) == expected
         assert turns(browser, "user") == [first]
@@ -214,12 +205,12 @@ def test_page_streams_the_answer_and_keeps_the_conversation(browser, pipe, scene
         assert sent[-1]["messages"] == [{"role": "user", "content": first}]
 
 
-def test_page_shows_the_api_key_error_and_keeps_the_key(browser, pipe, scene, tmp_path):
+def test_page_shows_the_api_key_error_and_keeps_the_key(browser, toy_pipe, scene, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     image, (question, *_) = scene
     path = save_png(image, tmp_path)
-    with live_server(pipe, api_key="sesame") as server:
+    with live_server(toy_pipe, api_key="sesame") as server:
         browser.get(server.url + "/")
         wait(browser, lambda: "API key" in by_id(browser, "error").text, "no API key error at load")
         assert by_id(browser, "model-name").text == "unknown"
@@ -234,7 +225,7 @@ def test_page_shows_the_api_key_error_and_keeps_the_key(browser, pipe, scene, tm
         assert by_id(browser, "error").text == ""
         by_id(browser, "ask").click()  # the question and the image are still there
         max_tokens = int(by_id(browser, "max-tokens").get_attribute("value"))
-        assert answer(browser, 1) == pipe.generate(question, [image], max_new_tokens=max_tokens).text
+        assert answer(browser, 1) == toy_pipe.generate(question, [image], max_new_tokens=max_tokens).text
 
         browser.refresh()
         wait(browser, lambda: by_id(browser, "model-name").text == server.model, "the key was not kept")

@@ -18,7 +18,6 @@ import openai
 import pytest
 
 from exporter.toy.evaluate import held_out_questions
-from runtime.pipeline import Pipeline
 from tests.support.serving import data_url, image_message
 
 pytest.importorskip("ray", reason="the serve-ray extra (Ray Serve) is not installed")
@@ -112,12 +111,6 @@ def cluster(toy_artifacts):
     assert not ray_processes() - before, "Ray processes were left behind"
 
 
-@pytest.fixture(scope="module")
-def pipe(toy_artifacts):
-    with Pipeline.load(toy_artifacts) as pipe:
-        yield pipe
-
-
 def ask_all(url: str, questions, **fields) -> list[tuple[str, str]]:
     """(answer, replica) for each question, 8 at a time, through the openai client."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -143,14 +136,16 @@ def ask_all(url: str, questions, **fields) -> list[tuple[str, str]]:
     return asyncio.run(run())
 
 
-def test_requests_reach_both_replicas_and_answer_as_alone(cluster, pipe):
+def test_requests_reach_both_replicas_and_answer_as_alone(cluster, toy_pipe):
     questions = held_out_questions(8)[:24]
     answers = ask_all(cluster, questions, max_tokens=32)
-    assert [text for text, _ in answers] == [pipe.generate(q.question, [q.image], 32).text for q in questions]
+    assert [text for text, _ in answers] == [
+        toy_pipe.generate(q.question, [q.image], 32).text for q in questions
+    ]
     assert len({replica for _, replica in answers}) == REPLICAS
 
 
-def test_streaming_goes_through_rays_proxy(cluster, pipe):
+def test_streaming_goes_through_rays_proxy(cluster, toy_pipe):
     q = held_out_questions(1)[0]
     client = openai.OpenAI(base_url=cluster + "/v1", api_key="unused", max_retries=0)
     chunks = client.chat.completions.create(
@@ -158,7 +153,7 @@ def test_streaming_goes_through_rays_proxy(cluster, pipe):
     )
     assert (
         "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        == pipe.generate(q.question, [q.image]).text
+        == toy_pipe.generate(q.question, [q.image]).text
     )
 
 

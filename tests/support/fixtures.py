@@ -193,3 +193,12 @@ def toy_artifacts(tmp_path_factory) -> Path:
     if not (TOY_HF_DIR / "model.safetensors").is_file():
         pytest.skip("models/toy-llava is not in this checkout")
     return export_with_cli(TOY_HF_DIR, tmp_path_factory.mktemp("toy") / "toy-fp32")
+
+
+@pytest.fixture(scope="session")
+def toy_pipe(toy_artifacts):
+    """A Pipeline over toy_artifacts, shared by the server's tests (each server gets its own Engine)."""
+    from runtime.pipeline import Pipeline
+
+    with Pipeline.load(toy_artifacts) as pipe:
+        yield pipe
