@@ -68,6 +68,15 @@ def source_options(command=None, *, required: bool = True, what: str = ""):
     return command
 
 
+def model_base_option(command):
+    return click.option(
+        "--model-base",
+        metavar="BASE",
+        help="The model a training output in --model was trained on: the LLaVA (or language model) "
+        "under a LoRA folder, the language model under a projector-only checkpoint. Merged at export.",
+    )(command)
+
+
 def output_options(command):
     command = click.option(
         "--no-verify",
@@ -93,20 +102,23 @@ def output_options(command):
     return command
 
 
-def load(model: str, vision_tower: str | None, fp16: bool, progress):
-    """Loads the source in the export dtype: float16 for --fp16, so a 7B model fits in memory."""
+def load(model: str, vision_tower: str | None, fp16: bool, progress, model_base: str | None = None):
+    """Loads the source in the export dtype: float16 for --fp16, so a 7B model fits in memory
+    (and a LoRA merges in it, layer by layer)."""
     import torch
 
     from exporter.source import load_source
 
-    with progress.stage(f"loading {model}"):
-        return load_source(model, vision_tower=vision_tower, dtype=torch.float16 if fp16 else torch.float32)
+    dtype = torch.float16 if fp16 else torch.float32
+    with progress.stage(f"loading {model}" + (f" on {model_base}" if model_base else "")):
+        return load_source(model, vision_tower=vision_tower, dtype=dtype, model_base=model_base)
 
 
 def begin(
     command: str,
     model: str,
     vision_tower: str | None,
+    model_base: str | None,
     out: Path,
     fp16: bool,
     quiet: bool,
@@ -118,7 +130,7 @@ def begin(
     check_template(template)
     progress = Progress(quiet)
     progress.say(f"llava-export {command}: {model} -> {out}")
-    return load(model, vision_tower, fp16, progress), progress
+    return load(model, vision_tower, fp16, progress, model_base), progress
 
 
 def check_template(template: str | None) -> None:
@@ -175,52 +187,59 @@ def main():
 
 @main.command()
 @source_options
+@model_base_option
 @output_options
 @user_errors
 @needs_extra("export", "llava-export vision")
-def vision(model, vision_tower, out, quiet, **flags):
+def vision(model, vision_tower, model_base, out, quiet, **flags):
     """CLIP tower + projector -> OUT/vision.onnx."""
     from exporter.graphs.export import ExportOptions, export_graph
     from exporter.graphs.vision import VisionGraph
 
-    source, progress = begin("vision", model, vision_tower, out, flags["fp16"], quiet)
+    source, progress = begin("vision", model, vision_tower, model_base, out, flags["fp16"], quiet)
     export_graph(VisionGraph(source, ExportOptions(**flags)), out, progress)
     progress.say(f"wrote {out / 'vision.onnx'}")
 
 
 @main.command()
 @source_options
+@model_base_option
 @output_options
 @template_option
 @quant_option
 @kv_cache_options
 @user_errors
 @needs_extra("export", "llava-export decoder")
-def decoder(model, vision_tower, out, quiet, **flags):
+def decoder(model, vision_tower, model_base, out, quiet, **flags):
     """Decoder with past-KV I/O -> OUT/decoder.onnx, embed_tokens.npy, tokenizer."""
     from exporter.graphs.decoder import DecoderGraph
     from exporter.graphs.export import ExportOptions, export_graph
 
-    source, progress = begin("decoder", model, vision_tower, out, flags["fp16"], quiet, flags["template"])
+    source, progress = begin(
+        "decoder", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"]
+    )
     export_graph(DecoderGraph(source, ExportOptions(**flags)), out, progress)
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
 
 @main.command(name="all")
 @source_options
+@model_base_option
 @output_options
 @template_option
 @quant_option
 @kv_cache_options
 @user_errors
 @needs_extra("export", "llava-export all")
-def all_graphs(model, vision_tower, out, quiet, **flags):
+def all_graphs(model, vision_tower, model_base, out, quiet, **flags):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
     from exporter.graphs.decoder import DecoderGraph
     from exporter.graphs.export import ExportOptions, export_graph
     from exporter.graphs.vision import VisionGraph
 
-    source, progress = begin("all", model, vision_tower, out, flags["fp16"], quiet, flags["template"])
+    source, progress = begin(
+        "all", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"]
+    )
     options = ExportOptions(**flags)
     decoder = DecoderGraph(source, options)
     decoder.check_options()  # bad decoder options fail before the vision export
@@ -233,17 +252,18 @@ def all_graphs(model, vision_tower, out, quiet, **flags):
 
 @main.command()
 @source_options
+@model_base_option
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Artifact folder to check.")
 @user_errors
 @needs_extra("export", "llava-export verify")
-def verify(model, vision_tower, artifacts):
+def verify(model, vision_tower, model_base, artifacts):
     """Parity report: every graph in ARTIFACTS against the PyTorch model."""
     from exporter.progress import Progress
     from exporter.verify import verify_artifacts
 
     progress = Progress()
     progress.say(f"llava-export verify: {artifacts} against {model}")
-    source = load(model, vision_tower, False, progress)
+    source = load(model, vision_tower, False, progress, model_base)
     verify_artifacts(source, artifacts, progress)
     progress.say("all outputs within tolerance")
 

@@ -36,7 +36,7 @@ def tool_versions() -> dict[str, str]:
 
 def new_manifest(source: LlavaSource, template: str | None = None) -> Manifest:
     return Manifest(
-        source={"path": str(source.path), "format": source.format, "weights_sha256": source.weights_sha256},
+        source=source.describe(),
         vision=source.vision,
         text=source.text,
         preprocess=source.preprocess,

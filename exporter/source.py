@@ -13,9 +13,10 @@ description (VisionSpec, TextSpec, PreprocessSpec, template) that export and run
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +39,18 @@ DEFAULT_TEMPLATES = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass
+class SourceInput:
+    """One of the folders a source was assembled from, when it is more than one (a LoRA
+    folder on its base): the manifest records each with its sha256."""
+
+    role: str  # "base" | "adapter" | "projector" | "vision_tower"
+    path: Path
+    files: list[Path]
+    details: dict = field(default_factory=dict)  # the adapter's r, alpha, rslora
 
 
 @dataclass
@@ -53,28 +66,72 @@ class LlavaSource:
     template: str
     tokenizer_dir: Path
     weight_files: list[Path]
+    inputs: list[SourceInput] = field(default_factory=list)  # empty for a whole model in one folder
+
+    @functools.cached_property
+    def input_sha256(self) -> dict[str, str]:
+        return {item.role: file_sha256(*item.files) for item in self.inputs}
 
     @functools.cached_property
     def weights_sha256(self) -> str:
-        """sha256 over the weight files' bytes, in name order (tower files included): the
-        manifest's model identity. Read once per source (a 7B checkpoint is 14 GB), however
-        many graphs are exported from it."""
-        return file_sha256(*self.weight_files)
+        """The manifest's model identity: sha256 over the weight files' bytes, in name order
+        (tower files included); for a source of several inputs, over their sha256s. Each file
+        is read once per source (a 7B checkpoint is 14 GB), however many graphs are exported."""
+        if not self.inputs:
+            return file_sha256(*self.weight_files)
+        lines = "".join(f"{role} {digest}\n" for role, digest in self.input_sha256.items())
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+    def describe(self) -> dict:
+        """The manifest's `source`: the path, format and identity, and each input's."""
+        described = {"path": str(self.path), "format": self.format, "weights_sha256": self.weights_sha256}
+        for item in self.inputs:
+            described[item.role] = {
+                "path": str(item.path),
+                "sha256": self.input_sha256[item.role],
+                **item.details,
+            }
+        return described
 
 
-def load_source(src: str, vision_tower: str | None = None, dtype: torch.dtype = torch.float32) -> LlavaSource:
-    """Loads SRC (folder or hub id) in either format; raises SourceError naming what to fix."""
+def load_source(
+    src: str,
+    vision_tower: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_base: str | None = None,
+) -> LlavaSource:
+    """Loads SRC (folder or hub id) in either format, or a training output (LoRA folder,
+    projector-only checkpoint) merged onto `model_base`; raises SourceError naming what to fix."""
+    from exporter.adapters import TRAINING_OUTPUTS, checkpoint_kind, load_training_output
+
     quiet_transformers()
     folder = resolve_folder(src, what="model", flag="--model")
-    config = read_json(folder / "config.json", what="model config")
-    kind = detect_format(config, folder)
-    loaded = (
-        load_hf(folder, config, dtype) if kind == "hf" else load_original(folder, config, vision_tower, dtype)
-    )
+    kind = checkpoint_kind(folder)
+    if kind in TRAINING_OUTPUTS:
+        if model_base is None:
+            raise SourceError(
+                f"{folder} is {TRAINING_OUTPUTS[kind]}: pass the model it was trained on with --model-base BASE"
+            )
+        base = resolve_folder(model_base, what="base model", flag="--model-base")
+        loaded = load_training_output(kind, folder, base, vision_tower, dtype)
+    else:
+        if model_base is not None:
+            raise SourceError(
+                f"{folder} is a whole model, not a LoRA folder or a projector-only checkpoint: drop --model-base"
+            )
+        loaded = load_model(folder, vision_tower, dtype)
     # Eager attention computes softmax in float32 even in a float16 model, and exports to
     # plain MatMul/Softmax that every runtime (and TensorRT's fusions) understand.
     loaded.model.set_attn_implementation("eager")
     return loaded
+
+
+def load_model(folder: Path, vision_tower: str | None, dtype: torch.dtype) -> LlavaSource:
+    """A whole model in one folder, in either format."""
+    config = read_json(folder / "config.json", what="model config")
+    if detect_format(config, folder) == "hf":
+        return load_hf(folder, config, dtype)
+    return load_original(folder, config, vision_tower, dtype)
 
 
 def quiet_transformers() -> None:
@@ -177,7 +234,18 @@ def load_processor_config(folder: Path) -> dict:
 # Original LLaVA format
 
 
-def load_original(folder: Path, config: dict, vision_tower: str | None, dtype: torch.dtype) -> LlavaSource:
+def load_original(
+    folder: Path,
+    config: dict,
+    vision_tower: str | None,
+    dtype: torch.dtype,
+    base: Path | None = None,
+    trained: list[Path] | None = None,
+) -> LlavaSource:
+    """The model `config` (an original-format config.json in `folder`) describes, with the
+    weights of `folder`; or, for a training output, those of `base` (the LLaVA or language
+    model it was trained on) overlaid with its `trained` files (non_lora_trainables.bin,
+    mm_projector.bin), keys behind PEFT's prefix as LLaVA's loader takes them."""
     from transformers import CLIPVisionConfig, LlavaConfig
 
     family = text_family(ORIGINAL_MODEL_TYPES.get(config.get("model_type", ""), config.get("model_type", "")))
@@ -188,7 +256,8 @@ def load_original(folder: Path, config: dict, vision_tower: str | None, dtype: t
         raise SourceError(
             f"{folder}/config.json names no mm_vision_tower: pass the CLIP tower with --vision-tower PATH"
         )
-    tower = resolve_tower(tower_src, folder, explicit=vision_tower is not None)
+    near = [folder] if base is None else [folder, base]
+    tower = resolve_tower(tower_src, near, explicit=vision_tower is not None)
     select_feature = config.get("mm_vision_select_feature", "patch")
     if select_feature not in ("patch", "cls_patch"):
         raise SourceError(
@@ -206,8 +275,13 @@ def load_original(folder: Path, config: dict, vision_tower: str | None, dtype: t
         tie_word_embeddings=config.get("tie_word_embeddings", False),
     )
     model = build_empty_model(llava_config, depth, dtype)
-    files = checkpoint_files(folder)
-    load_original_weights(model, files, folder)
+    weights = base or folder
+    files = checkpoint_files(weights)
+    implied_by = folder / "config.json"
+    loaded = copy_weights(model, files, original_names(model), implied_by)
+    for file in trained or []:
+        loaded |= copy_weights(model, [file], original_names(model, trained=True), implied_by)
+    check_complete(model, loaded, weights if not trained else f"{weights} and {folder}")
     load_tower_weights(model, tower, dtype)
     processor = load_processor_config(tower)
     aspect = "pad" if config.get("image_aspect_ratio", "square") == "pad" else "crop"
@@ -219,9 +293,18 @@ def load_original(folder: Path, config: dict, vision_tower: str | None, dtype: t
         text=text_spec(llava_config.text_config, family),
         preprocess=preprocess_spec(processor, llava_config.vision_config, aspect),
         template=DEFAULT_TEMPLATES[family],
-        tokenizer_dir=folder,
-        weight_files=files + weight_files(tower),
+        tokenizer_dir=tokenizer_folder(folder, weights),
+        weight_files=files + list(trained or []) + weight_files(tower),
+        inputs=[]
+        if base is None
+        else [SourceInput("base", base, files), SourceInput("vision_tower", tower, weight_files(tower))],
     )
+
+
+def tokenizer_folder(folder: Path, base: Path) -> Path:
+    """A training output's own tokenizer when it saved one (tokens were added), else the
+    base's, as LLaVA's loader takes it."""
+    return folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else base
 
 
 def projector_depth(projector: str, folder: Path) -> int:
@@ -234,12 +317,13 @@ def projector_depth(projector: str, folder: Path) -> int:
     return int(match.group(2)) if match.group(2) else 1
 
 
-def resolve_tower(tower_src: str, model_folder: Path, explicit: bool) -> Path:
-    """--vision-tower as given; mm_vision_tower relative to the model folder first, so a model
-    and its tower can ship side by side (mm_vision_tower: "../clip")."""
-    beside = model_folder / tower_src
-    if not explicit and not Path(tower_src).is_absolute() and beside.is_dir():
-        tower_src = str(beside)
+def resolve_tower(tower_src: str, near: list[Path], explicit: bool) -> Path:
+    """--vision-tower as given; mm_vision_tower relative to the model folder first (then to
+    the base of a training output), so a model and its tower can ship side by side
+    (mm_vision_tower: "../clip")."""
+    beside = [folder / tower_src for folder in near if (folder / tower_src).is_dir()]
+    if not explicit and not Path(tower_src).is_absolute() and beside:
+        tower_src = str(beside[0])
     try:
         folder = resolve_folder(tower_src, what="vision tower", flag="--vision-tower")
     except SourceError as err:
@@ -296,10 +380,22 @@ def build_empty_model(llava_config, depth: int, dtype: torch.dtype) -> nn.Module
     return model.eval().requires_grad_(False)
 
 
-def original_to_hf_key(key: str) -> str | None:
-    """Maps an original-format weight name to the reference model's; None for ignored keys."""
+# mlp2x_gelu loads into transformers' LlavaMultiModalProjector, whose layers have names.
+MLP2X_NAMES = {"0.": "linear_1.", "2.": "linear_2."}
+PEFT_PREFIX = "base_model.model."
+ZERO3_HINT = (
+    "saved under DeepSpeed ZeRO-3 without gathering its tensors: train with ZeRO-2 "
+    "(scripts/zero2.json) or consolidate the checkpoint with DeepSpeed's zero_to_fp32.py"
+)
+
+
+def original_to_hf_key(key: str, tower: bool = False) -> str | None:
+    """Maps an original-format weight name to the reference model's; None for ignored keys.
+    The tower's weights come from mm_vision_tower, as in LLaVA itself, unless `tower` (the
+    trained weights of a training output may hold it: `model.vision_tower.vision_tower.vision_model.*`)."""
     if key.startswith("model.vision_tower."):
-        return None  # the tower comes from mm_vision_tower / --vision-tower, as in LLaVA itself
+        inner = key[len("model.vision_tower.") :].removeprefix("vision_tower.").removeprefix("vision_model.")
+        return "model.vision_tower." + inner if tower else None  # transformers 5 drops vision_model.
     if key.startswith("model.mm_projector."):
         return "model.multi_modal_projector." + key[len("model.mm_projector.") :]
     if key.startswith("model."):
@@ -309,42 +405,57 @@ def original_to_hf_key(key: str) -> str | None:
     return None
 
 
-# mlp2x_gelu loads into transformers' LlavaMultiModalProjector, whose layers have names.
-MLP2X_NAMES = {"0.": "linear_1.", "2.": "linear_2."}
-
-
-def load_original_weights(model: nn.Module, files: list[Path], folder: Path) -> None:
-    """Copies every tensor shard by shard into the model (peak memory: model + one shard)."""
-    params = model.state_dict(keep_vars=True)  # persistent tensors only
+def original_names(model: nn.Module, trained: bool = False):
+    """name -> the reference's parameter name (or None: ignored), for original-format weights;
+    `trained`: the keys of a training output (PEFT's prefix, the tower kept)."""
     uses_mlp2x = not isinstance(model.model.multi_modal_projector, SequentialProjector)
-    expected = {name for name in params if not name.startswith("model.vision_tower.")}
-    if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+
+    def name_of(key: str) -> str | None:
+        name = original_to_hf_key(key.removeprefix(PEFT_PREFIX) if trained else key, tower=trained)
+        if uses_mlp2x and name and name.startswith("model.multi_modal_projector."):
+            suffix = name[len("model.multi_modal_projector.") :]
+            for index, named in MLP2X_NAMES.items():
+                if suffix.startswith(index):
+                    return "model.multi_modal_projector." + named + suffix[len(index) :]
+        return name
+
+    return name_of
+
+
+def copy_weights(model: nn.Module, files: list[Path], name_of, implied_by: Path) -> set[str]:
+    """Copies every tensor shard by shard into the model (peak memory: model + one shard);
+    returns the reference names it filled. `implied_by`: the config the shapes come from."""
+    params = model.state_dict(keep_vars=True)  # persistent tensors only
     loaded: set[str] = set()
     for file in files:
         for key, tensor in iter_checkpoint(file):
-            name = original_to_hf_key(key)
+            name = name_of(key)
             if name is None:
                 continue
-            if uses_mlp2x and name.startswith("model.multi_modal_projector."):
-                suffix = name[len("model.multi_modal_projector.") :]
-                for index, named in MLP2X_NAMES.items():
-                    if suffix.startswith(index):
-                        name = "model.multi_modal_projector." + named + suffix[len(index) :]
             if name not in params:
                 raise SourceError(
                     f"{file}: weight {key} has no place in the model (config and weights disagree)"
                 )
+            if tensor.numel() == 0 and params[name].numel() > 0:
+                raise SourceError(f"{file}: weight {key} is empty: the checkpoint was {ZERO3_HINT}")
             if tuple(params[name].shape) != tuple(tensor.shape):
                 raise SourceError(
-                    f"{file}: weight {key} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"
+                    f"{file}: weight {key} has shape {tuple(tensor.shape)}, {implied_by} implies {tuple(params[name].shape)}"
                 )
             params[name].data.copy_(tensor)
             loaded.add(name)
+    return loaded
+
+
+def check_complete(model: nn.Module, loaded: set[str], where) -> None:
+    """Every decoder and projector weight was loaded (the tower loads on its own)."""
+    expected = {name for name in model.state_dict() if not name.startswith("model.vision_tower.")}
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
     missing = sorted(expected - loaded)
     if missing:
         raise SourceError(
-            f"{folder}: weights missing from the checkpoint, e.g. {missing[0]} ({len(missing)} in all)"
+            f"{where}: weights missing from the checkpoint, e.g. {missing[0]} ({len(missing)} in all)"
         )
     if model.config.tie_word_embeddings:
         model.tie_weights()

@@ -25,6 +25,7 @@ EXTRAS = {
         ("fastapi", "uvicorn", "prometheus_client"),
     ),
     "serve-ray": ("Ray Serve", ("ray",)),
+    "train": ("PEFT (LoRA training)", ("peft",)),
 }
 # How to install each, when `pip install 'llava-export[NAME]'` alone is not the whole story.
 INSTALL = {
