@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from exporter import parity  # noqa: E402
-from exporter.cli import main  # noqa: E402
 from exporter.graphs import onnx_io  # noqa: E402
 from exporter.graphs.decoder import export_decoder  # noqa: E402
 from exporter.graphs.vision import export_vision  # noqa: E402
@@ -35,24 +33,11 @@ from exporter.source import load_source  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.errors import ArtifactError  # noqa: E402
+from tests.support.export_cli import assert_user_error, invoke  # noqa: E402
 from tests.support.graphs import pixels, run_vision  # noqa: E402
 
 DEFAULT = TinyConfig()
 GRAPH_FILES = (contract.VISION_FILE, contract.DECODER_FILE)
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str):
-    """Exit 2, exactly one stderr line `error: ...` naming `fragments`, nothing else, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.output and result.stdout == ""
 
 
 def copy_with_config(folder: Path, target: Path, **changes) -> Path:
