@@ -50,7 +50,8 @@ def write_processor_config(folder: Path, preprocess, processor_class: str) -> No
 
 
 def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The reference's decoder + projector weights under original-format names."""
+    """The reference's decoder + projector weights under original-format names (the model's
+    own tensors, not copies: write_original copies one shard at a time)."""
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("model.language_model."):
@@ -63,7 +64,7 @@ def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state["model.mm_projector." + suffix] = tensor
         elif name == "lm_head.weight" and not model.config.tie_word_embeddings:
             state[name] = tensor
-    return {name: tensor.contiguous().clone() for name, tensor in state.items()}
+    return state
 
 
 def original_config(model: nn.Module, tower: str, projector: str, aspect: str) -> dict:
@@ -103,7 +104,8 @@ def write_original(
     shards: int = 1,
 ) -> None:
     """Writes config.json and weights (`safetensors` or `bin`, in `shards` files with an index
-    when more than one), as the original repo and its LoRA merge script do."""
+    when more than one), as the original repo and its LoRA merge script do. Peak memory: the
+    model plus one shard's copy (a 7B model is written in shards of ~2 GB)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = original_config(model, tower, projector, aspect)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -115,14 +117,18 @@ def write_original(
     weight_map = {}
     for number, group in enumerate(groups, start=1):
         file = f"{stem}.{suffix}" if shards == 1 else f"{stem}-{number:05d}-of-{shards:05d}.{suffix}"
-        part = {name: state[name] for name in group}
-        if weights == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(part, str(folder / file), metadata={"format": "pt"})
-        else:
-            torch.save(part, folder / file)
+        save_shard({name: state[name].contiguous().clone() for name in group}, folder / file, weights)
         weight_map.update({name: file for name in group})
     if shards > 1:
         index = {"metadata": {}, "weight_map": weight_map}
         (folder / f"{stem}.{suffix}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_shard(part: dict[str, torch.Tensor], path: Path, weights: str) -> None:
+    """One shard's file; `part` (its copy) is dropped on return, before the next is made."""
+    if weights == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(part, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(part, path)

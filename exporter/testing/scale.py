@@ -1,6 +1,7 @@
 """Full-size random checkpoints for the scale checks (not a test: a command you run by hand).
 
-    python -m exporter.testing.scale checkpoint --out /tmp/llava7b --text-layers 32
+    python -m exporter.testing.scale checkpoint --out /tmp/llava7b --text-layers 32 [--format original]
+    python -m exporter.testing.scale lora --base /tmp/llava7b-orig --out /tmp/llava7b-lora [--r 128 --alpha 256]
     python -m exporter.testing.scale measure -- llava-export decoder --model /tmp/llava7b --out /tmp/a --fp16 --no-verify
 
 `checkpoint` writes a LLaVA-1.5-7B-shaped Hugging Face folder (CLIP ViT-L/14-336, 24 layers,
@@ -9,14 +10,19 @@ random weights, float16 like the published checkpoint, one tensor at a time so t
 stays near the model's own size. Its tokenizer is the tiny test one (exporter.testing.tiny_tokenizer)
 with a placeholder piece for every other id of the model's vocabulary (`▁w320` ... `▁w32063`,
 decoded " w320" ...): text tokenizes as with the tiny one alone, and whatever ids a random model
-generates decode to text, so an export of it can be served and streamed. `measure` runs a
-command and prints its wall time and peak RSS.
+generates decode to text, so an export of it can be served and streamed. `--format original`
+writes the same model in the original LLaVA layout (exporter.testing.original_format), its CLIP
+tower beside OUT in OUT-clip. `lora` writes an original-repo LoRA folder for such a base:
+random lora_A / lora_B on every linear layer of the decoder (LLaVA's find_all_linear_names)
+and a random projector in non_lora_trainables.bin. `measure` runs a command and prints its
+wall time and peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -24,9 +30,17 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from exporter.source import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_empty_model
-from exporter.testing.original_format import write_processor_config
+from exporter.adapters import ADAPTER_CONFIG, NON_LORA_FILE
+from exporter.source import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PEFT_PREFIX,
+    build_empty_model,
+    projector_depth,
+)
+from exporter.testing.original_format import write_clip_tower, write_original, write_processor_config
 from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 from runtime.contract import TOKENIZER_FILE, PreprocessSpec
 
@@ -57,12 +71,31 @@ def vicuna_7b(layers: int) -> dict:
     }
 
 
-def write_checkpoint(out: Path, text_layers: int, seed: int = 0) -> None:
+# LLaVA's find_all_linear_names on LlavaLlamaForCausalLM: every Linear of the decoder layers
+# (the projector, the tower and lm_head left out), by the name of its module in a layer
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARD_BYTES = 2 * 10**9  # the shard size of the published checkpoints
+
+
+def llava_7b(text_layers: int):
     from transformers import LlavaConfig
 
-    config = LlavaConfig(
-        vision_config=CLIP_L_336, text_config=vicuna_7b(text_layers), image_token_index=32000
-    )
+    return LlavaConfig(vision_config=CLIP_L_336, text_config=vicuna_7b(text_layers), image_token_index=32000)
+
+
+def write_checkpoint(out: Path, text_layers: int, seed: int = 0, layout: str = "hf") -> None:
+    """The random LLaVA-1.5-7B-shaped model with `text_layers` decoder layers, in `layout`
+    ("hf" or "original")."""
+    model = random_model(llava_7b(text_layers), seed)
+    if layout == "original":
+        save_original(model, out)
+    else:
+        save_hf(model, out)
+
+
+def random_model(config, seed: int = 0) -> nn.Module:
+    """`config`'s LlavaForConditionalGeneration in float16: norm weights 1, everything else
+    N(0, 0.02), filled tensor by tensor (a float32 temporary of one tensor at a time)."""
     model = build_empty_model(config, depth=2, dtype=torch.float16)
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -76,13 +109,124 @@ def write_checkpoint(out: Path, text_layers: int, seed: int = 0) -> None:
             fill.normal_(0, 0.02, generator=generator)
         tensor.data.copy_(fill)
         del fill
+    return model
+
+
+def save_hf(model: nn.Module, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size="2GB")
-    spec = PreprocessSpec(
-        shortest_edge=336, crop_size=336, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, aspect="pad"
+    write_processor_config(out, preprocess_of(model), "LlavaImageProcessor")
+    write_tokenizer(out, model.config.text_config.vocab_size)
+
+
+def save_original(model: nn.Module, out: Path) -> Path:
+    """OUT in the original layout (config.json with mm_* fields; `model.layers...`,
+    `model.mm_projector...`, `lm_head` in float16 shards of ~SHARD_BYTES) and the CLIP tower
+    in OUT-clip beside it, which mm_vision_tower names relative to OUT ("../OUT-clip", as
+    LLaVA's loader finds it from OUT or from a LoRA folder's copy of the config). Returns
+    the tower's folder."""
+    tower = out.parent / f"{out.name}-clip"
+    write_clip_tower(model, tower, preprocess_of(model))
+    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    shards = math.ceil(size / SHARD_BYTES)
+    write_original(model, out, f"../{tower.name}", "mlp2x_gelu", "pad", shards=shards)
+    write_tokenizer(out, model.config.text_config.vocab_size)
+    return tower
+
+
+def preprocess_of(model: nn.Module) -> PreprocessSpec:
+    """LLaVA-1.5's: CLIP's normalization, images padded to square and resized to the tower's size."""
+    size = model.config.vision_config.image_size
+    return PreprocessSpec(
+        shortest_edge=size, crop_size=size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, aspect="pad"
     )
-    write_processor_config(out, spec, "LlavaImageProcessor")
-    write_tokenizer(out, config.text_config.vocab_size)
+
+
+def write_lora(base: Path, out: Path, r: int = 128, alpha: int = 256, seed: int = 0) -> None:
+    """An original-repo LoRA folder (LLaVA's `--lora_enable` output, r and alpha as in its
+    finetune_lora.sh) for the original-format LLaVA `base`: config.json (the base's),
+    adapter_config.json, adapter_model.safetensors with float16 lora_A [r, in] ~ N(0, 0.02)
+    and lora_B [out, r] ~ N(0, 1e-3) on every LORA_TARGETS module of every layer (small: at
+    r = 128, alpha = 256 the merge moves a weight of ~0.02 by ~5e-4, finite in float16), and
+    non_lora_trainables.bin with a random projector. ~0.6 GB at r = 128 on the 7B shape,
+    held whole while it is written."""
+    from safetensors.torch import save_file
+
+    config = json.loads((base / "config.json").read_text())
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (out_features, in_features) in linear_shapes(config).items():
+            key = f"{PEFT_PREFIX}model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = random_half((r, in_features), 0.02, generator)
+            tensors[f"{key}.lora_B.weight"] = random_half((out_features, r), 1e-3, generator)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(base, r, alpha), indent=2) + "\n")
+    depth = projector_depth(config.get("mm_projector_type", "linear"), base)
+    torch.save(random_projector(config, depth, generator), out / NON_LORA_FILE)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of each LORA_TARGETS Linear of one decoder layer, by its name in the layer,
+    from a Llama-family config.json."""
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_width = (config.get("num_key_value_heads") or heads) * head_dim
+    return {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_width, hidden),
+        "self_attn.v_proj": (kv_width, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
+
+
+def random_half(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.empty(shape).normal_(0, std, generator=generator).half()
+
+
+def random_projector(config: dict, depth: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A projector of `depth` Linear layers for `config` under non_lora_trainables' names:
+    `base_model.model.model.mm_projector.{0,2,...}.{weight,bias}`, float16 ~ N(0, 0.02)."""
+    hidden = config["hidden_size"]
+    state = {}
+    for layer in range(depth):
+        in_features = config["mm_hidden_size"] if layer == 0 else hidden
+        key = f"{PEFT_PREFIX}model.mm_projector.{2 * layer}"
+        state[f"{key}.weight"] = random_half((hidden, in_features), 0.02, generator)
+        state[f"{key}.bias"] = random_half((hidden,), 0.02, generator)
+    return state
+
+
+def adapter_config(base: Path, r: int, alpha: int) -> dict:
+    """adapter_config.json as PEFT's LoraConfig saves it for LLaVA's training (dropout 0.05)."""
+    return {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": str(base),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted(LORA_TARGETS),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
 
 
 def write_tokenizer(out: Path, vocab_size: int) -> None:
@@ -136,11 +280,21 @@ def main(argv: list[str] | None = None) -> int:
     make = sub.add_parser("checkpoint", help="write a random LLaVA-1.5-7B-shaped checkpoint")
     make.add_argument("--out", type=Path, required=True)
     make.add_argument("--text-layers", type=int, default=32)
+    make.add_argument("--format", choices=("hf", "original"), default="hf")
+    lora = sub.add_parser("lora", help="write a random original-repo LoRA folder for an original-format BASE")
+    lora.add_argument("--base", type=Path, required=True)
+    lora.add_argument("--out", type=Path, required=True)
+    lora.add_argument("--r", type=int, default=128)
+    lora.add_argument("--alpha", type=int, default=256)
+    lora.add_argument("--seed", type=int, default=0)
     run = sub.add_parser("measure", help="run a command; print wall time and peak RSS")
     run.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.action == "checkpoint":
-        write_checkpoint(args.out, args.text_layers)
+        write_checkpoint(args.out, args.text_layers, layout=args.format)
+        return 0
+    if args.action == "lora":
+        write_lora(args.base, args.out, args.r, args.alpha, args.seed)
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return measure(command)
