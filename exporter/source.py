@@ -377,7 +377,8 @@ def build_empty_model(llava_config, depth: int, dtype: torch.dtype) -> nn.Module
                 model.model.multi_modal_projector = SequentialProjector(vision_hidden, text_hidden, depth)
     finally:
         torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
+    # transformers builds the CLIP tower in its config's dtype (float32), whatever the default
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 # mlp2x_gelu loads into transformers' LlavaMultiModalProjector, whose layers have names.

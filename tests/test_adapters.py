@@ -177,8 +177,7 @@ def test_exported_graphs_match_peft_reference(cases, name, tmp_path):
 def test_fp16_merge_stays_in_fp16_and_rounds_once(cases):
     folder, base, reference = cases.case("original-safetensors")
     source = load_source(str(folder), model_base=str(base), dtype=torch.float16)
-    decoder = [*source.model.model.language_model.parameters(), *source.model.lm_head.parameters()]
-    assert {p.dtype for p in decoder} == {torch.float16}
+    assert {p.dtype for p in source.model.parameters()} == {torch.float16}
     weight = source.model.model.language_model.layers[0].self_attn.q_proj.weight
     expected = reference.model.language_model.layers[0].self_attn.q_proj.weight
     assert torch.allclose(weight.float(), expected, rtol=1e-3, atol=1e-3)

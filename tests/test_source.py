@@ -84,10 +84,9 @@ def test_specs_describe_the_model(workshop):
     assert source.preprocess.aspect == "pad" and source.preprocess.crop_size == DEFAULT.image_size
     assert len(source.weights_sha256) == 64
     assert next(source.model.parameters()).dtype == torch.float32
-    assert (
-        next(load_source(str(workshop.tiny(DEFAULT)["hf"]), dtype=torch.float16).model.parameters()).dtype
-        == torch.float16
-    )
+    for fmt in ("hf", "original"):  # every tensor, the tower's too
+        half = load_source(str(workshop.tiny(DEFAULT)[fmt]), dtype=torch.float16).model
+        assert {p.dtype for p in half.parameters()} == {torch.float16}, fmt
 
 
 def test_weights_digest_is_one_sha256_over_every_weight_file(workshop):
