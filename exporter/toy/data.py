@@ -16,6 +16,8 @@ pixels.
 Answers are short and canonical (exact-match evaluation): a colour, a shape, a digit, a
 position, a size, or the one-sentence description (objects in reading order, top row first,
 left to right). Captions (stage 1) also say sizes and positions; descriptions (stage 2) do not.
+`caption_zh` is the description in Chinese, for the LoRA fine-tune (exporter/toy/lora.py):
+"红色圆形和蓝色正方形在灰色背景上".
 
 `split("train", n)` and `split("test", n)` draw from disjoint seed ranges.
 """
@@ -48,6 +50,17 @@ POSITIONS = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
+# Chinese names, for caption_zh (the LoRA fine-tune's captions)
+COLOURS_ZH = {
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "purple": "紫色",
+    "orange": "橙色",
+}
+SHAPES_ZH = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+BACKGROUNDS_ZH = {"gray": "灰色", "white": "白色", "black": "黑色"}
 # Seeds of the two splits never meet: train uses [0, 2**30), test [2**30, 2**31).
 SPLIT_OFFSETS = {"train": 0, "test": 1 << 30}
 SPLIT_SIZE = 1 << 30
@@ -150,6 +163,16 @@ def caption(scene: Scene) -> str:
     """The stage-1 caption: like the description, plus each object's size and position."""
     parts = [f"{_a(o.size)} {o.noun} at the {o.position}" for o in scene.objects]
     return f"{_listing(parts)} on a {scene.background} background"
+
+
+def caption_zh(scene: Scene) -> str:
+    """The description in Chinese, in its order (objects in reading order, then the background):
+    "红色圆形、绿色三角形和橙色正方形在灰色背景上" ("、" between all but the last two). The
+    English order lets the LoRA fine-tune reuse the base's describing: the background first
+    ("灰色背景上有...") learned half as fast (docs/toy-model.md)."""
+    nouns = [COLOURS_ZH[o.colour] + SHAPES_ZH[o.shape] for o in scene.objects]
+    listing = nouns[0] if len(nouns) == 1 else "、".join(nouns[:-1]) + "和" + nouns[-1]
+    return f"{listing}在{BACKGROUNDS_ZH[scene.background]}背景上"
 
 
 def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:

@@ -74,14 +74,21 @@ def pixel_values(images, spec: PreprocessSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_answer(model, tokenizer, pixels: torch.Tensor, question: str, fmt: PromptFormat) -> str:
+def reference_answer(
+    model,
+    tokenizer,
+    pixels: torch.Tensor,
+    question: str,
+    fmt: PromptFormat,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> str:
     """The greedy answer of HF generate to one question about one image ([1,3,H,W] pixels)."""
     ids = torch.tensor([prompt_ids(tokenizer, question, fmt)])
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),  # explicit: a placeholder id may equal the pad id
         pixel_values=pixels,
-        max_new_tokens=MAX_NEW_TOKENS,
+        max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=fmt.eos,
         pad_token_id=fmt.eos[0],
@@ -102,18 +109,24 @@ def held_out_questions(num_images: int) -> list[Question]:
     return [Question(image, q, a) for image, _caption, qa in split("test", num_images) for q, a in qa]
 
 
-def reference_answers(source, pipe: Pipeline, questions: list[Question]) -> list[str]:
+def reference_answers(
+    source, pipe: Pipeline, questions: list[Question], max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[str]:
     """The reference's answers on exactly the input the runtime builds from `pipe`'s folder."""
     model = source.model.eval()
     fmt, spec = PromptFormat.of_artifacts(pipe, model.config), pipe.manifest.preprocess
     return [
-        reference_answer(model, pipe.tokenizer, pixel_values([q.image], spec), q.question, fmt)
+        reference_answer(
+            model, pipe.tokenizer, pixel_values([q.image], spec), q.question, fmt, max_new_tokens
+        )
         for q in questions
     ]
 
 
-def runtime_answers(pipe: Pipeline, questions: list[Question]) -> list[str]:
-    return [pipe.generate(item.question, [item.image], MAX_NEW_TOKENS).text for item in questions]
+def runtime_answers(
+    pipe: Pipeline, questions: list[Question], max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[str]:
+    return [pipe.generate(item.question, [item.image], max_new_tokens).text for item in questions]
 
 
 @dataclass

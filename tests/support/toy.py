@@ -1,4 +1,4 @@
-"""The shipped toy LLaVA (models/toy-llava and its original-format twin) and exporting it
+"""The shipped toy LLaVA (models/toy-llava, its original-format twin and a LoRA of it) and exporting it
 through the command line, for the toy parity tests on the CPU and on a GPU."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TOY_HF_DIR = ROOT / "models" / "toy-llava"
 TOY_ORIGINAL_DIR = ROOT / "models" / "toy-llava-original"
+TOY_LORA_DIR = ROOT / "models" / "toy-llava-lora-zh"  # a LoRA fine-tune of the original twin
 
 
 def export_with_cli(model: Path, out: Path, *flags: str) -> Path:
