@@ -37,9 +37,8 @@ import torch
 
 from exporter.source import MLP2X_NAMES, load_source
 from exporter.toy import data
-from exporter.toy.evaluate import pixel_values, prompt_ids
+from exporter.toy.evaluate import pixel_values, reference_answer
 from exporter.toy.train import (
-    EOS_ID,
     Batches,
     check_answer_tokens,
     collate,
@@ -263,21 +262,9 @@ def merged_model(base: Path, folder: Path):
 # Evaluation
 
 
-@torch.no_grad()
 def caption_answer(model, tokenizer, pixels: torch.Tensor, fmt) -> str:
     """HF generate's greedy caption for one image ([1,3,H,W]), asked as llava-run asks it."""
-    ids = torch.tensor([prompt_ids(tokenizer, INSTRUCTION, fmt)])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),  # explicit: the placeholder id is the pad id
-        pixel_values=pixels,
-        max_new_tokens=MAX_NEW_TOKENS,
-        do_sample=False,
-        eos_token_id=fmt.eos,
-        pad_token_id=fmt.eos[0],
-    )
-    new = out[0, ids.shape[1] :].tolist()
-    return tokenizer.decode(new[: new.index(EOS_ID)] if EOS_ID in new else new, skip_special_tokens=True)
+    return reference_answer(model, tokenizer, pixels, INSTRUCTION, fmt, MAX_NEW_TOKENS)
 
 
 def held_out_captions(model, tokenizer, spec, n_images: int) -> list[tuple[str, str]]:
