@@ -44,7 +44,7 @@ from exporter.toy.train import (
     collate,
     conversation_sequence,
     loss_and_hits,
-    lr_at,
+    optimize,
     prompt_format,
 )
 from runtime.contract import TOKENIZER_FILE
@@ -301,36 +301,6 @@ class HeldOutCaptions:
 # Training
 
 
-def optimize(groups, step_loss, steps: int, log_every: int, started: float, report=None) -> None:
-    """train.optimize's AdamW (weight decay on matrices), warm-up and cosine (lr_at), clipping and
-    progress lines, with a peak learning rate per group: LLaVA's trainer gives the projector its
-    own (--mm_projector_lr). groups: [(params, peak_lr)]; step_loss() -> (loss, note)."""
-    param_groups = []
-    for params, peak in groups:
-        param_groups += [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01, "peak": peak},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "peak": peak},
-        ]
-    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(0.9, 0.98))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    warmup = max(1, min(50, steps // 10))
-    smoothed = None
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, group["peak"], warmup)
-        loss, note = step_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
-        if (step + 1) % log_every == 0 or step == steps - 1:
-            line = f"[lora] step {step + 1}/{steps}  loss {smoothed:.4f}  {note}  {time.monotonic() - started:.0f}s"
-            if report is not None and ((step + 1) % (log_every * 5) == 0 or step == steps - 1):
-                line += f"  | held-out {report()}"
-            print(line, flush=True)
-
-
 def train(
     model_base: Path,
     data_path: Path,
@@ -381,8 +351,8 @@ def train(
 
     projector = list(model.model.multi_modal_projector.parameters())
     adapters = [p for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_" in n]
-    optimize([(adapters, lr), (projector, mm_projector_lr)], step, steps, log_every, started,
-             report if held_out else None)  # fmt: skip
+    optimize("lora", [(adapters, lr), (projector, mm_projector_lr)], step, steps, float("inf"), log_every,
+             started, report if held_out else None)  # fmt: skip
     trained_s = time.monotonic() - started
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -408,17 +408,20 @@ class VisionHeads(torch.nn.Module):
         return loss, "patch " + " ".join(accuracy)
 
 
-def optimize(name, params, step_loss, steps, peak_lr, deadline, log_every, started, report=None) -> None:
-    """AdamW with warmup and cosine decay over `steps`; step_loss() -> (loss, note) per step;
-    report() -> str is appended every 5th log line and at the end. Stops early at the deadline."""
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=peak_lr,
-        betas=(0.9, 0.98),
-    )
+def optimize(name, groups, step_loss, steps, deadline, log_every, started, report=None) -> None:
+    """AdamW with warmup and cosine decay over `steps`, weight decay on matrices only, for
+    `groups` [(parameters, peak learning rate)] (LLaVA gives its projector a rate of its own);
+    step_loss() -> (loss, note) per step; report() -> str is appended every 5th log line and
+    at the end. Stops early at the deadline."""
+    param_groups = []
+    for params, peak in groups:
+        params = [p for p in params if p.requires_grad]
+        param_groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01, "peak": peak},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "peak": peak},
+        ]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(0.9, 0.98))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     warmup = max(1, min(50, steps // 10))
     smoothed = None
     for step in range(steps):
@@ -426,7 +429,7 @@ def optimize(name, params, step_loss, steps, peak_lr, deadline, log_every, start
             print(f"[{name}] time budget reached: stopping after {step} of {steps} steps", flush=True)
             break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, peak_lr, warmup)
+            group["lr"] = lr_at(step, steps, group["peak"], warmup)
         loss, note = step_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -491,8 +494,8 @@ def train(
     tower = model.model.vision_tower
     heads = VisionHeads(toy.vision_hidden)
     batches = Batches(pool, 64, seed)
-    optimize("stage 0 vision", [*tower.parameters(), *heads.parameters()],
-             lambda: heads.loss(model, *vision_batch(batches, toy)), vision_steps, lr, started + 0.1 * budget,
+    optimize("stage 0 vision", [([*tower.parameters(), *heads.parameters()], lr)],
+             lambda: heads.loss(model, *vision_batch(batches, toy)), vision_steps, started + 0.1 * budget,
              log_every * 5, started)  # fmt: skip
     # Stages 1 and 2 keep the tower frozen, as LLaVA does.
     tower.requires_grad_(False)
@@ -506,11 +509,11 @@ def train(
         return step
 
     batches = Batches(pool, caption_batch_size, seed + 1)
-    optimize("stage 1 captions", model.parameters(), text_step(lambda: caption_batch(batches, tokenizer, config)),
-             stage1, lr, started + 0.45 * budget, log_every, started)  # fmt: skip
+    optimize("stage 1 captions", [(model.parameters(), lr)], text_step(lambda: caption_batch(batches, tokenizer, config)),
+             stage1, started + 0.45 * budget, log_every, started)  # fmt: skip
     batches = Batches(pool, batch_size, seed + 2)
-    optimize("stage 2 instructions", model.parameters(),
-             text_step(lambda: instruction_batch(batches, tokenizer, config)), stage2, lr,
+    optimize("stage 2 instructions", [(model.parameters(), lr)],
+             text_step(lambda: instruction_batch(batches, tokenizer, config)), stage2,
              started + budget - 60, log_every, started, report if held_out else None)  # fmt: skip
     trained_s = time.monotonic() - started
     model.requires_grad_(False).eval()
