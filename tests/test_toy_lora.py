@@ -238,6 +238,30 @@ def test_training_is_deterministic(tiny_run, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in PROJECTOR_KEYS)
 
 
+def test_a_failed_run_leaves_out_as_it_was(tiny_run, tmp_path, monkeypatch):
+    """OUT is written beside itself and renamed at the end: a run that fails after writing
+    leaves no scratch folder and the previous OUT untouched."""
+    import shutil
+
+    out = tmp_path / "toy-llava-lora-zh"
+    shutil.copytree(tiny_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(lora, "merged_model", fail)
+    data_folder = tiny_run.parent / "data"
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        lora.main(
+            ["train", "--model-base", str(BASE), "--data-path", str(data_folder / lora.DATA_FILE),
+             "--image-folder", str(data_folder), "--out", str(out), "--steps", "1", "--batch-size", "2",
+             "--eval-images", "1"]
+        )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped adapter
 
