@@ -250,7 +250,7 @@ def test_a_failed_run_leaves_out_as_it_was(tiny_run, tmp_path, monkeypatch):
     def fail(*args):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(lora, "merged_model", fail)
+    monkeypatch.setattr(lora, "held_out_captions", fail)
     data_folder = tiny_run.parent / "data"
     with pytest.raises(RuntimeError, match="evaluation failed"):
         lora.main(

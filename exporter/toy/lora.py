@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from exporter.source import MLP2X_NAMES, load_source
+from exporter.source import MLP2X_NAMES, PEFT_PREFIX, load_source
 from exporter.toy import data
 from exporter.toy.evaluate import pixel_values, reference_answer
 from exporter.toy.train import (
@@ -58,7 +58,6 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LM_HEAD = "lm_head"
 # Where the decoder's layers sit in LlavaForConditionalGeneration, and in LLaVA's LlavaLlamaForCausalLM
 HF_LAYERS, LLAVA_LAYERS = "model.language_model.layers.", "model.layers."
-PEFT_PREFIX = "base_model.model."
 OUTPUT_FILES = ("config.json", "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin")
 SAVE_DTYPE = torch.float16
 MAX_NEW_TOKENS = 128  # the longest caption is 88 tokens: "▁", then 29 characters of 3 bytes
@@ -165,14 +164,6 @@ def llava_adapter_state(peft_model) -> dict[str, torch.Tensor]:
     }
 
 
-def hf_adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """llava_adapter_state's inverse: the names PEFT expects on LlavaForConditionalGeneration,
-    under the "default" adapter."""
-    return {
-        swap_prefix(name, PEFT_PREFIX + LLAVA_LAYERS, PEFT_PREFIX + HF_LAYERS): t for name, t in state.items()
-    }
-
-
 def swap_prefix(name: str, old: str, new: str) -> str:
     return new + name[len(old) :] if name.startswith(old) else name
 
@@ -185,17 +176,6 @@ def projector_state(model) -> dict[str, torch.Tensor]:
             name = swap_prefix(name, named, index)
         state[f"{PEFT_PREFIX}model.mm_projector.{name}"] = tensor.detach().to(SAVE_DTYPE).clone()
     return state
-
-
-def load_projector(model, state: dict[str, torch.Tensor]) -> None:
-    """projector_state's inverse, into LlavaForConditionalGeneration's projector."""
-    named = {}
-    for name, tensor in state.items():
-        suffix = name.removeprefix(f"{PEFT_PREFIX}model.mm_projector.")
-        for index, hf_name in MLP2X_NAMES.items():
-            suffix = swap_prefix(suffix, index, hf_name)
-        named[suffix] = tensor
-    model.model.multi_modal_projector.load_state_dict(named)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,31 +211,6 @@ def write_output(peft_model, model, base: Path, folder: Path, out: Path, r, alph
     saved.save_pretrained(str(folder))
     save_file(llava_adapter_state(peft_model), str(folder / "adapter_model.safetensors"), {"format": "pt"})
     torch.save(projector_state(model), folder / "non_lora_trainables.bin")
-
-
-def merged_model(base: Path, folder: Path):
-    """A fresh base with `folder`'s adapter and projector, merged by PEFT's merge_and_unload:
-    what LLaVA's load_pretrained_model builds from the LoRA folder and its base."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    model = load_source(str(base)).model
-    load_projector(model, torch.load(folder / "non_lora_trainables.bin", weights_only=True))
-    saved = json.loads((folder / "adapter_config.json").read_text())
-    config = LoraConfig(
-        r=saved["r"],
-        lora_alpha=saved["lora_alpha"],
-        target_modules=lora_targets(LM_HEAD in saved["target_modules"]),
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    result = set_peft_model_state_dict(
-        peft_model, hf_adapter_state(load_file(folder / "adapter_model.safetensors"))
-    )
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if missing or result.unexpected_keys:
-        raise AssertionError(f"adapter keys missing {missing[:3]} or unexpected {result.unexpected_keys[:3]}")
-    return peft_model.merge_and_unload().eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +316,8 @@ def train(
         write_output(peft_model, model, model_base, scratch, out, lora_r, lora_alpha, lora_dropout, lm_head)
         accuracy, samples = float("nan"), []
         if eval_images:
-            pairs = held_out_captions(merged_model(model_base, scratch), tokenizer, spec, eval_images)
+            merged = load_source(str(scratch), model_base=str(model_base)).model  # llava-export's merge
+            pairs = held_out_captions(merged, tokenizer, spec, eval_images)
             accuracy = sum(expected == got for expected, got in pairs) / len(pairs)
             print(f"held-out captions (merged model, HF generate, greedy, exact match): "
                   f"{sum(e == g for e, g in pairs)}/{len(pairs)} = {100 * accuracy:.1f}%", flush=True)  # fmt: skip
