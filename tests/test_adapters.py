@@ -29,7 +29,7 @@ from exporter.verify import verify_artifacts  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.errors import SourceError  # noqa: E402
 from tests.support import adapters as made  # noqa: E402
-from tests.support.export_cli import assert_user_error, invoke  # noqa: E402
+from tests.support.cli import assert_user_error, invoke  # noqa: E402
 
 VISION_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from exporter.bench import roofline as rl
+from tests.support.cli import assert_error_line
 
 LLAVA_BENCH = Path(sys.executable).with_name("llava-bench")
 QUICK = [
@@ -376,17 +377,8 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1, result.output
-    for fragment in fragments:
-        assert fragment in error[0], error[0]
-    assert "Traceback" not in result.output
-
-
 def test_trt_without_engine_is_an_engine_error(tiny_hf, tiny_artifacts):
-    assert_user_error(
+    assert_error_line(
         invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--backend", "trt"),
         "TensorRT engine",
         "llava-export engine",
@@ -394,7 +386,7 @@ def test_trt_without_engine_is_an_engine_error(tiny_hf, tiny_artifacts):
 
 
 def test_missing_artifacts(tiny_hf, tmp_path):
-    assert_user_error(invoke("--model", tiny_hf, "--artifacts", tmp_path / "nowhere"), "does not exist")
+    assert_error_line(invoke("--model", tiny_hf, "--artifacts", tmp_path / "nowhere"), "does not exist")
 
 
 @pytest.fixture
@@ -411,7 +403,7 @@ def slow_work(monkeypatch) -> list[str]:
 
 def test_prompt_too_long_for_the_model(tiny_hf, tiny_artifacts, slow_work):
     # 250 text + 16 image tokens > 256 positions: the runtime's own limits, with the flags
-    assert_user_error(
+    assert_error_line(
         invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--prompt-len", 250, "--new-tokens", 4),
         "--prompt-len 250 (+ 16 image tokens) and --new-tokens 4",
         "prompt is 266 tokens with its images; the model takes at most 256 positions",
@@ -439,7 +431,7 @@ def test_a_static_kv_cache_too_small_is_refused_before_pytorch_loads(
         kv_cache=contract.KV_STATIC,
         max_seq_len=32,
     )
-    assert_user_error(
+    assert_error_line(
         invoke("--model", tiny_hf, "--artifacts", artifacts, "--prompt-len", 8, "--new-tokens", 16),
         "--new-tokens 16 (17 new tokens with the prefill's) do not fit",
         "the decoder's static KV cache holds 32",
@@ -449,7 +441,7 @@ def test_a_static_kv_cache_too_small_is_refused_before_pytorch_loads(
 
 
 def test_json_into_a_missing_folder(tiny_hf, tiny_artifacts, tmp_path):
-    assert_user_error(
+    assert_error_line(
         invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--json", tmp_path / "no" / "x.json"),
         "--json",
         "does not exist",
@@ -458,7 +450,7 @@ def test_json_into_a_missing_folder(tiny_hf, tiny_artifacts, tmp_path):
 
 def test_plot_without_matplotlib_names_the_extra(tiny_hf, tiny_artifacts, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    assert_user_error(
+    assert_error_line(
         invoke("--model", tiny_hf, "--artifacts", tiny_artifacts, "--plot", tmp_path / "p.png"),
         "--plot needs matplotlib",
         "pip install 'llava-export[bench]'",
@@ -504,4 +496,4 @@ def test_artifacts_of_another_model(tiny_hf, tiny_artifacts, tmp_path, monkeypat
     config["text_config"]["max_position_embeddings"] = 512
     (other / "config.json").write_text(json.dumps(config))
     result = invoke("--model", other, "--artifacts", tiny_artifacts, *QUICK)
-    assert_user_error(result, "were not exported from --model", "max_positions is 256 there and 512")
+    assert_error_line(result, "were not exported from --model", "max_positions is 256 there and 512")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from exporter.bench import roofline as rl
+from tests.support.cli import assert_error_line
 
 LLAVA_BENCH = Path(sys.executable).with_name("llava-bench")
 QUICK = ["--clients", "1,2", "--new-tokens", "4", "--requests", "2", "--warmup", "1"]
@@ -301,30 +302,21 @@ def test_question_is_sized_with_the_tokenizer(tiny_artifacts):
 # User errors: one `error:` line, exit 2
 
 
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1, result.output
-    for fragment in fragments:
-        assert fragment in error[0], error[0]
-    assert "Traceback" not in result.output
-
-
 def test_missing_artifacts_folder(tmp_path):
-    assert_user_error(invoke("serve", "--artifacts", tmp_path / "nowhere", *QUICK), "does not exist")
+    assert_error_line(invoke("serve", "--artifacts", tmp_path / "nowhere", *QUICK), "does not exist")
 
 
 def test_neither_artifacts_nor_url():
-    assert_user_error(invoke("serve", *QUICK), "give --artifacts", "--url")
+    assert_error_line(invoke("serve", *QUICK), "give --artifacts", "--url")
 
 
 def test_bad_client_counts(tiny_artifacts):
     for bad in ("0", "1,x", ""):
-        assert_user_error(invoke("serve", "--artifacts", tiny_artifacts, "--clients", bad), "--clients")
+        assert_error_line(invoke("serve", "--artifacts", tiny_artifacts, "--clients", bad), "--clients")
 
 
 def test_json_into_a_missing_folder(tiny_artifacts, tmp_path):
-    assert_user_error(
+    assert_error_line(
         invoke("serve", "--artifacts", tiny_artifacts, "--json", tmp_path / "no" / "x.json"),
         "--json",
         "a folder that exists",
@@ -336,7 +328,7 @@ def test_url_where_no_server_listens():
     sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     try:
         port = sock.getsockname()[1]
-        assert_user_error(
+        assert_error_line(
             invoke("serve", "--url", f"http://127.0.0.1:{port}", *QUICK), "no llava-serve answers there"
         )
     finally:

@@ -33,7 +33,7 @@ from exporter.source import load_source  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import contract  # noqa: E402
 from runtime.errors import ArtifactError  # noqa: E402
-from tests.support.export_cli import assert_user_error, invoke  # noqa: E402
+from tests.support.cli import assert_user_error, invoke  # noqa: E402
 from tests.support.graphs import pixels, run_vision  # noqa: E402
 
 DEFAULT = TinyConfig()

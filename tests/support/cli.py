@@ -1,4 +1,4 @@
-"""Driving `llava-export` in-process (click's CliRunner) and checking its user errors."""
+"""Driving the command lines in-process (click's CliRunner) and checking their user errors."""
 
 from __future__ import annotations
 
@@ -20,3 +20,14 @@ def assert_user_error(result, *fragments: str):
     for fragment in fragments:
         assert fragment in lines[0]
     assert "Traceback" not in result.output and result.stdout == ""
+
+
+def assert_error_line(result, *fragments: str):
+    """Exit 2 and exactly one `error: ...` line naming `fragments`, among other output (a
+    command that prints its progress before it meets the error), no traceback."""
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error[0], error[0]
+    assert "Traceback" not in result.output
