@@ -7,6 +7,7 @@ An artifact folder holds:
     decoder.onnx (+ .data)       inputs_embeds, attention_mask, position_ids, past_key_values.*
                                  -> logits [B,vocab] (last position only), present.*
     embed_tokens.npy             [vocab, hidden], memory-mapped by the runtime
+    image_newline.npy            [hidden] (LLaVA-1.6 "anyres" models only: format version 2)
     tokenizer.json (+ tokenizer_config.json)
     engines/<gpu>-sm<cc>-trt<version>/...   TensorRT plans (optional)
 
@@ -27,12 +28,18 @@ from typing import Any
 from runtime.errors import ArtifactError
 
 FORMAT_NAME = "llava-export"
+# Version 2 is version 1 plus `anyres` (LLaVA-1.6 tiling): written only for such models, so
+# LLaVA-1.5 manifests stay readable by runtimes that know version 1 alone, and those refuse
+# a 1.6 manifest instead of misreading it.
 FORMAT_VERSION = 1
+ANYRES_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, ANYRES_FORMAT_VERSION)
 
 MANIFEST_FILE = "llava_export.json"
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
 EMBEDDINGS_FILE = "embed_tokens.npy"
+IMAGE_NEWLINE_FILE = "image_newline.npy"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 ENGINES_DIR = "engines"
@@ -119,6 +126,48 @@ class VisionSpec:
         self.num_image_tokens = patches + (1 if self.select_strategy == "full" else 0)
 
 
+# LLaVA-1.6's only merge of the tile grid: unpad to the image's aspect, a newline per row.
+MERGE_SPATIAL_UNPAD = "spatial_unpad"
+
+
+@dataclass
+class AnyresSpec:
+    """LLaVA-1.6 ("anyres"): an image is seen as a downscaled base tile plus a grid of tiles.
+
+    The image goes to the pinpoint (height, width) that keeps most of its pixels and wastes
+    least, resized keeping its aspect, padded black to the pinpoint, centred, and cut into
+    `tile_size` squares; the base tile (the whole image squashed to one tile) comes first.
+    After the vision graph the grid's features are unpadded to the image's aspect and each
+    row ends in the `newline_file` vector (runtime/anyres.py does all of it).
+    """
+
+    grid_pinpoints: list[list[int]]  # [[height, width], ...] in pixels, HF's order (not the original repo's)
+    tile_size: int  # pixels; the vision tower's image_size
+    merge: str = MERGE_SPATIAL_UNPAD
+    newline_file: str = IMAGE_NEWLINE_FILE
+
+    def __post_init__(self):
+        if self.merge != MERGE_SPATIAL_UNPAD:
+            raise ArtifactError(f"anyres merge must be {MERGE_SPATIAL_UNPAD!r}, not {self.merge!r}")
+        self.grid_pinpoints = [list(map(int, point)) for point in self.grid_pinpoints]
+        if not self.grid_pinpoints:
+            raise ArtifactError("anyres has no grid pinpoints")
+        uneven = [
+            p
+            for p in self.grid_pinpoints
+            if len(p) != 2 or min(p) <= 0 or p[0] % self.tile_size or p[1] % self.tile_size
+        ]
+        if uneven:
+            raise ArtifactError(
+                f"anyres pinpoint {uneven[0]} is not a (height, width) in whole {self.tile_size}-pixel tiles"
+            )
+
+    @property
+    def max_tiles(self) -> int:
+        """The most tiles an image can take: the largest grid, plus the base tile."""
+        return 1 + max(h // self.tile_size * (w // self.tile_size) for h, w in self.grid_pinpoints)
+
+
 @dataclass
 class TextSpec:
     family: str  # "llama" | "mistral" | "qwen2"
@@ -183,11 +232,35 @@ class Manifest:
     embeddings: dict[str, Any] = field(default_factory=dict)  # {"file", "dtype", "shape"}
     tools: dict[str, str] = field(default_factory=dict)
     parity: dict[str, dict[str, float]] = field(default_factory=dict)
+    anyres: AnyresSpec | None = None  # LLaVA-1.6 tiling; None for LLaVA-1.5 (one tile per image)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self):
+        # the version follows the content: a runtime that knows only 1 must refuse `anyres`
+        self.format_version = FORMAT_VERSION if self.anyres is None else ANYRES_FORMAT_VERSION
+        spec = self.anyres
+        if spec is not None:
+            sizes = {
+                spec.tile_size,
+                self.vision.image_size,
+                self.preprocess.shortest_edge,
+                self.preprocess.crop_size,
+            }
+            if len(sizes) != 1:
+                raise ArtifactError(
+                    f"anyres tile_size {spec.tile_size}, vision image_size {self.vision.image_size} and preprocess "
+                    f"shortest_edge/crop_size {self.preprocess.shortest_edge}/{self.preprocess.crop_size} must agree"
+                )
+            if self.vision.select_strategy != "default":
+                raise ArtifactError(
+                    "anyres takes select_strategy 'default' only (the CLS token has no place in the tile grid)"
+                )
+
     def to_json(self) -> str:
         data = asdict(self)
+        if data["anyres"] is None:
+            data.pop("anyres")
         for graph in data["graphs"].values():
             if graph.get("quant") is None:
                 graph.pop("quant", None)
@@ -211,8 +284,8 @@ class Manifest:
             embeddings=data.get("embeddings", {}),
             tools=data.get("tools", {}),
             parity=data.get("parity", {}),
+            anyres=AnyresSpec(**data["anyres"]) if "anyres" in data else None,
             format=data["format"],
-            format_version=data["format_version"],
         )
 
     def same_model(self, other: Manifest) -> bool:
@@ -222,7 +295,8 @@ class Manifest:
             self.vision,
             self.text,
             self.preprocess,
-        ) == (other.vision, other.text, other.preprocess)
+            self.anyres,
+        ) == (other.vision, other.text, other.preprocess, other.anyres)
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
@@ -241,15 +315,22 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path} is not a {FORMAT_NAME} manifest")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{path} has format version {version}; this runtime reads version {FORMAT_VERSION} "
-            "(re-export with this llava-export, or install the matching runtime)"
+            f"{path} has format version {version}; this runtime reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (re-export with this llava-export, or install the matching runtime)"
+        )
+    if (version == ANYRES_FORMAT_VERSION) != ("anyres" in data):
+        raise ArtifactError(
+            f"{path} is malformed: format version {version} {'without' if 'anyres' not in data else 'with'} "
+            "an `anyres` entry; re-export the artifacts"
         )
     try:
         return Manifest.from_dict(data)
     except (KeyError, TypeError) as err:
         raise ArtifactError(f"{path} is incomplete or malformed ({err}); re-export the artifacts") from None
+    except ArtifactError as err:
+        raise ArtifactError(f"{path}: {err}; re-export the artifacts") from None
 
 
 def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:

@@ -343,7 +343,7 @@ def test_manifest_io_spec_matches_the_graph(workshop, graph):
 
 def test_read_manifest_refuses_an_unknown_format_version(workshop, tmp_path):
     data = json.loads((workshop.artifacts(DEFAULT) / contract.MANIFEST_FILE).read_text())
-    data["format_version"] = contract.FORMAT_VERSION + 1
+    data["format_version"] = max(contract.READABLE_VERSIONS) + 1
     (tmp_path / contract.MANIFEST_FILE).write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match=f"format version {contract.FORMAT_VERSION + 1}"):
+    with pytest.raises(ArtifactError, match=f"format version {max(contract.READABLE_VERSIONS) + 1}"):
         contract.read_manifest(tmp_path)
