@@ -18,6 +18,7 @@ ARTIFACT_FILES = (
     contract.DECODER_FILE,
     contract.DECODER_FILE + ".data",
     contract.EMBEDDINGS_FILE,
+    contract.IMAGE_NEWLINE_FILE,
     contract.TOKENIZER_FILE,
     contract.TOKENIZER_CONFIG_FILE,
     contract.MANIFEST_FILE,
@@ -43,6 +44,7 @@ def new_manifest(source: LlavaSource, template: str | None = None) -> Manifest:
         tokens=TokenSpec(bos=None, eos=[], pad=0),  # filled when the tokenizer is exported
         template=template or source.template,
         tools=tool_versions(),
+        anyres=source.anyres,
     )
 
 

@@ -1,17 +1,22 @@
 """Loading a LLaVA checkpoint: the exporter's single entry point for a source.
 
 SRC is a local folder or a hub id, in either format:
-  - "hf": transformers `LlavaForConditionalGeneration` (llava-hf/llava-1.5-7b-hf style);
+  - "hf": transformers `LlavaForConditionalGeneration` (llava-hf/llava-1.5-7b-hf style), or
+    `LlavaNextForConditionalGeneration` (LLaVA-1.6, llava-hf/llava-v1.6-mistral-7b-hf style);
   - "original": the haotian-liu/LLaVA repo's (liuhaotian/llava-v1.5-7b style, and what its LoRA
     merge writes): a Llama-family config with mm_* fields, weights `model.layers.*`,
     `model.mm_projector.*`, `lm_head.*`, and a CLIP tower in a separate checkpoint named by
-    `mm_vision_tower` (or `--vision-tower PATH`).
-Both become the same reference (`LlavaForConditionalGeneration`) plus one normalized
-description (VisionSpec, TextSpec, PreprocessSpec, template) that export and runtime use.
+    `mm_vision_tower` (or `--vision-tower PATH`). LLaVA-1.6 (liuhaotian/llava-v1.6-vicuna-7b)
+    adds `image_aspect_ratio: anyres`, its pinpoints, `model.image_newline` and, with
+    `unfreeze_mm_vision_tower`, the fine-tuned tower's weights in the checkpoint.
+Both become the same reference (`LlavaForConditionalGeneration`, or `LlavaNextForConditionalGeneration`
+for LLaVA-1.6) plus one normalized description (VisionSpec, TextSpec, PreprocessSpec, template;
+AnyresSpec for LLaVA-1.6) that export and runtime use.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -22,7 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.contract import PreprocessSpec, TextSpec, VisionSpec, file_sha256
+from runtime.contract import (
+    MERGE_SPATIAL_UNPAD,
+    AnyresSpec,
+    PreprocessSpec,
+    TextSpec,
+    VisionSpec,
+    file_sha256,
+)
 from runtime.errors import SourceError
 
 # Text families we export, by the transformers model_type of the text config. The original
@@ -36,6 +48,11 @@ ORIGINAL_MODEL_TYPES = {
     "llava_qwen2": "qwen2",
 }
 DEFAULT_TEMPLATES = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml"}
+# The reference's (config, model) classes in transformers, by the HF config's model_type.
+HF_CLASSES = {
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration"),  # LLaVA-1.5
+    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration"),  # LLaVA-1.6
+}
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
@@ -67,6 +84,9 @@ class LlavaSource:
     tokenizer_dir: Path
     weight_files: list[Path]
     inputs: list[SourceInput] = field(default_factory=list)  # empty for a whole model in one folder
+    # LLaVA-1.6 (LlavaNextForConditionalGeneration, or the original repo's image_aspect_ratio
+    # "anyres"): its tiling; None for LLaVA-1.5
+    anyres: AnyresSpec | None = None
 
     @functools.cached_property
     def input_sha256(self) -> dict[str, str]:
@@ -178,13 +198,21 @@ def detect_format(config: dict, folder: Path) -> str:
         and "vision_config" not in config
     ):
         return "original"
-    if config.get("model_type") == "llava" and "vision_config" in config:
+    if config.get("model_type") in HF_CLASSES and "vision_config" in config:
         return "hf"
     kind = config.get("model_type", "unknown")
     raise SourceError(
         f"{folder} is not a LLaVA model (model_type {kind!r}, no vision tower): expected a "
-        "LlavaForConditionalGeneration folder or an original LLaVA checkpoint with mm_vision_tower"
+        "LlavaForConditionalGeneration or LlavaNextForConditionalGeneration folder, or an original "
+        "LLaVA checkpoint with mm_vision_tower"
     )
+
+
+def hf_classes(model_type: str) -> tuple[type, type]:
+    """transformers' (config, model) classes of a HF_CLASSES model_type."""
+    import transformers
+
+    return tuple(getattr(transformers, name) for name in HF_CLASSES[model_type])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,32 +220,39 @@ def detect_format(config: dict, folder: Path) -> str:
 
 
 def load_hf(folder: Path, config: dict, dtype: torch.dtype) -> LlavaSource:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    llava_config = LlavaConfig.from_pretrained(folder)
+    """A LlavaForConditionalGeneration folder, or a LlavaNextForConditionalGeneration one
+    (LLaVA-1.6); everything is checked before the weights are read."""
+    config_class, model_class = hf_classes(config["model_type"])
+    llava_config = config_class.from_pretrained(folder)
     family = text_family(llava_config.text_config.model_type)
-    if not isinstance(llava_config.vision_feature_layer, int):
-        raise SourceError(
-            f"{folder}: several vision feature layers {llava_config.vision_feature_layer} are not supported"
-        )
+    check_feature_layer(folder, llava_config.vision_feature_layer)
     if llava_config.projector_hidden_act != "gelu":
         raise SourceError(
             f"{folder}: projector activation {llava_config.projector_hidden_act!r} is not supported (gelu only)"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(folder, config=llava_config, dtype=dtype)
-    model.eval().requires_grad_(False)
+    vision = vision_spec(llava_config, "mlp2x_gelu")
+    anyres = None
+    if llava_config.model_type == "llava_next":
+        anyres = anyres_spec(folder, llava_config.image_grid_pinpoints, vision.image_size, width_first=False)
     processor = load_processor_config(folder)
-    aspect = "pad" if processor.get("do_pad") else "crop"
+    # LlavaNextImageProcessor's do_pad pads a batch's tile counts, not the image to a square
+    aspect = "pad" if processor.get("do_pad") and anyres is None else "crop"
+    preprocess = preprocess_spec(processor, llava_config.vision_config, aspect)
+    if anyres:
+        check_anyres_fits(folder, folder, vision, preprocess, "vision_feature_select_strategy 'full'")
+    model = model_class.from_pretrained(folder, config=llava_config, dtype=dtype)
+    model.eval().requires_grad_(False)
     return LlavaSource(
         path=folder,
         format="hf",
         model=model,
-        vision=vision_spec(llava_config, "mlp2x_gelu"),
+        vision=vision,
         text=text_spec(llava_config.text_config, family),
-        preprocess=preprocess_spec(processor, llava_config.vision_config, aspect),
+        preprocess=preprocess,
         template=DEFAULT_TEMPLATES[family],
         tokenizer_dir=folder,
         weight_files=weight_files(folder),
+        anyres=anyres,
     )
 
 
@@ -245,8 +280,12 @@ def load_original(
     """The model `config` (an original-format config.json in `folder`) describes, with the
     weights of `folder`; or, for a training output, those of `base` (the LLaVA or language
     model it was trained on) overlaid with its `trained` files (non_lora_trainables.bin,
-    mm_projector.bin), keys behind PEFT's prefix as LLaVA's loader takes them."""
-    from transformers import CLIPVisionConfig, LlavaConfig
+    mm_projector.bin), keys behind PEFT's prefix as LLaVA's loader takes them.
+
+    `image_aspect_ratio: anyres` (LLaVA-1.6) makes a LlavaNextConfig reference. With
+    `unfreeze_mm_vision_tower` (LLaVA-1.6's), the checkpoint's tower weights replace those of
+    mm_vision_tower, as in LLaVA's loader (which builds that tower before loading the checkpoint)."""
+    from transformers import CLIPVisionConfig
 
     family = text_family(ORIGINAL_MODEL_TYPES.get(config.get("model_type", ""), config.get("model_type", "")))
     projector = config.get("mm_projector_type", "linear")
@@ -263,9 +302,13 @@ def load_original(
         raise SourceError(
             f"{folder}: mm_vision_select_feature {select_feature!r} is not supported (patch, cls_patch)"
         )
+    check_feature_layer(folder, config.get("mm_vision_select_layer", -2))
+    vision_config = CLIPVisionConfig.from_pretrained(tower)
+    anyres = original_anyres(folder, config, vision_config.image_size)
 
-    llava_config = LlavaConfig(
-        vision_config=CLIPVisionConfig.from_pretrained(tower).to_dict(),
+    config_class, _ = hf_classes("llava" if anyres is None else "llava_next")
+    llava_config = config_class(
+        vision_config=vision_config.to_dict(),
         text_config=text_config_dict(config, family),
         vision_feature_layer=config.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select_feature == "patch" else "full",
@@ -273,31 +316,38 @@ def load_original(
         # tokenizers) never comes out of our prompts. The runtime does not use it.
         image_token_index=0,
         tie_word_embeddings=config.get("tie_word_embeddings", False),
+        **({} if anyres is None else {"image_grid_pinpoints": anyres.grid_pinpoints}),
     )
+    vision = vision_spec(llava_config, projector)
+    processor = load_processor_config(tower)
+    aspect = "pad" if config.get("image_aspect_ratio", "square") == "pad" else "crop"
+    preprocess = preprocess_spec(processor, llava_config.vision_config, aspect)
+    if anyres:
+        check_anyres_fits(folder, tower, vision, preprocess, "mm_vision_select_feature 'cls_patch'")
     model = build_empty_model(llava_config, depth, dtype)
+    load_tower_weights(model, tower, dtype)
     weights = base or folder
     files = checkpoint_files(weights)
     implied_by = folder / "config.json"
-    loaded = copy_weights(model, files, original_names(model), implied_by)
+    with_tower = bool(config.get("unfreeze_mm_vision_tower", False))
+    loaded = copy_weights(model, files, original_names(model, tower=with_tower), implied_by)
     for file in trained or []:
         loaded |= copy_weights(model, [file], original_names(model, trained=True), implied_by)
     check_complete(model, loaded, weights if not trained else f"{weights} and {folder}")
-    load_tower_weights(model, tower, dtype)
-    processor = load_processor_config(tower)
-    aspect = "pad" if config.get("image_aspect_ratio", "square") == "pad" else "crop"
     return LlavaSource(
         path=folder,
         format="original",
         model=model,
-        vision=vision_spec(llava_config, projector),
+        vision=vision,
         text=text_spec(llava_config.text_config, family),
-        preprocess=preprocess_spec(processor, llava_config.vision_config, aspect),
+        preprocess=preprocess,
         template=DEFAULT_TEMPLATES[family],
         tokenizer_dir=tokenizer_folder(folder, weights),
         weight_files=files + list(trained or []) + weight_files(tower),
         inputs=[]
         if base is None
         else [SourceInput("base", base, files), SourceInput("vision_tower", tower, weight_files(tower))],
+        anyres=anyres,
     )
 
 
@@ -362,15 +412,16 @@ class SequentialProjector(nn.Sequential):
 
 
 def build_empty_model(llava_config, depth: int, dtype: torch.dtype) -> nn.Module:
-    """An uninitialised LlavaForConditionalGeneration in `dtype` (weights are loaded after)."""
-    from transformers import LlavaForConditionalGeneration
+    """An uninitialised LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for a
+    LlavaNextConfig) in `dtype` (weights are loaded after)."""
     from transformers.initialization import no_init_weights
 
+    _, model_class = hf_classes(llava_config.model_type)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate in the target dtype: no float32 copy of a 7B model
     try:
         with no_init_weights():
-            model = LlavaForConditionalGeneration(llava_config)
+            model = model_class(llava_config)
             if depth != 2:
                 vision_hidden = llava_config.vision_config.hidden_size
                 text_hidden = llava_config.text_config.hidden_size
@@ -399,6 +450,8 @@ def original_to_hf_key(key: str, tower: bool = False) -> str | None:
         return "model.vision_tower." + inner if tower else None  # transformers 5 drops vision_model.
     if key.startswith("model.mm_projector."):
         return "model.multi_modal_projector." + key[len("model.mm_projector.") :]
+    if key == "model.image_newline":  # LLaVA-1.6's row end: the LLaVA model's, not the language model's
+        return key
     if key.startswith("model."):
         return "model.language_model." + key[len("model.") :]
     if key.startswith("lm_head."):
@@ -406,13 +459,14 @@ def original_to_hf_key(key: str, tower: bool = False) -> str | None:
     return None
 
 
-def original_names(model: nn.Module, trained: bool = False):
+def original_names(model: nn.Module, trained: bool = False, tower: bool = False):
     """name -> the reference's parameter name (or None: ignored), for original-format weights;
-    `trained`: the keys of a training output (PEFT's prefix, the tower kept)."""
+    `trained`: the keys of a training output (PEFT's prefix, the tower kept); `tower`: the
+    tower's keys kept (a checkpoint whose tower was fine-tuned: unfreeze_mm_vision_tower)."""
     uses_mlp2x = not isinstance(model.model.multi_modal_projector, SequentialProjector)
 
     def name_of(key: str) -> str | None:
-        name = original_to_hf_key(key.removeprefix(PEFT_PREFIX) if trained else key, tower=trained)
+        name = original_to_hf_key(key.removeprefix(PEFT_PREFIX) if trained else key, tower=trained or tower)
         if uses_mlp2x and name and name.startswith("model.multi_modal_projector."):
             suffix = name[len("model.multi_modal_projector.") :]
             for index, named in MLP2X_NAMES.items():
@@ -513,7 +567,117 @@ def iter_checkpoint(file: Path):
 
 
 # ---------------------------------------------------------------------------------------------
+# LLaVA-1.6 ("anyres")
+
+ANYRES = "anyres"
+# What an anyres model may have (parity_tests/test_next_parity.py holds a case for each): every
+# text family; the patch features only (check_anyres_fits).
+ANYRES_FAMILIES = SUPPORTED_FAMILIES
+ANYRES_STRATEGIES = ("default",)
+# The later LLaVA-NeXT repo's pinpoint range, "(1x1),...,(6x6)": grids, not pixels.
+PINPOINT_RANGE = re.compile(r"\(\s*\d+\s*x\s*\d+\s*\)")
+
+
+def original_anyres(folder: Path, config: dict, tile: int) -> AnyresSpec | None:
+    """The tiling of an original-format config with image_aspect_ratio "anyres" (None for any
+    other ratio); refuses what LLaVA-1.6's code does not run: another patch merge, and the later
+    LLaVA-NeXT repo's "anyres_max_N" and pinpoint range."""
+    ratio = config.get("image_aspect_ratio")
+    if not (isinstance(ratio, str) and ratio.startswith(ANYRES)):
+        return None
+    if ratio != ANYRES:
+        raise SourceError(
+            f"{folder}: image_aspect_ratio {ratio!r} (the later LLaVA-NeXT repo's) is not supported: "
+            "only LLaVA-1.6's 'anyres' is"
+        )
+    merge = config.get("mm_patch_merge_type", "flat")
+    if merge != MERGE_SPATIAL_UNPAD:
+        raise SourceError(
+            f"{folder}: mm_patch_merge_type {merge!r} with image_aspect_ratio 'anyres' is not supported "
+            f"(only {MERGE_SPATIAL_UNPAD!r}, LLaVA-1.6's)"
+        )
+    written = config.get("image_grid_pinpoints")
+    if written is None:
+        raise SourceError(
+            f"{folder}: image_aspect_ratio 'anyres' without image_grid_pinpoints: add the (width, height) pinpoints"
+        )
+    if isinstance(written, str):
+        written = parse_pinpoints(folder, written)
+    return anyres_spec(folder, written, tile, width_first=True)
+
+
+def parse_pinpoints(folder: Path, text: str):
+    """Pinpoints written as a string, "[(336, 672), (672, 336), ...]", read as the original repo
+    reads them (ast.literal_eval)."""
+    if PINPOINT_RANGE.search(text):
+        raise SourceError(
+            f"{folder}: image_grid_pinpoints {text!r} (the later LLaVA-NeXT repo's range form) is not "
+            "supported: list LLaVA-1.6's (width, height) pinpoints in pixels"
+        )
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise SourceError(
+            f"{folder}: image_grid_pinpoints {text!r} is not a list of (width, height) pairs"
+        ) from None
+
+
+def anyres_spec(folder: Path, written, tile: int, width_first: bool) -> AnyresSpec:
+    """The AnyresSpec of pinpoints as a config writes them: [height, width] pairs (HF's), or
+    [width, height] (`width_first`: the original repo's), swapped pair by pair in the list's
+    order, so that select_best_resolution keeps the same first of equally good pinpoints. Each
+    must be whole `tile`-pixel tiles: the original repo's grid and its tiles disagree otherwise
+    (haotian-liu/LLaVA#1300)."""
+    order = "(width, height)" if width_first else "(height, width)"
+    if not (isinstance(written, (list, tuple)) and written and all(map(is_pixel_pair, written))):
+        raise SourceError(
+            f"{folder}: image_grid_pinpoints {written!r} is not a list of {order} pairs in pixels"
+        )
+    uneven = [point for point in written if point[0] % tile or point[1] % tile]
+    if uneven:
+        raise SourceError(
+            f"{folder}: image_grid_pinpoints entry {list(uneven[0])} {order} is not in whole {tile}-pixel tiles "
+            f"(the vision tower's image_size), which the original LLaVA code breaks on "
+            f"(haotian-liu/LLaVA#1300): make every pinpoint a multiple of {tile}"
+        )
+    return AnyresSpec([[b, a] if width_first else [a, b] for a, b in written], tile_size=tile)
+
+
+def is_pixel_pair(point) -> bool:
+    return (
+        isinstance(point, (list, tuple))
+        and len(point) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in point)
+    )
+
+
+def check_anyres_fits(
+    folder: Path, processor_folder: Path, vision: VisionSpec, preprocess: PreprocessSpec, cls_setting: str
+) -> None:
+    """What anyres asks of the tower: patch features only (the CLS token does not fit the tile
+    grid: transformers' pack_image_features and the original repo's assert both fail on it),
+    and an image processor whose resize and crop are the tower's image_size (the tiles and the
+    base tile are cut at those sizes and go to the tower as they are)."""
+    if vision.select_strategy not in ANYRES_STRATEGIES:
+        raise SourceError(
+            f"{folder}: {cls_setting} (the CLS token kept) is not supported with anyres: the CLS token does "
+            "not fit the tile grid; select the patch features only"
+        )
+    sizes = (preprocess.shortest_edge, preprocess.crop_size)
+    if sizes != (vision.image_size, vision.image_size):
+        raise SourceError(
+            f"{processor_folder / 'preprocessor_config.json'}: shortest_edge {sizes[0]} and crop size {sizes[1]} "
+            f"must both be the vision tower's image_size {vision.image_size} for anyres tiles"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # The normalized description
+
+
+def check_feature_layer(folder: Path, layer) -> None:
+    if not isinstance(layer, int):
+        raise SourceError(f"{folder}: several vision feature layers {layer} are not supported: select one")
 
 
 def text_family(model_type: str) -> str:

@@ -1,6 +1,10 @@
 """`llava-export vision`: CLIP tower + feature selection + projector as ONE ONNX graph.
 
 pixel_values [B,3,H,W] -> image_embeds [B,N_img,hidden]     (batch dynamic)
+
+For LLaVA-1.6 ("anyres") the batch is an image's tiles, base tile first: the graph is the same,
+and image_newline.npy [hidden], the vector the runtime puts at the end of each row of the tile
+grid, ships with it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from exporter.graphs.export import ExportOptions, GraphExport, export_graph
 from exporter.progress import Progress
 from exporter.source import LlavaSource
 from runtime import contract
+from runtime.contract import Manifest
 
 PARITY_BATCH = 2
 
@@ -70,6 +75,16 @@ class VisionGraph(GraphExport):
 
     def trace_details(self) -> str:
         return f"{self.options.dtype_name}, opset {self.options.opset}"
+
+    def add_companions(self, stage: Path, manifest: Manifest, progress: Progress) -> list[str]:
+        """LLaVA-1.6: the model's image_newline [hidden] in the graph dtype (manifest.anyres,
+        from the source, names the file)."""
+        anyres = self.source.anyres
+        if anyres is None:
+            return []
+        newline = self.source.model.model.image_newline.detach().to(self.options.dtype)
+        np.save(stage / anyres.newline_file, newline.numpy())
+        return [anyres.newline_file]
 
     def module(self) -> nn.Module:
         encoder = VisionEncoder.of(self.source)

@@ -15,6 +15,9 @@ from torch import nn
 
 from exporter.source import MLP2X_NAMES
 
+# The original repo's tower: LlavaMetaModel.vision_tower (CLIPVisionTower) .vision_tower (CLIPVisionModel)
+ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+
 
 def write_clip_tower(model: nn.Module, folder: Path, preprocess) -> None:
     """The separate CLIP checkpoint that `mm_vision_tower` names: CLIPVisionModel + processor."""
@@ -28,8 +31,10 @@ def write_clip_tower(model: nn.Module, folder: Path, preprocess) -> None:
     write_processor_config(folder, preprocess, "CLIPImageProcessor")
 
 
-def write_processor_config(folder: Path, preprocess, processor_class: str) -> None:
-    """preprocessor_config.json for CLIPImageProcessor or LlavaImageProcessor (which pads)."""
+def write_processor_config(folder: Path, preprocess, processor_class: str, grid_pinpoints=None) -> None:
+    """preprocessor_config.json for CLIPImageProcessor, LlavaImageProcessor (which pads) or
+    LlavaNextImageProcessor (which tiles at `grid_pinpoints`, (height, width) pairs; its do_pad
+    pads a batch's tile counts)."""
     processor = {
         "image_processor_type": processor_class,
         "do_resize": True,
@@ -46,15 +51,22 @@ def write_processor_config(folder: Path, preprocess, processor_class: str) -> No
     }
     if processor_class == "LlavaImageProcessor":
         processor["do_pad"] = preprocess.aspect == "pad"
+    if processor_class == "LlavaNextImageProcessor":
+        processor.update(do_pad=True, image_grid_pinpoints=[list(point) for point in grid_pinpoints])
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
-def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The reference's decoder + projector weights under original-format names (the model's
-    own tensors, not copies: write_original copies one shard at a time)."""
+def original_state_dict(model: nn.Module, tower: bool = False) -> dict[str, torch.Tensor]:
+    """The reference's decoder + projector weights (LLaVA-1.6's image_newline; the tower's too
+    with `tower`, as a checkpoint whose tower was fine-tuned holds it) under original-format
+    names (the model's own tensors, not copies: write_original copies one shard at a time)."""
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith("model.language_model."):
+        if name.startswith("model.vision_tower.") and tower:
+            state[ORIGINAL_TOWER_PREFIX + name[len("model.vision_tower.") :]] = tensor
+        elif name == "model.image_newline":
+            state[name] = tensor
+        elif name.startswith("model.language_model."):
             state["model." + name[len("model.language_model.") :]] = tensor
         elif name.startswith("model.multi_modal_projector."):
             suffix = name[len("model.multi_modal_projector.") :]
@@ -68,7 +80,8 @@ def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def original_config(model: nn.Module, tower: str, projector: str, aspect: str) -> dict:
-    """config.json as the original repo writes it: the text config plus mm_* fields."""
+    """config.json as the original repo writes it: the text config plus mm_* fields (a
+    LlavaNext model's: LLaVA-1.6's, whatever `aspect`)."""
     config = model.config
     text = config.text_config.to_dict()
     family = text["model_type"]
@@ -91,7 +104,20 @@ def original_config(model: nn.Module, tower: str, projector: str, aspect: str) -
             "tie_word_embeddings": bool(config.tie_word_embeddings),
         }
     )
+    if config.model_type == "llava_next":
+        text.update(anyres_fields(config))
     return text
+
+
+def anyres_fields(config) -> dict:
+    """LLaVA-1.6's fields: its pinpoints in the original repo's (width, height) order, the
+    spatial_unpad merge (with model.image_newline) and the tower fine-tuned with the model."""
+    return {
+        "image_aspect_ratio": "anyres",
+        "image_grid_pinpoints": [[width, height] for height, width in config.image_grid_pinpoints],
+        "mm_patch_merge_type": "spatial_unpad",
+        "unfreeze_mm_vision_tower": True,
+    }
 
 
 def write_original(
@@ -109,7 +135,7 @@ def write_original(
     folder.mkdir(parents=True, exist_ok=True)
     config = original_config(model, tower, projector, aspect)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = original_state_dict(model)
+    state = original_state_dict(model, tower=config.get("unfreeze_mm_vision_tower", False))
     names = sorted(state)
     groups = [names[i::shards] for i in range(shards)]
     suffix = "safetensors" if weights == "safetensors" else "bin"

@@ -6,6 +6,11 @@
     root/clip/      the separate CLIP tower checkpoint the original format names
 The HF folder is written only for the mlp2x_gelu projector (the only one transformers' Llava
 expresses); the original format takes every projector type.
+
+`TinyConfig(anyres=((32, 64), (64, 32), ...))` makes a LLaVA-1.6 instead: a
+LlavaNextForConditionalGeneration with those (height, width) pinpoints, a LlavaNextImageProcessor
+in hf/, and in original/ LLaVA-1.6's layout (image_aspect_ratio anyres, the pinpoints as
+(width, height), model.image_newline, the tower's weights with unfreeze_mm_vision_tower).
 """
 
 from __future__ import annotations
@@ -44,15 +49,20 @@ class TinyConfig:
     shards: int = 1
     seed: int = 0
     rope_scaling: dict | None = None  # e.g. {"rope_type": "linear", "factor": 2.0}
+    # LLaVA-1.6: its grid pinpoints, (height, width) in pixels as HF's, each in whole image_size
+    # tiles; None: LLaVA-1.5
+    anyres: tuple[tuple[int, int], ...] | None = None
 
     @property
     def preprocess(self) -> PreprocessSpec:
+        """What the source reads back: an anyres model's aspect is "crop" (its tiles are cut
+        from the padded image; `aspect` is LLaVA-1.5's pad-to-square)."""
         return PreprocessSpec(
             shortest_edge=self.image_size,
             crop_size=self.image_size,
             mean=OPENAI_CLIP_MEAN,
             std=OPENAI_CLIP_STD,
-            aspect=self.aspect,
+            aspect=self.aspect if self.anyres is None else "crop",
         )
 
 
@@ -80,11 +90,16 @@ def text_config(tiny: TinyConfig, vocab_size: int) -> dict:
 
 
 def build_tiny_model(tiny: TinyConfig, vocab_size: int = TOKENIZER_VOCAB):
-    """A random-weight reference model (seeded), float32."""
-    from transformers import LlavaConfig
+    """A random-weight reference model (seeded), float32: LlavaForConditionalGeneration, or
+    LlavaNextForConditionalGeneration for `anyres` (its image_newline random too)."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     num_patches = (tiny.image_size // tiny.patch_size) ** 2
-    config = LlavaConfig(
+    config_class = LlavaConfig
+    anyres = {}
+    if tiny.anyres is not None:
+        config_class, anyres = LlavaNextConfig, {"image_grid_pinpoints": [list(p) for p in tiny.anyres]}
+    config = config_class(
         vision_config={
             "model_type": "clip_vision_model",
             "hidden_size": tiny.vision_hidden,
@@ -101,6 +116,7 @@ def build_tiny_model(tiny: TinyConfig, vocab_size: int = TOKENIZER_VOCAB):
         image_token_index=0,
         image_seq_length=num_patches + (tiny.select_strategy == "full"),
         tie_word_embeddings=tiny.tie_embeddings,
+        **anyres,
     )
     model = build_empty_model(config, projector_depth(tiny.projector, Path(".")), torch.float32)
     generator = torch.Generator().manual_seed(tiny.seed)
@@ -143,7 +159,10 @@ def write_hf(model, folder: Path, tiny: TinyConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     build_tiny_tokenizer(folder, vocab_size=TOKENIZER_VOCAB)
-    write_processor_config(folder, tiny.preprocess, "LlavaImageProcessor")
+    if tiny.anyres is None:
+        write_processor_config(folder, tiny.preprocess, "LlavaImageProcessor")
+    else:
+        write_processor_config(folder, tiny.preprocess, "LlavaNextImageProcessor", tiny.anyres)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,8 +72,9 @@ class Workshop:
 
     def reference(self, config=None):
         """The float32 PyTorch reference, independent of exporter.source: transformers'
-        LlavaForConditionalGeneration read from the HF folder, or (projectors only the original
-        format expresses) the very model write_tiny saved, rebuilt from its seed."""
+        LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for an `anyres`
+        config) read from the HF folder, or (projectors only the original format expresses)
+        the very model write_tiny saved, rebuilt from its seed."""
         import torch
 
         from exporter.testing.tiny import TinyConfig, build_tiny_model
@@ -83,9 +84,14 @@ class Workshop:
         if key not in self.references:
             folders = self.tiny(config)
             if "hf" in folders:
-                from transformers import LlavaForConditionalGeneration
+                from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-                model = LlavaForConditionalGeneration.from_pretrained(folders["hf"], dtype=torch.float32)
+                model_class = (
+                    LlavaForConditionalGeneration
+                    if config.anyres is None
+                    else LlavaNextForConditionalGeneration
+                )
+                model = model_class.from_pretrained(folders["hf"], dtype=torch.float32)
             else:
                 model = build_tiny_model(config)
             self.references[key] = model.eval().requires_grad_(False)
