@@ -14,7 +14,8 @@ earlier export is refused as stale instead of running other weights.
 
 Profiles (docs/tensorrt.md says why two for the decoder):
 
-    vision   pixel_values      [1..B, 3, H, W]                       opt batch 1
+    vision   pixel_values      [1..B*T, 3, H, W]                     opt one image's T tiles
+                               (T = 1 for LLaVA-1.5; anyres: the base tile + the largest grid)
     prefill  inputs_embeds     [1..B, 1..max_input_len, hidden]      past_sequence = 0
     decode   inputs_embeds     [1..B, 1, hidden]                     past 1..max_seq_len-1
 """
@@ -111,6 +112,25 @@ class EngineLimits:
     max_seq_len: int
 
 
+def max_image_tokens(manifest: Manifest) -> int:
+    """The most embeddings one image can stand for: N_img (LLaVA-1.5); under anyres the base
+    tile and the largest grid with a newline per row (unpadding only ever removes rows or
+    columns)."""
+    vision, spec = manifest.vision, manifest.anyres
+    if spec is None:
+        return vision.num_image_tokens
+    side = vision.image_size // vision.patch_size  # patches per tile side
+    grid = max(
+        (h // spec.tile_size * side) * (w // spec.tile_size * side + 1) for h, w in spec.grid_pinpoints
+    )
+    return side * side + grid
+
+
+def tiles_per_image(manifest: Manifest) -> int:
+    """The vision graph's batch for one image at most: 1, or under anyres spec.max_tiles."""
+    return 1 if manifest.anyres is None else manifest.anyres.max_tiles
+
+
 def derive_limits(
     manifest: Manifest,
     max_batch: int | None = None,
@@ -118,7 +138,7 @@ def derive_limits(
     max_seq_len: int | None = None,
 ) -> EngineLimits:
     """Fills in defaults from the manifest and checks the flags; EngineError names the flag."""
-    image_tokens = manifest.vision.num_image_tokens
+    image_tokens = max_image_tokens(manifest)
     positions = manifest.text.max_positions
     max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     max_seq_len = min(DEFAULT_MAX_SEQ_LEN, positions) if max_seq_len is None else max_seq_len
@@ -204,16 +224,16 @@ class Profile:
 
 
 def vision_profiles(manifest: Manifest, limits: EngineLimits) -> list[Profile]:
-    """One profile over the image batch: opt 1 (one image per request is the common case);
-    a larger batch of images is encoded in chunks of max_batch."""
-    size = manifest.preprocess.crop_size
-    pixels = ShapeRange((1, 3, size, size), (1, 3, size, size), (limits.max_batch, 3, size, size))
+    """One profile over the tile batch: opt one image's tiles (one image per request is the
+    common case), max those of max_batch images; more are encoded in chunks of that."""
+    size, tiles = manifest.preprocess.crop_size, tiles_per_image(manifest)
+    pixels = ShapeRange((1, 3, size, size), (tiles, 3, size, size), (limits.max_batch * tiles, 3, size, size))
     return [Profile(VISION_PROFILE, {contract.PIXEL_VALUES: pixels})]
 
 
 def opt_lengths(manifest: Manifest, limits: EngineLimits) -> tuple[int, int]:
     """(prefill opt sequence, decode opt past): one image and a short question, then a short answer."""
-    prompt = min(manifest.vision.num_image_tokens + OPT_TEXT_TOKENS, limits.max_input_len)
+    prompt = min(max_image_tokens(manifest) + OPT_TEXT_TOKENS, limits.max_input_len)
     past = max(1, min(prompt + OPT_ANSWER_TOKENS, limits.max_seq_len - 1))
     return prompt, past
 

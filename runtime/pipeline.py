@@ -18,7 +18,8 @@ benchmarks), in two steps:
 
 A `Batch` can also be built directly: per row, token-id chunks with one image between
 consecutive chunks, and the images' pixel_values [N,3,H,W] float32 (a benchmark feeds random
-ids around one image per row). `run` checks the limits again, since such a batch never went
+ids around one image per row); for a LLaVA-1.6 ("anyres") model, every image's tiles
+[tiles,3,S,S] and each image's size, which fixes its tiles and its tokens (runtime/anyres.py). `run` checks the limits again, since such a batch never went
 through `prepare`; with stop_at_eos=False it runs exactly max_new_tokens steps. A request
 that does not fit (prompt with its image tokens, left-padded across the batch, plus
 max_new_tokens - 1 fed-back tokens, against the model's positions and the backend's KV
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import contract, generate, preprocess, prompts
+from runtime import anyres, contract, generate, preprocess, prompts
 from runtime.backends import load_backend
 from runtime.errors import ArtifactError, PromptError
 
@@ -93,13 +94,20 @@ class Batch:
     chunks; `pixel_values` holds every row's images, row by row."""
 
     chunks: list[list[Sequence[int]]]  # row i has len(chunks[i]) - 1 images
-    pixel_values: np.ndarray | None = None  # [N,3,H,W] float32; None: no images
+    # [N,3,H,W] float32, one tile per image (LLaVA-1.5); under anyres every image's tiles, image
+    # by image, [tiles,3,S,S]. None: no images
+    pixel_values: np.ndarray | None = None
+    image_sizes: list[tuple[int, int]] | None = None  # anyres only: each image's (height, width)
 
     def __post_init__(self):
         given = 0 if self.pixel_values is None else len(self.pixel_values)
-        if given != self.images:
+        if self.image_sizes is None and given != self.images:
             raise PromptError(
                 f"the batch's chunks have room for {self.images} images; pixel_values holds {given}"
+            )
+        if self.image_sizes is not None and len(self.image_sizes) != self.images:
+            raise PromptError(
+                f"the batch's chunks have room for {self.images} images; image_sizes gives {len(self.image_sizes)}"
             )
 
     @property
@@ -144,7 +152,14 @@ class TextStream:
 
 class Pipeline:
     def __init__(
-        self, folder: Path, manifest: contract.Manifest, backend, tokenizer, embed_table, chat_template
+        self,
+        folder: Path,
+        manifest: contract.Manifest,
+        backend,
+        tokenizer,
+        embed_table,
+        chat_template,
+        image_newline: np.ndarray | None = None,
     ):
         self.folder = folder
         self.manifest = manifest
@@ -152,6 +167,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.embed_table = embed_table  # [vocab, hidden], memory-mapped
         self.chat_template = chat_template
+        self.image_newline = image_newline  # [hidden]: ends each tile row (anyres); None for LLaVA-1.5
 
     @classmethod
     def load(cls, folder: str | os.PathLike, backend: str = "ort", threads: int | None = None) -> Pipeline:
@@ -188,6 +204,7 @@ class Pipeline:
             raise ArtifactError(
                 f"{folder / contract.TOKENIZER_FILE} is unreadable ({err}); re-export it"
             ) from None
+        newline = read_image_newline(folder, manifest)
         return cls(
             folder,
             manifest,
@@ -195,6 +212,7 @@ class Pipeline:
             tokenizer,
             embed_table,
             read_chat_template(folder),
+            newline,
         )
 
     def close(self) -> None:
@@ -215,27 +233,73 @@ class Pipeline:
         text = prompts.render_prompt(template, request.prompt, len(request.images), self.chat_template)
         return prompts.tokenize_prompt(self.tokenizer, text, self.manifest.tokens.bos)
 
-    def check_limits(self, chunks: list[list[Sequence[int]]], max_new_tokens: int) -> None:
-        """The backend's limits for these rows (their left-padded width counts each image's tokens)."""
-        image_tokens = self.manifest.vision.num_image_tokens
-        width = max(prompts.count_prompt_tokens(row, image_tokens) for row in chunks)
-        self.backend.limits.check(batch=len(chunks), prompt=width, new_tokens=max_new_tokens)
+    def check_limits(
+        self,
+        chunks: list[list[Sequence[int]]],
+        max_new_tokens: int,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        """The backend's limits for these rows (their left-padded width counts each image's
+        tokens; under anyres those follow from `image_sizes`, every row's images in order)."""
+        counts = self.image_tokens(sum(len(row) - 1 for row in chunks), image_sizes)
+        remaining = iter(counts)
+        width = max(prompts.count_prompt_tokens(row, [next(remaining) for _ in row[1:]]) for row in chunks)
+        try:
+            self.backend.limits.check(batch=len(chunks), prompt=width, new_tokens=max_new_tokens)
+        except PromptError as err:
+            if self.manifest.anyres is None or not counts:
+                raise
+            sizes = ", ".join(f"{w}x{h}: {n}" for (h, w), n in zip(image_sizes, counts))
+            raise PromptError(
+                f"{err} (the images' tokens, by their sizes: {sizes}; a smaller image takes fewer)"
+            ) from None
+
+    def image_tokens(self, count: int, image_sizes: Sequence[tuple[int, int]] | None = None) -> list[int]:
+        """The embeddings each of `count` images stands for in the prompt: N_img each for
+        LLaVA-1.5; under anyres, known from each image's (height, width) before any compute."""
+        if self.manifest.anyres is None:
+            return [self.manifest.vision.num_image_tokens] * count
+        if image_sizes is None or len(image_sizes) != count:
+            raise PromptError(
+                f"an anyres (LLaVA-1.6) model needs the size of each of its {count} images (Batch.image_sizes)"
+            )
+        return [
+            anyres.image_token_count(size, self.manifest.anyres, self.manifest.vision) for size in image_sizes
+        ]
+
+    def load_images(self, images: Sequence) -> list:
+        """Paths or PIL images -> PIL images (ImageError names a file that will not decode)."""
+        return [image if hasattr(image, "convert") else preprocess.load_image(image) for image in images]
+
+    def image_sizes(self, loaded: Sequence) -> list[tuple[int, int]] | None:
+        """Each loaded image's (height, width) under anyres (its tiles and tokens follow); None for LLaVA-1.5."""
+        return None if self.manifest.anyres is None else [(image.height, image.width) for image in loaded]
 
     def pixel_values(self, images: Sequence) -> np.ndarray:
-        """Paths or PIL images -> [N,3,H,W] float32."""
-        loaded = [image if hasattr(image, "convert") else preprocess.load_image(image) for image in images]
-        return preprocess.preprocess(loaded, self.manifest.preprocess)
+        """Paths or PIL images -> [N,3,H,W] float32; under anyres every image's tiles, image by
+        image, [tiles,3,S,S]."""
+        loaded = self.load_images(images)
+        spec = self.manifest.anyres
+        if spec is None:
+            return preprocess.preprocess(loaded, self.manifest.preprocess)
+        return np.concatenate([anyres.tiles(image, spec, self.manifest.preprocess) for image in loaded])
 
     def prepare(self, requests: list[Request], max_new_tokens: int) -> Batch:
         """Tokenizes every request and checks the limits before anything is computed (one
-        request that does not fit refuses the batch), then loads and preprocesses the images."""
+        request that does not fit refuses the batch), then preprocesses the images. Under
+        anyres the images are decoded before the check: their sizes fix their tokens."""
         chunks = [self.tokenize(request) for request in requests]
-        self.check_limits(chunks, max_new_tokens)
         images = [image for request in requests for image in request.images]
-        return Batch(chunks, self.pixel_values(images) if images else None)
+        if self.manifest.anyres is not None:
+            images = self.load_images(images)
+        sizes = self.image_sizes(images)
+        self.check_limits(chunks, max_new_tokens, sizes)
+        return Batch(chunks, self.pixel_values(images) if images else None, sizes)
 
-    def splice_rows(self, chunks: list[list[Sequence[int]]], image_embeds: np.ndarray) -> list[np.ndarray]:
-        """Each row spliced with its own images (image_embeds [N, N_img, hidden], row by row)."""
+    def splice_rows(
+        self, chunks: list[list[Sequence[int]]], image_embeds: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Each row spliced with its own images (image_embeds: each image's [tokens, hidden], row by row)."""
         sequences, offset = [], 0
         for row in chunks:
             count = len(row) - 1
@@ -243,8 +307,8 @@ class Pipeline:
             offset += count
         return sequences
 
-    def splice(self, chunks: list[Sequence[int]], image_embeds: np.ndarray) -> np.ndarray:
-        """Text embeddings with image i's [N_img, hidden] between chunk i and chunk i+1 -> [L, hidden]."""
+    def splice(self, chunks: list[Sequence[int]], image_embeds: Sequence[np.ndarray]) -> np.ndarray:
+        """Text embeddings with image i's [tokens_i, hidden] between chunk i and chunk i+1 -> [L, hidden]."""
         parts = []
         for index, chunk in enumerate(chunks):
             parts.append(self.embed_table[chunk])
@@ -268,7 +332,7 @@ class Pipeline:
         max_new_tokens steps."""
         timings = timings if timings is not None else Timings()
         start = time.perf_counter()
-        self.check_limits(batch.chunks, max_new_tokens)  # before the images are encoded
+        self.check_limits(batch.chunks, max_new_tokens, batch.image_sizes)  # before the images are encoded
         image_embeds = self.image_embeds(batch, timings)
         splice_start = time.perf_counter()
         sequences = self.splice_rows(batch.chunks, image_embeds)
@@ -291,15 +355,30 @@ class Pipeline:
             step_start = time.perf_counter()  # time spent by the consumer is not decode time
         timings.total_ms = ms_since(start)
 
-    def image_embeds(self, batch: Batch, timings: Timings) -> np.ndarray:
-        """The batch's image embeddings [N, N_img, hidden] in the decoder's dtype (N may be 0)."""
+    def image_embeds(self, batch: Batch, timings: Timings) -> list[np.ndarray]:
+        """Each image's embeddings [tokens, hidden] in the decoder's dtype, in the batch's order:
+        the vision graph's output per image (LLaVA-1.5), or under anyres each image's tiles
+        packed (unpadded, a newline per row, the base tile first). image_encode_ms counts both."""
         if batch.pixel_values is None:
-            shape = (0, self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size)
-            return np.zeros(shape, self.backend.dtype)
+            return []
         start = time.perf_counter()
-        embeds = self.backend.encode_images(batch.pixel_values)
+        embeds = self.backend.encode_images(batch.pixel_values)  # [tiles, N_img, hidden]
+        spec = self.manifest.anyres
+        if spec is None:
+            images = list(embeds)
+        else:
+            counts = [anyres.tile_count(size, spec) for size in batch.image_sizes]
+            if sum(counts) != len(embeds):
+                raise PromptError(
+                    f"the batch's {len(counts)} images take {sum(counts)} tiles; pixel_values holds {len(embeds)}"
+                )
+            bounds = np.cumsum([0, *counts])
+            images = [
+                anyres.pack(embeds[low:high], size, spec, self.manifest.vision, self.image_newline)
+                for low, high, size in zip(bounds[:-1], bounds[1:], batch.image_sizes)
+            ]
         timings.image_encode_ms = ms_since(start)
-        return embeds
+        return images
 
     def steps(
         self,
@@ -368,6 +447,24 @@ class Pipeline:
 
 def ms_since(start: float, now: float | None = None) -> float:
     return ((time.perf_counter() if now is None else now) - start) * 1000
+
+
+def read_image_newline(folder: Path, manifest: contract.Manifest) -> np.ndarray | None:
+    """An anyres model's image_newline.npy [hidden]; None for LLaVA-1.5."""
+    if manifest.anyres is None:
+        return None
+    path = folder / manifest.anyres.newline_file
+    try:
+        newline = np.load(path)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(
+            f"{path} is missing or unreadable ({err}); re-export with `llava-export vision`"
+        ) from None
+    if newline.shape != (manifest.text.hidden_size,):
+        raise ArtifactError(
+            f"{path} has shape {newline.shape}, the manifest says ({manifest.text.hidden_size},)"
+        )
+    return newline
 
 
 def read_chat_template(folder: Path) -> str | None:

@@ -16,6 +16,7 @@ with an open assistant turn); `chatml` is LLaVA-NeXT's `conv_qwen`. Runtime modu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -360,6 +361,12 @@ def tokenize_prompt(tokenizer: tokenizers.Tokenizer, prompt: str, bos_id: int | 
     return ids
 
 
-def count_prompt_tokens(chunks: list[list[int]], num_image_tokens: int) -> int:
-    """Sequence length of a tokenized prompt once each image stands for num_image_tokens embeddings."""
-    return sum(len(chunk) for chunk in chunks) + (len(chunks) - 1) * num_image_tokens
+def count_prompt_tokens(chunks: list[list[int]], image_tokens: int | Sequence[int]) -> int:
+    """Sequence length of a tokenized prompt once each image stands for its embeddings:
+    `image_tokens` each (LLaVA-1.5), or image i for image_tokens[i] (LLaVA-1.6, by its size)."""
+    images = len(chunks) - 1
+    if isinstance(image_tokens, int):
+        image_tokens = [image_tokens] * images
+    if len(image_tokens) != images:
+        raise PromptError(f"{images} images in the prompt, token counts given for {len(image_tokens)}")
+    return sum(len(chunk) for chunk in chunks) + sum(image_tokens)

@@ -46,7 +46,7 @@ class EnginePlan:
     def describe(self) -> list[str]:
         lines = [
             f"limits: batch <= {self.limits.max_batch}, prompt <= {self.limits.max_input_len} tokens "
-            f"(an image is {self.manifest.vision.num_image_tokens}), prompt + answer <= {self.limits.max_seq_len}"
+            f"(an image is {engines.max_image_tokens(self.manifest)}{' at most' if self.manifest.anyres else ''}), prompt + answer <= {self.limits.max_seq_len}"
         ]
 
         def span(r, axis: int) -> str:

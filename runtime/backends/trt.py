@@ -327,10 +327,11 @@ class TrtBackend(Backend):
 
         size, tokens = manifest.preprocess.crop_size, manifest.vision.num_image_tokens
         batch, hidden = built.max_batch, text.hidden_size
+        self.tiles_per_run = batch * engines.tiles_per_image(manifest)  # the vision profile's max
         self.pixel_dtype = self.vision.dtypes[contract.PIXEL_VALUES]
         self.image_dtype = self.vision.dtypes[contract.IMAGE_EMBEDS]
-        self.pixels = self.staging(batch * 3 * size * size * self.pixel_dtype.itemsize)
-        self.images = self.staging(batch * tokens * hidden * self.image_dtype.itemsize)
+        self.pixels = self.staging(self.tiles_per_run * 3 * size * size * self.pixel_dtype.itemsize)
+        self.images = self.staging(self.tiles_per_run * tokens * hidden * self.image_dtype.itemsize)
         self.embeds = self.staging(batch * built.max_input_len * hidden * self.dtype.itemsize)
         self.mask = self.staging(batch * built.max_seq_len * 8)
         self.positions = self.staging(batch * built.max_input_len * 8)
@@ -347,8 +348,9 @@ class TrtBackend(Backend):
     # -- vision ---------------------------------------------------------------------------------
 
     def encode_images_impl(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[N,3,H,W] -> [N,N_img,hidden] in the decoder's dtype, max_batch images per run."""
-        count, per_run = len(pixel_values), self.limits.max_batch
+        """[N,3,H,W] -> [N,N_img,hidden] in the decoder's dtype (N images, or anyres tiles),
+        as many per run as the vision profile takes."""
+        count, per_run = len(pixel_values), self.tiles_per_run
         tokens, hidden = self.manifest.vision.num_image_tokens, self.manifest.text.hidden_size
         result = np.empty((count, tokens, hidden), dtype=self.dtype)
         for start in range(0, count, per_run):

@@ -67,9 +67,10 @@ class Job:
     """A request ready to run: its token chunks around its images, checked against the limits."""
 
     chunks: list[list[int]]  # len(chunks) - 1 images, one between consecutive chunks
-    pixel_values: np.ndarray | None  # [N,3,H,W] float32; None without images
+    pixel_values: np.ndarray | None  # [N,3,H,W] float32 (anyres: [tiles,3,S,S]); None without images
     params: GenerationParams
     prompt_tokens: int  # the prompt's positions, each image's tokens included
+    image_sizes: list[tuple[int, int]] | None = None  # anyres only: each image's (height, width)
 
     @classmethod
     def prepare(
@@ -82,22 +83,28 @@ class Job:
     ) -> Job:
         """`prompt` already rendered, one <image> per image. ContextTooLong when the prompt and
         max_tokens do not fit the model or the backend, checked before the images are loaded
-        (`load` turns each item of `images` into a PIL image; default: paths or PIL images)."""
+        (under anyres just after: an image's size fixes its tokens). `load` turns each item of
+        `images` into a PIL image; default: paths or PIL images."""
         chunks = prompts.tokenize_prompt(pipe.tokenizer, prompt, pipe.manifest.tokens.bos)
         if len(chunks) - 1 != len(images):
             raise PromptError(
                 f"the prompt has {len(chunks) - 1} <image> placeholders for {len(images)} images"
             )
-        tokens = prompts.count_prompt_tokens(chunks, pipe.manifest.vision.num_image_tokens)
+        loaded = None
+        if pipe.manifest.anyres is not None:
+            loaded = pipe.load_images([load(image) for image in images] if load else images)
+        sizes = pipe.image_sizes(loaded) if loaded is not None else None
+        tokens = prompts.count_prompt_tokens(chunks, pipe.image_tokens(len(images), sizes))
         if params.max_tokens is None:
             room = pipe.backend.limits.capacity - tokens + 1  # the last token is never fed back
             params = replace(params, max_tokens=max(room, 1))
         try:
-            pipe.check_limits([chunks], params.max_tokens)
+            pipe.check_limits([chunks], params.max_tokens, sizes)
         except PromptError as err:
             raise ContextTooLong(str(err)) from None
-        loaded = [load(image) for image in images] if load else list(images)
-        return cls(chunks, pipe.pixel_values(loaded) if images else None, params, tokens)
+        if loaded is None:
+            loaded = [load(image) for image in images] if load else list(images)
+        return cls(chunks, pipe.pixel_values(loaded) if images else None, params, tokens, sizes)
 
 
 @dataclass(frozen=True)
@@ -390,7 +397,7 @@ class Engine:
             submitted,
         )
         try:
-            batch = Batch([job.chunks], job.pixel_values)
+            batch = Batch([job.chunks], job.pixel_values, job.image_sizes)
             sequences = self.pipe.splice_rows(batch.chunks, self.pipe.image_embeds(batch, row.timings))
             state = generate.prefill(self.backend, sequences)
             cache = HostRows(self.backend.cache_to_host(state.cache, state.mask.shape[1]), state.mask)
