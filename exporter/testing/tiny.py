@@ -26,6 +26,9 @@ from exporter.testing.tiny_tokenizer import build_tiny_tokenizer
 from runtime.contract import PreprocessSpec
 
 TOKENIZER_VOCAB = 320
+# LLaVA-1.6's default pinpoints, [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+# at the tiny tower's 32-pixel tile
+TINY_PINPOINTS = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a tiny random LLaVA (hf, original, clip folders).",
     )
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--anyres",
+        action="store_true",
+        help="a LLaVA-1.6 (LlavaNext) with the default pinpoints at its 32-pixel tile",
+    )
     args = parser.parse_args(argv)
-    for name, folder in write_tiny(args.out).items():
+    tiny = TinyConfig(anyres=TINY_PINPOINTS, max_positions=640) if args.anyres else TinyConfig()
+    for name, folder in write_tiny(args.out, tiny).items():
         print(f"{name}: {folder}")
     return 0
 
