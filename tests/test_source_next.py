@@ -220,6 +220,17 @@ def test_verify_checks_a_next_export(workshop):
     assert "all outputs within tolerance" in result.output
 
 
+def test_verify_checks_the_packing_and_the_newline_file(workshop, tmp_path):
+    """The vision check runs an image's tiles through the graph and runtime.anyres.pack with the
+    folder's own image_newline.npy: a wrong newline fails it, naming packed_image_features."""
+    folder = tmp_path / "next"
+    shutil.copytree(workshop.artifacts(NEXT, "original"), folder)
+    newline = np.load(folder / contract.IMAGE_NEWLINE_FILE)
+    np.save(folder / contract.IMAGE_NEWLINE_FILE, -newline)
+    result = invoke("verify", "--model", workshop.tiny(NEXT)["hf"], "--artifacts", folder)
+    assert result.exit_code != 0 and "packed_image_features" in result.output, result.output
+
+
 def test_llava_15_export_stays_version_1(workshop):
     folder = workshop.artifacts(DEFAULT)
     data = json.loads((folder / contract.MANIFEST_FILE).read_text())

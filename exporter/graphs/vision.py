@@ -25,6 +25,10 @@ from runtime import contract
 from runtime.contract import Manifest
 
 PARITY_BATCH = 2
+# LLaVA-1.6's check of the packing: a picture of (height, width) = these many tiles, which picks
+# a grid of several tiles and is unpadded in both the pinpoint and the grid
+PACKED_IMAGE = (1.4, 2.1)
+PACKED_IMAGE_OUTPUT = "packed_image_features"
 
 
 class VisionEncoder(nn.Module):
@@ -82,8 +86,7 @@ class VisionGraph(GraphExport):
         anyres = self.source.anyres
         if anyres is None:
             return []
-        newline = self.source.model.model.image_newline.detach().to(self.options.dtype)
-        np.save(stage / anyres.newline_file, newline.numpy())
+        np.save(stage / anyres.newline_file, self.newline())
         return [anyres.newline_file]
 
     def module(self) -> nn.Module:
@@ -96,7 +99,9 @@ class VisionGraph(GraphExport):
         return (sample_pixels(self.source, PARITY_BATCH).to(self.options.dtype),)
 
     def parity(self, path: Path) -> list[parity.OutputParity]:
-        """The graph against the encoder computed in float32, on a fixed batch."""
+        """The graph against the encoder computed in float32, on a fixed batch; for LLaVA-1.6
+        also an image's packed features (PACKED_IMAGE), with the newline file beside `path`
+        when there is one (verify) or the model's (export, before the file is published)."""
         encoder = VisionEncoder.of(self.source)
         if next(encoder.parameters()).dtype != torch.float32:
             encoder = copy.deepcopy(encoder).float()
@@ -104,7 +109,42 @@ class VisionGraph(GraphExport):
         with torch.no_grad():
             expected = encoder(pixels).numpy()
         actual = run_vision_graph(path, pixels.numpy().astype(self.options.dtype_name))
-        return [parity.compare(contract.IMAGE_EMBEDS, actual, expected, min_cosine=self.min_cosine)]
+        results = [parity.compare(contract.IMAGE_EMBEDS, actual, expected, min_cosine=self.min_cosine)]
+        if self.source.anyres is not None:
+            results.append(self.packed_parity(path, encoder))
+        return results
+
+    def packed_parity(self, path: Path, encoder: VisionEncoder) -> parity.OutputParity:
+        """A seeded PACKED_IMAGE-sized picture through runtime.anyres (tiles, the graph, pack)
+        against the float32 `encoder` on the same tiles packed by transformers'
+        pack_image_features (what get_image_features does, without a float32 copy of a 7B
+        decoder)."""
+        from PIL import Image
+
+        from runtime import anyres
+
+        source, spec = self.source, self.source.anyres
+        height, width = (round(side * spec.tile_size) for side in PACKED_IMAGE)
+        rng = np.random.default_rng(0)
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        tiles = anyres.tiles(image, spec, source.preprocess)  # [T,3,S,S] float32
+        newline_file = path.parent / spec.newline_file
+        newline = np.load(newline_file) if newline_file.is_file() else self.newline()
+        embeds = run_vision_graph(path, tiles.astype(self.options.dtype_name))
+        actual = anyres.pack(embeds, (height, width), spec, source.vision, newline)
+        llava = source.model.model  # LlavaNextModel: pack_image_features reads its config only
+        with torch.no_grad():
+            (expected,), _ = llava.pack_image_features(
+                [encoder(torch.from_numpy(tiles))],
+                torch.tensor([[height, width]]),
+                source.vision.select_strategy,
+                image_newline=llava.image_newline.float(),
+            )
+        return parity.compare(PACKED_IMAGE_OUTPUT, actual, expected.numpy(), min_cosine=self.min_cosine)
+
+    def newline(self) -> np.ndarray:
+        """The model's image_newline [hidden] in the graph dtype: image_newline.npy's content."""
+        return self.source.model.model.image_newline.detach().to(self.options.dtype).numpy()
 
 
 def run_vision_graph(path: Path, pixels: np.ndarray) -> np.ndarray:
