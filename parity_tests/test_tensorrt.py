@@ -14,8 +14,12 @@ torch). scripts/gpu_check.sh runs this file and reports it.
     toy      the trained toy model's answers to held-out questions against the PyTorch
              reference's (parity_tests/test_toy_parity.py on the GPU): float32 all identical,
              float16 at least 99%
+    next     LLaVA-1.6 (anyres) against transformers' LlavaNextForConditionalGeneration
+             (parity_tests/test_next_parity.py on the GPU): the packed image features of four
+             images (16 tiles: two vision runs of at most 2 x 5), cosine as for vision; greedy
+             answers of a batch of 2 (7 tiles: one run below the profile's max) as for greedy
 
-Engines are built once per dtype for the tiny model (seconds) with --max-batch 2, float32
+Engines are built once per dtype for each tiny model (seconds) with --max-batch 2, float32
 engines without TF32 (precision comes from the graph).
 """
 
@@ -33,8 +37,9 @@ from exporter.bench import gpu_check  # noqa: E402
 from exporter.parity import OutputParity, assert_parity, compare  # noqa: E402
 from exporter.progress import Progress  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
-from runtime.pipeline import Pipeline, Request  # noqa: E402
-from tests.support.generation import NEW_TOKENS, ROWS, reference_generate  # noqa: E402
+from runtime import prompts  # noqa: E402
+from runtime.pipeline import Pipeline, Request, Timings  # noqa: E402
+from tests.support.generation import NEW_TOKENS, ROWS, greedy_with_margins, reference_generate  # noqa: E402
 from tests.support.graphs import embeddings, empty_past, pixels, run_decoder, run_vision  # noqa: E402
 from tests.support.toy import TOY_HF_DIR, export_with_cli  # noqa: E402
 
@@ -64,13 +69,13 @@ DTYPES = ["float16", "float32"]
 
 @pytest.fixture(scope="module")
 def folders(workshop, tmp_path_factory):
-    """dtype -> a private copy of the tiny export, with engines built when TensorRT is here."""
-    made: dict[str, object] = {}
+    """(dtype, config) -> a private copy of the tiny export, with engines built when TensorRT is here."""
+    made: dict[tuple, object] = {}
 
-    def get(dtype: str, with_engines: bool):
-        key = (dtype, with_engines)
+    def get(dtype: str, with_engines: bool, config: TinyConfig = DEFAULT):
+        key = (dtype, with_engines, repr(config))
         if key not in made:
-            source = workshop.artifacts(DEFAULT, "hf", fp16=dtype == "float16")
+            source = workshop.artifacts(config, "hf", fp16=dtype == "float16")
             folder = shutil.copytree(source, tmp_path_factory.mktemp(f"gpu-{dtype}") / "artifacts")
             if with_engines:
                 from exporter.engine.build import build_engines
@@ -87,8 +92,8 @@ def folders(workshop, tmp_path_factory):
     return get
 
 
-def open_backend(folders, backend: str, dtype: str):
-    folder = folders(dtype, with_engines=backend == "trt")
+def open_backend(folders, backend: str, dtype: str, config: TinyConfig = DEFAULT):
+    folder = folders(dtype, with_engines=backend == "trt", config=config)
     pipe = Pipeline.load(folder, backend="trt" if backend == "trt" else "ort")
     if backend == "ort-cuda":
         assert pipe.backend.name == "ort-cuda", (
@@ -218,6 +223,125 @@ def test_greedy_answers_match_transformers_generate(workshop, folders, backend, 
             failures.append(f"row {row}: only {compared} steps before a near tie (margin {MARGIN[dtype]})")
     with capsys.disabled():
         print(f"\n[{backend} {dtype} greedy] " + "; ".join(report))
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-1.6 (anyres): an image is a batch of tiles, packed after the vision engine
+
+NEXT = TinyConfig(anyres=((32, 64), (64, 32), (64, 64), (96, 32), (32, 96)), max_positions=640)
+NEXT_TILES = 5  # the most one image takes with these pinpoints (a 64 x 64 grid and the base tile)
+# (height, width) -> tiles: 5, 4, 4, 3; all four are 16 tiles, more than one run of MAX_BATCH x 5
+NEXT_SIZES = {"square": (70, 70), "wide": (45, 100), "tall": (90, 41), "small": (13, 19)}
+NEXT_ROWS = [("What is shown in the image?", "wide"), ("Describe the image in detail.", "small")]
+
+
+@pytest.fixture(scope="module")
+def next_pictures() -> dict:
+    """Seeded PIL images of NEXT_SIZES: noise over a gradient, so resampling matters."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, (height, width) in NEXT_SIZES.items():
+        ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+        noise = rng.integers(-40, 40, (height, width, 3))
+        out[name] = Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
+    return out
+
+
+def next_reference(model, images: list) -> tuple[dict, list[np.ndarray]]:
+    """transformers alone: LlavaNextImageProcessorPil's pixel values and image sizes for this
+    model's tile and pinpoints, and get_image_features' packed features (one [tokens, hidden]
+    per image), in float32."""
+    from transformers import LlavaNextImageProcessorPil
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    size = model.config.vision_config.image_size
+    processor = LlavaNextImageProcessorPil(
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    inputs = processor(images, return_tensors="np")
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            pixel_values=torch.from_numpy(inputs["pixel_values"]),
+            image_sizes=torch.from_numpy(inputs["image_sizes"]),
+        ).pooler_output
+    return inputs, [f.float().numpy() for f in features]
+
+
+def open_next(folders, backend: str, dtype: str) -> Pipeline:
+    pipe = open_backend(folders, backend, dtype, NEXT)
+    if backend == "trt":  # the vision profile's max: MAX_BATCH images of the most tiles
+        assert pipe.backend.tiles_per_run == MAX_BATCH * NEXT_TILES
+    return pipe
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_next_packed_image_features_match_pytorch(workshop, folders, backend, dtype, next_pictures):
+    pipe = open_next(folders, backend, dtype)
+    images = list(next_pictures.values())
+    _, expected = next_reference(workshop.reference(NEXT), images)
+    batch = pipe.prepare([Request("<image>" * len(images), images)], max_new_tokens=1)
+    assert len(batch.pixel_values) == 16 > MAX_BATCH * NEXT_TILES  # chunked: two vision runs
+    ours = pipe.image_embeds(batch, Timings())
+    assert [len(o) for o in ours] == [len(e) for e in expected]
+    assert all(o.dtype == np.dtype(dtype) for o in ours)
+    results = [
+        compare(f"packed image_embeds {name}", got, want, min_cosine=MIN_COSINE[dtype])
+        for name, got, want in zip(next_pictures, ours, expected)
+    ]
+    assert_parity(results, f"{backend} LLaVA-1.6 vision {dtype} vs PyTorch float32")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_next_greedy_answers_match_transformers_generate(
+    workshop, folders, backend, dtype, next_pictures, capsys
+):
+    pipe = open_next(folders, backend, dtype)
+    pipe.manifest.tokens.eos = []  # no stopping on either side
+    model = workshop.reference(NEXT)
+    images = [next_pictures[name] for _, name in NEXT_ROWS]
+    answers = pipe.generate_batch(
+        [Request(prompt, [image]) for (prompt, _), image in zip(NEXT_ROWS, images)],
+        max_new_tokens=NEW_TOKENS,
+    )
+    inputs, features = next_reference(model, images)
+    assert sum(len(pixels) for pixels in inputs["pixel_values"]) >= 7  # 4 + 3 tiles (and padding)
+    sequences = []
+    for (prompt, _), feature in zip(NEXT_ROWS, features):
+        text = prompts.render_prompt(pipe.manifest.template, prompt, 1)
+        before, after = prompts.tokenize_prompt(pipe.tokenizer, text, pipe.manifest.tokens.bos)
+        sequences.append([*before, *[model.config.image_token_index] * len(feature), *after])
+    ref_tokens, margins = greedy_with_margins(
+        model,
+        sequences,
+        pipe.manifest.tokens.pad,
+        NEW_TOKENS,
+        pixel_values=inputs["pixel_values"],
+        image_sizes=inputs["image_sizes"],
+    )
+    report, failures = [], []
+    for row, answer in enumerate(answers):
+        low = np.flatnonzero(margins[row] < MARGIN[dtype])
+        compared = int(low[0]) if len(low) else NEW_TOKENS
+        ours, theirs = answer.token_ids[:compared], ref_tokens[row, :compared].tolist()
+        report.append(f"row {row}: {compared}/{NEW_TOKENS} steps compared")
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            failures.append(
+                f"row {row}: tokens differ at step {first}: {backend} {ours} vs reference {theirs}"
+            )
+        elif compared < MIN_GREEDY_STEPS[dtype]:
+            failures.append(f"row {row}: only {compared} steps before a near tie (margin {MARGIN[dtype]})")
+    with capsys.disabled():
+        print(f"\n[{backend} {dtype} LLaVA-1.6 greedy] " + "; ".join(report))
     assert not failures, "\n".join(failures)
 
 

@@ -2,12 +2,14 @@
 
 1. Profiles derived from the manifest (runtime/engines.py): valid ranges that cover an image
    plus the longest prompt in prefill and the whole cache in decode, limits checked with the
-   flag named.
+   flag named; LLaVA-1.5's exact profiles; for LLaVA-1.6 (anyres) the largest image's tokens
+   and tiles against runtime/anyres.py over a sweep of sizes, and the tile-batch vision profile.
 2. Engine folders: naming, selection, and the errors for another GPU, another TensorRT
    version, a missing or malformed engine.json, a stale engine, a truncated plan.
 3. `llava-export engine` and the TensorRT backend end to end against the fake `tensorrt` and
    `cuda.bindings.runtime` of tests/support/fake_tensorrt.py (the `fake_gpu` fixture): the
-   plumbing (staging, profiles, the ping-pong KV cache, no cache traffic to the host, errors),
+   plumbing (staging, profiles, the ping-pong KV cache, no cache traffic to the host, errors;
+   a LLaVA-1.6 export's tiles in chunks of the vision profile, its answers ONNX Runtime's),
    not TensorRT itself: parity_tests/test_tensorrt.py does that on a GPU.
 """
 
@@ -23,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from runtime import contract, engines
-from runtime.contract import GraphSpec, Manifest, PreprocessSpec, TextSpec, TokenSpec, VisionSpec
+from runtime.contract import AnyresSpec, GraphSpec, Manifest, PreprocessSpec, TextSpec, TokenSpec, VisionSpec
 from runtime.engines import EngineLimits, GpuIdentity, ShapeRange
 from runtime.errors import EngineError, PromptError
 from tests.support.fake_tensorrt import FAKE_FOLDER
@@ -42,8 +44,10 @@ def make_manifest(
     vocab=32064,
     positions=4096,
     strategy="default",
+    anyres=None,
 ) -> Manifest:
-    """A manifest without an export: LLaVA-1.5-7B-shaped by default."""
+    """A manifest without an export: LLaVA-1.5-7B-shaped by default; `anyres`: grid pinpoints
+    (height, width) in pixels make it a LLaVA-1.6 with tiles of image_size."""
     vision = VisionSpec(image_size, patch, 1024, 24, -2, strategy, "mlp2x_gelu")
     text = TextSpec("llama", hidden, layers, heads, kv_heads, head_dim, vocab, positions)
     manifest = Manifest(
@@ -53,6 +57,7 @@ def make_manifest(
         preprocess=PreprocessSpec(image_size, image_size, [0.5] * 3, [0.5] * 3, "pad"),
         tokens=TokenSpec(1, [2], 0),
         template="vicuna_v1",
+        anyres=None if anyres is None else AnyresSpec([list(p) for p in anyres], image_size),
     )
     kv = ["batch", kv_heads, "past_sequence", head_dim]
     inputs = {
@@ -185,6 +190,155 @@ def test_opt_shapes_are_a_typical_request():
         576 + engines.OPT_TEXT_TOKENS + engines.OPT_ANSWER_TOKENS,
         128,
     )
+
+
+def test_llava_1_5_profiles_are_unchanged_by_anyres():
+    """The exact profiles a LLaVA-1.5-7B engine was built with before LLaVA-1.6 support (one
+    tile per image: the vision batch is the image batch, opt 1), so its engines need no rebuild."""
+    manifest = make_manifest(layers=1)
+    assert engines.max_image_tokens(manifest) == 576 and engines.tiles_per_image(manifest) == 1
+    limits = engines.derive_limits(manifest, max_batch=4)
+    assert limits == EngineLimits(4, 1600, 4096)
+
+    def r(low, opt, high):
+        return {"min": list(low), "opt": list(opt), "max": list(high)}
+
+    vision = engines.vision_profiles(manifest, limits)
+    assert [p.as_dict() for p in vision] == [
+        {
+            "name": "images",
+            "shapes": {"pixel_values": r((1, 3, 336, 336), (1, 3, 336, 336), (4, 3, 336, 336))},
+        }
+    ]
+    prefill_kv = r((1, 32, 0, 128), (1, 32, 0, 128), (4, 32, 0, 128))
+    decode_kv = r((1, 32, 1, 128), (1, 32, 768, 128), (4, 32, 4095, 128))
+    kv_names = contract.decoder_input_names(1)[3:]
+    assert [p.as_dict() for p in engines.decoder_profiles(manifest, limits)] == [
+        {
+            "name": "prefill",
+            "shapes": {
+                "inputs_embeds": r((1, 1, 4096), (1, 640, 4096), (4, 1600, 4096)),
+                "attention_mask": r((1, 1), (1, 640), (4, 1600)),
+                "position_ids": r((1, 1), (1, 640), (4, 1600)),
+                **{name: prefill_kv for name in kv_names},
+            },
+        },
+        {
+            "name": "decode",
+            "shapes": {
+                "inputs_embeds": r((1, 1, 4096), (1, 1, 4096), (4, 1, 4096)),
+                "attention_mask": r((1, 2), (1, 769), (4, 4096)),
+                "position_ids": r((1, 1), (1, 1), (4, 1)),
+                **{name: decode_kv for name in kv_names},
+            },
+        },
+    ]
+
+
+# LLaVA-1.6 pinpoint lists, (height, width) in pixels: the default one at 336-pixel tiles, one
+# with a 2 x 3 grid (7 tiles), and the tiny models' two (32-pixel tiles, as
+# parity_tests/test_next_parity.py), the second without mirror pairs.
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+WIDE_PINPOINTS = ((336, 672), (672, 1008))
+TINY_PINPOINTS = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
+TINY_NON_SQUARE = ((32, 64), (64, 96))
+# pinpoints, manifest arguments, and what an engine must take: (most tiles of one image, most
+# tokens of one image, the default max_input_len), each worked out by hand
+ANYRES_CASES = {
+    # 576 + 48 x (48 + 1) for 672 x 672; 2,928 + 1,024 text tokens fit 4,096 positions
+    "default-336": (DEFAULT_PINPOINTS, {}, (5, 2928, 2928 + 1024)),
+    # 576 + 48 x (72 + 1) for 672 x 1008: 4,080 + 1,024 is capped at the 4,096 positions
+    "wide-336": (WIDE_PINPOINTS, {}, (7, 4080, 4096)),
+    # 16 + 8 x (8 + 1) for 64 x 64; capped at the tiny model's 640 positions
+    "tiny": (TINY_PINPOINTS, {"image_size": 32, "patch": 8, "positions": 640}, (5, 88, 640)),
+    # 16 + 8 x (12 + 1) for 64 x 96
+    "tiny-non-square": (TINY_NON_SQUARE, {"image_size": 32, "patch": 8, "positions": 640}, (7, 120, 640)),
+}
+
+
+def anyres_manifest(case: str, **changes) -> Manifest:
+    pinpoints, kwargs, _ = ANYRES_CASES[case]
+    return make_manifest(anyres=pinpoints, **{**kwargs, **changes})
+
+
+def image_sizes(pinpoints, tile: int) -> list[tuple[int, int]]:
+    """(height, width) sizes: a grid of sides from 1 pixel to past the largest pinpoint (every
+    aspect from a 1-pixel line to square and back), every pinpoint exactly, doubled, halved,
+    and one pixel off."""
+    top = max(max(p) for p in pinpoints) + 2 * tile
+    sides = sorted({1, 2, 3, *range(1, top, max(1, top // 45)), top})
+    sizes = [(h, w) for h in sides for w in sides]
+    for h, w in pinpoints:
+        sizes += [(h, w), (2 * h, 2 * w), (h + 1, w), (h, w - 1), (h // 2, w // 2)]
+    return sizes
+
+
+@pytest.mark.parametrize("case", list(ANYRES_CASES))
+def test_anyres_limits_hold_the_largest_image(case):
+    from runtime import anyres
+
+    manifest = anyres_manifest(case)
+    tiles, tokens, input_len = ANYRES_CASES[case][2]
+    spec = manifest.anyres
+    sizes = image_sizes(spec.grid_pinpoints, spec.tile_size)
+    counts = [anyres.image_token_count(size, spec, manifest.vision) for size in sizes]
+    # the bound is the largest count over every size, and some size (a pinpoint's own) reaches it
+    assert engines.max_image_tokens(manifest) == max(counts) == tokens
+    assert engines.tiles_per_image(manifest) == spec.max_tiles == tiles
+    assert max(anyres.tile_count(size, spec) for size in sizes) == tiles
+    limits = engines.derive_limits(manifest)
+    positions = manifest.text.max_positions
+    assert limits == EngineLimits(1, input_len, min(positions, engines.DEFAULT_MAX_SEQ_LEN))
+    assert limits.max_input_len == min(tokens + engines.DEFAULT_TEXT_TOKENS, limits.max_seq_len)
+    # a smaller --max-seq-len caps the default prompt length too, as long as the largest image fits
+    assert engines.derive_limits(manifest, max_seq_len=tokens + 1).max_input_len == tokens + 1
+
+
+@pytest.mark.parametrize("case", list(ANYRES_CASES))
+@pytest.mark.parametrize("max_batch", [1, 2, 4])
+def test_anyres_profiles_take_tile_batches(case, max_batch):
+    manifest = anyres_manifest(case, layers=2, kv_heads=8)
+    tiles, tokens, _ = ANYRES_CASES[case][2]
+    size = manifest.preprocess.crop_size
+    limits = engines.derive_limits(manifest, max_batch=max_batch)
+    vision = engines.vision_profiles(manifest, limits)
+    decoder = engines.decoder_profiles(manifest, limits)
+    assert engines.profile_problems(manifest, limits, "vision", vision) == []
+    assert engines.profile_problems(manifest, limits, "decoder", decoder) == []
+    # one tile at least, one image's tiles at opt, max_batch images of the most tiles at most
+    pixels = vision[0].shapes[contract.PIXEL_VALUES]
+    assert (pixels.min, pixels.opt, pixels.max) == (
+        (1, 3, size, size),
+        (tiles, 3, size, size),
+        (max_batch * tiles, 3, size, size),
+    )
+    for count in range(1, max_batch * tiles + 1):  # any tile count in between is one run
+        assert engines.find_profile(vision, {contract.PIXEL_VALUES: (count, 3, size, size)}) == 0
+    assert (
+        engines.find_profile(vision, {contract.PIXEL_VALUES: (max_batch * tiles + 1, 3, size, size)}) is None
+    )
+    # prefill holds the largest image and a word at any batch; its opt is that image and a question
+    text = manifest.text
+    prefill, decode = decoder
+    embeds = prefill.shapes[contract.INPUTS_EMBEDS]
+    assert embeds.opt[1] == min(tokens + engines.OPT_TEXT_TOKENS, limits.max_input_len)
+    assert embeds.max == (max_batch, limits.max_input_len, text.hidden_size)
+    assert embeds.min[1] == 1 and limits.max_input_len >= tokens + 1
+    past_opt = decode.shapes[contract.past_key_name(0)].opt[2]
+    assert past_opt == min(embeds.opt[1] + engines.OPT_ANSWER_TOKENS, limits.max_seq_len - 1)
+
+
+def test_anyres_max_input_len_too_small_names_the_largest_image():
+    manifest = anyres_manifest("default-336")
+    assert engines.derive_limits(manifest, max_input_len=2929).max_input_len == 2929
+    for short in (577, 2928):  # 577 holds a LLaVA-1.5 image and a word, not this model's largest
+        with pytest.raises(EngineError) as caught:
+            engines.derive_limits(manifest, max_input_len=short)
+        message = str(caught.value)
+        assert f"--max-input-len {short} cannot hold one image (2928 tokens)" in message, message
+        assert "use at least 2929" in message, message
+    with pytest.raises(EngineError, match=r"--max-input-len 4000 is longer than --max-seq-len 3000"):
+        engines.derive_limits(manifest, max_input_len=4000, max_seq_len=3000)
 
 
 def test_profile_problems_are_found():
@@ -848,3 +1002,185 @@ def test_engine_command_needs_no_torch(artifacts):
     )
     assert done.returncode == 0, done.stderr
     assert "profile decoder/decode" in done.stderr
+
+
+# -- LLaVA-1.6 (anyres) on the fake: tile batches through the vision engine ---------------------
+
+
+@pytest.fixture
+def next_artifacts(workshop, tmp_path):
+    """A private copy of the tiny LLaVA-1.6 float32 export (TINY_PINPOINTS: at most 5 tiles and
+    88 tokens an image; 640 positions)."""
+    from exporter.testing.tiny import TinyConfig
+
+    config = TinyConfig(anyres=TINY_PINPOINTS, max_positions=640)
+    return shutil.copytree(workshop.artifacts(config, "hf"), tmp_path / "next")
+
+
+def picture(height: int, width: int, seed: int = 0):
+    """A PIL image of (height, width): a gradient under noise, so tiles differ."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+    return Image.fromarray(np.clip(ramp + rng.integers(-40, 40, (height, width, 3)), 0, 255).astype(np.uint8))
+
+
+# (height, width) -> tiles with TINY_PINPOINTS: the 64 x 64 grid (5, the most), 32 x 96 (4), 32 x 64 (3)
+SQUARE, WIDE, SMALL = (70, 70), (45, 100), (30, 60)
+
+
+def vision_runs(fake_gpu) -> list[int]:
+    """The tile batch of every vision engine run so far (each in profile 0)."""
+    runs = [run for run in fake_gpu.executions if run["plan"] == "vision.onnx"]
+    assert all(run["profile"] == 0 for run in runs)
+    return [run["shapes"][contract.PIXEL_VALUES][0] for run in runs]
+
+
+def test_anyres_engines_are_built_for_tile_batches(fake_gpu, next_artifacts):
+    manifest = contract.read_manifest(next_artifacts)
+    assert engines.tiles_per_image(manifest) == 5 and engines.max_image_tokens(manifest) == 88
+    result = engine_cli("--artifacts", next_artifacts, "--max-batch", 2)
+    assert result.exit_code == 0, result.output
+    assert "an image is 88 at most" in result.stderr, result.stderr
+    assert "profile vision/images: tiles 1..5..10" in result.stderr, result.stderr
+    folder = next_artifacts / "engines" / FAKE_FOLDER
+    record = json.loads((folder / "engine.json").read_text())
+    assert record["limits"] == {"max_batch": 2, "max_input_len": 640, "max_seq_len": 640}
+    assert record["profiles"]["vision"] == [
+        {
+            "name": "images",
+            "shapes": {
+                "pixel_values": {"min": [1, 3, 32, 32], "opt": [5, 3, 32, 32], "max": [10, 3, 32, 32]}
+            },
+        }
+    ]
+    # the plan carries that profile (what the fake TensorRT holds set_input_shape to)
+    plan = json.loads((folder / "vision.plan").read_text())
+    assert plan["profiles"] == [{"pixel_values": [[1, 3, 32, 32], [5, 3, 32, 32], [10, 3, 32, 32]]}]
+    prefill = json.loads((folder / "decoder.plan").read_text())["profiles"][0]
+    assert prefill[contract.INPUTS_EMBEDS] == [
+        [1, 1, 64],
+        [1, 88 + engines.OPT_TEXT_TOKENS, 64],
+        [2, 640, 64],
+    ]
+    line = error_line(engine_cli("--artifacts", next_artifacts, "--dry-run", "--max-input-len", 88))
+    assert "--max-input-len 88 cannot hold one image (88 tokens)" in line and "use at least 89" in line
+
+
+def test_llava_1_5_engines_keep_one_image_per_vision_run(fake_gpu, artifacts):
+    result = engine_cli("--artifacts", artifacts, "--max-batch", 2)
+    assert result.exit_code == 0, result.output
+    assert "(an image is 16)" in result.stderr and "profile vision/images: images 1..1..2 " in result.stderr
+    plan = json.loads((artifacts / "engines" / FAKE_FOLDER / "vision.plan").read_text())
+    assert plan["profiles"] == [{"pixel_values": [[1, 3, 32, 32], [1, 3, 32, 32], [2, 3, 32, 32]]}]
+
+
+@pytest.mark.parametrize(
+    "max_batch, chunks",
+    [
+        (1, {1: [1], 4: [4], 5: [5], 6: [5, 1], 12: [5, 5, 2]}),
+        (2, {3: [3], 10: [10], 12: [10, 2], 21: [10, 10, 1]}),
+    ],
+)
+def test_anyres_backend_encodes_tiles_in_chunks_of_the_profile(fake_gpu, next_artifacts, max_batch, chunks):
+    """More tiles than one run takes go in chunks of max_batch x 5 (the vision profile's max),
+    fewer in one run of their own size; the embeddings are ONNX Runtime's, tile for tile."""
+    from runtime.backends import load_backend
+
+    build(next_artifacts, "--max-batch", max_batch)
+    manifest = contract.read_manifest(next_artifacts)
+    rng = np.random.default_rng(max_batch)
+    with (
+        load_backend("trt", next_artifacts, manifest) as trt,
+        load_backend("ort", next_artifacts, manifest) as ort,
+    ):
+        assert trt.tiles_per_run == max_batch * 5
+        for count, expected in chunks.items():
+            pixels = rng.standard_normal((count, 3, 32, 32)).astype(np.float32)
+            fake_gpu.executions.clear()
+            ours = trt.encode_images(pixels)
+            assert vision_runs(fake_gpu) == expected, count
+            assert ours.shape == (count, 16, 64) and ours.dtype == np.float32
+            np.testing.assert_allclose(ours, ort.encode_images(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_anyres_backend_follows_the_engines_profile(fake_gpu, next_artifacts, monkeypatch):
+    """An engine whose vision profile takes fewer tiles than max_batch x 5 (built before
+    LLaVA-1.6 support: one tile per image) still encodes every image, in runs it takes."""
+    from runtime.backends import load_backend
+
+    def one_tile_per_image(manifest, limits):
+        size = manifest.preprocess.crop_size
+        pixels = ShapeRange((1, 3, size, size), (1, 3, size, size), (limits.max_batch, 3, size, size))
+        return [engines.Profile(engines.VISION_PROFILE, {contract.PIXEL_VALUES: pixels})]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engines, "vision_profiles", one_tile_per_image)
+        build(next_artifacts, "--max-batch", 2)
+    manifest = contract.read_manifest(next_artifacts)
+    pixels = np.random.default_rng(3).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    with (
+        load_backend("trt", next_artifacts, manifest) as trt,
+        load_backend("ort", next_artifacts, manifest) as ort,
+    ):
+        assert trt.tiles_per_run == 2
+        fake_gpu.executions.clear()
+        np.testing.assert_allclose(trt.encode_images(pixels), ort.encode_images(pixels), rtol=1e-5, atol=1e-5)
+        assert vision_runs(fake_gpu) == [2, 2, 1]
+
+
+def test_anyres_pipeline_on_trt_answers_like_onnx_runtime(fake_gpu, next_artifacts):
+    """A LLaVA-1.6 prompt through the fake TensorRT: an image of fewer tiles than the most runs
+    as a batch of its own size (the profile's dynamic batch), a batch of requests whose tiles
+    outnumber one run is chunked across image boundaries; the answers are ONNX Runtime's."""
+    from runtime import anyres, prompts
+    from runtime.pipeline import Pipeline, Request
+
+    build(next_artifacts, "--max-batch", 2)
+    with (
+        Pipeline.load(next_artifacts, backend="trt") as trt,
+        Pipeline.load(next_artifacts, backend="ort") as ort,
+    ):
+        spec = trt.manifest.anyres
+        assert [anyres.tile_count(size, spec) for size in (SQUARE, WIDE, SMALL)] == [5, 4, 3]
+        fake_gpu.executions.clear()
+        small = picture(*SMALL)
+        answer = trt.generate(PROMPT, [small], max_new_tokens=8)
+        assert answer.token_ids == ort.generate(PROMPT, [small], max_new_tokens=8).token_ids
+        assert vision_runs(fake_gpu) == [3]  # below the opt of 5, in one run
+        # the prefill holds the image's 52 packed tokens (not 16, not the most, 88)
+        chunks = trt.tokenize(Request(PROMPT, [small]))
+        prefill = next(run for run in fake_gpu.executions if run["plan"] == "decoder.onnx")
+        assert anyres.image_token_count(SMALL, spec, trt.manifest.vision) == 52
+        assert prefill["shapes"][contract.INPUTS_EMBEDS][1] == prompts.count_prompt_tokens(chunks, [52])
+
+        requests = [
+            Request("Compare the two pictures.", [picture(*SQUARE, seed=1), picture(*WIDE, seed=2)]),
+            Request(PROMPT, [picture(*SMALL, seed=3)]),
+        ]
+        fake_gpu.executions.clear()
+        ours = [a.token_ids for a in trt.generate_batch(requests, max_new_tokens=6)]
+        assert vision_runs(fake_gpu) == [10, 2]  # 5 + 4 + 3 tiles, the WIDE image's split
+        assert ours == [a.token_ids for a in ort.generate_batch(requests, max_new_tokens=6)]
+
+
+def test_anyres_prompt_longer_than_the_engine_is_refused_before_any_compute(fake_gpu, next_artifacts):
+    """The engine's max_input_len is checked against each image's own tokens (from its size):
+    the prompt with the smaller image fits, the same prompt with a larger one does not."""
+    from runtime import prompts
+    from runtime.pipeline import Pipeline, Request
+
+    with Pipeline.load(next_artifacts, backend="ort") as ort:
+        chunks = ort.tokenize(Request(PROMPT, [picture(*SMALL)]))
+    fits = prompts.count_prompt_tokens(chunks, [52])  # SMALL: 52 tokens, SQUARE: 88
+    build(next_artifacts, "--max-input-len", fits, "--max-seq-len", fits + 8)
+    with Pipeline.load(next_artifacts, backend="trt") as trt:
+        fake_gpu.executions.clear()
+        with pytest.raises(
+            PromptError, match=rf"TensorRT engine takes at most {fits} .*--max-input-len {fits + 36}"
+        ):
+            trt.generate(PROMPT, [picture(*SQUARE)], max_new_tokens=2)
+        assert fake_gpu.executions == []
+        assert len(trt.generate(PROMPT, [picture(*SMALL)], max_new_tokens=2).token_ids) == 2
+        assert vision_runs(fake_gpu) == [3]

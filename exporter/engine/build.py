@@ -53,9 +53,10 @@ class EnginePlan:
             values = (r.min[axis], r.opt[axis], r.max[axis])
             return str(values[0]) if len(set(values)) == 1 else "..".join(map(str, values))
 
+        unit = "tiles" if self.manifest.anyres else "images"  # anyres: an image is several tiles
         for profile in self.profiles["vision"]:
             r = profile.shapes[contract.PIXEL_VALUES]
-            lines.append(f"profile vision/{profile.name}: images {span(r, 0)} (min..opt..max)")
+            lines.append(f"profile vision/{profile.name}: {unit} {span(r, 0)} (min..opt..max)")
         for profile in self.profiles["decoder"]:
             embeds, past = profile.shapes[contract.INPUTS_EMBEDS], profile.shapes[contract.past_key_name(0)]
             lines.append(

@@ -327,7 +327,9 @@ class TrtBackend(Backend):
 
         size, tokens = manifest.preprocess.crop_size, manifest.vision.num_image_tokens
         batch, hidden = built.max_batch, text.hidden_size
-        self.tiles_per_run = batch * engines.tiles_per_image(manifest)  # the vision profile's max
+        # tiles per vision run: the most the engine's own profile takes (max_batch x the tiles one
+        # image can take, as built now; an engine built otherwise still runs, in smaller chunks)
+        self.tiles_per_run = max(p.shapes[contract.PIXEL_VALUES].max[0] for p in self.vision_profiles)
         self.pixel_dtype = self.vision.dtypes[contract.PIXEL_VALUES]
         self.image_dtype = self.vision.dtypes[contract.IMAGE_EMBEDS]
         self.pixels = self.staging(self.tiles_per_run * 3 * size * size * self.pixel_dtype.itemsize)
