@@ -1,7 +1,8 @@
 """llava-bench: the roofline arithmetic against hand-computed numbers, the report's ratios on
 synthetic sides (every ratio reads "times better than PyTorch"), the two sides on the same
 inputs, the command end to end on the tiny model (a real subprocess: it sets process-wide thread
-counts), and its user errors (the runtime's limits among them, before PyTorch loads)."""
+counts) and on a tiny LLaVA-1.6 (a 640x480 image's 5 tiles, packed alike on both sides), and its
+user errors (the runtime's limits among them, before PyTorch loads)."""
 
 from __future__ import annotations
 
@@ -363,6 +364,102 @@ def test_bench_end_to_end_writes_table_and_json(tiny_hf, tiny_artifacts, tmp_pat
     # The exported float32 graphs reproduce the reference: greedy tokens agree (the tiny model's
     # top-2 margins are far above float32 noise, as the generation parity tests show).
     assert report["greedy_tokens_matching"] == {"leading": 5, "of": 5}
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-1.6 (anyres): a 640x480 image's tiles, packed, on both sides
+
+# The default pinpoints at the tiny model's 32-pixel tiles: a 640x480 image takes the 2x2 grid
+# (64x64), 5 tiles, as it takes 672x672 at CLIP-L/336's
+NEXT_PINPOINTS = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
+# 5 tiles of 16 patch features; packed: the base tile's 16, then the 8x8 grid unpadded to the
+# image's aspect, 6 rows of 8, each with its newline: 16 + 6 * 9
+NEXT_IMAGE_TOKENS = 70
+
+
+@pytest.fixture(scope="module")
+def next_model(workshop) -> tuple[Path, Path]:
+    """A tiny LLaVA-1.6's HF folder and its artifact folder (fp32)."""
+    from exporter.testing.tiny import TinyConfig
+
+    config = TinyConfig(anyres=NEXT_PINPOINTS, max_positions=640)
+    return workshop.tiny(config)["hf"], workshop.artifacts(config)
+
+
+def test_an_anyres_bench_image_is_640x480_in_5_tiles_packed_alike_on_both_sides(next_model):
+    """make_inputs tiles a seeded 640x480 image; the reference's encode (get_image_features:
+    tower, projector, pack_image_features) and the runtime's (vision graph, anyres.pack) give
+    the same [B, 70, hidden], not the 80 rows of five unpacked tiles; the greedy tokens agree."""
+    import torch
+
+    from exporter.bench.run import BENCH_IMAGE_SIZE, ReferenceSide, RuntimeSide, make_inputs
+    from exporter.source import load_source
+    from runtime import anyres, contract
+    from runtime.pipeline import Pipeline, Timings
+
+    hf, artifacts = next_model
+    manifest = contract.read_manifest(artifacts)
+    inputs = make_inputs(manifest, batch=2, text_tokens=8)
+    assert BENCH_IMAGE_SIZE == (480, 640) and inputs.image_sizes == [BENCH_IMAGE_SIZE] * 2
+    assert anyres.tile_count(BENCH_IMAGE_SIZE, manifest.anyres) == 5
+    assert inputs.pixels.shape == (10, 3, 32, 32) and inputs.batch == 2
+    counted = anyres.image_token_count(BENCH_IMAGE_SIZE, manifest.anyres, manifest.vision)
+    assert inputs.image_tokens == NEXT_IMAGE_TOKENS == counted
+    assert inputs.prompt_tokens == 8 + NEXT_IMAGE_TOKENS
+    reference = ReferenceSide(load_source(str(hf)))
+    with torch.no_grad():
+        expected = reference.encode(inputs).numpy()
+    with Pipeline.load(artifacts, threads=1) as pipe:
+        packed = np.stack(pipe.image_embeds(inputs.pipeline_batch(), Timings()))
+        runtime = RuntimeSide(pipe).run(inputs, new_tokens=4)
+    assert expected.shape == packed.shape == (2, NEXT_IMAGE_TOKENS, 64)
+    # after the base tile's 16, each of the 6 grid rows is 8 features and the model's newline
+    newline = reference.model.model.image_newline.numpy()
+    assert (expected[:, 16 + 8 :: 9] == newline).all() and expected[:, 16 + 8 :: 9].shape[1] == 6
+    np.testing.assert_allclose(packed, expected, atol=1e-5)
+    assert runtime.tokens == reference.run(inputs, new_tokens=4).tokens
+
+
+def test_bench_on_an_anyres_model_reports_the_packed_image(next_model, tmp_path):
+    hf, artifacts = next_model
+    out = tmp_path / "bench.json"
+    result = llava_bench("--model", hf, "--artifacts", artifacts, *QUICK, "--threads", "1", "--json", out)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout
+    heading = f"prompt 78 tokens (8 text + {NEXT_IMAGE_TOKENS} image: a 640x480 image in 5 tiles)"
+    assert heading in table, table
+    assert "prefill ms (78 tok)" in table and "image encode ms" in table
+    report = json.loads(out.read_text())
+    settings, model = report["settings"], report["model"]
+    assert (settings["image_tokens"], settings["prompt_tokens"]) == (NEXT_IMAGE_TOKENS, 78)
+    assert (model["image_tiles"], model["image_size"]) == (5, [480, 640])
+    pytorch, ort = report["results"]["pytorch"], report["results"]["ort-cpu"]
+    assert pytorch["image_encode_ms"] > 0 and ort["image_encode_ms"] > 0
+    assert report["ratios"]["image_encode_ms"] == pytest.approx(
+        pytorch["image_encode_ms"] / ort["image_encode_ms"], rel=1e-2
+    )
+    # the roofline's encode is the tower and projector over the 5 tiles
+    encode = report["roofline"]["image_encode"]
+    assert encode["flops"] == pytest.approx(5 * tiny_tile_flops(hf), rel=1e-6)
+    assert report["greedy_tokens_matching"] == {"leading": 5, "of": 5}
+
+
+def tiny_tile_flops(hf: Path) -> float:
+    """The vision graph's FLOPs for one 32x32 tile of the tiny model, by VisionCost."""
+    from dataclasses import replace
+
+    from exporter.bench.run import vision_cost
+    from exporter.source import load_source
+
+    return replace(vision_cost(load_source(str(hf))), tiles=1).flops()
+
+
+def test_artifacts_without_anyres_for_an_anyres_model(next_model, tiny_artifacts, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # in-process: keep pytest's threads
+    result = invoke("--model", next_model[0], "--artifacts", tiny_artifacts, *QUICK)
+    assert_error_line(result, "were not exported from --model", "anyres tiling is None there")
 
 
 # ---------------------------------------------------------------------------------------------

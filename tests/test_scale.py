@@ -2,7 +2,9 @@
 model's vocabulary, so that what a random 7B-shaped model generates decodes to text (a served
 export streams it), while text tokenizes exactly as with the tiny tokenizer alone. And its
 original-layout checkpoint and LoRA folder, at a tiny width: the loaders take them, and the
-LoRA merges into exactly the modules LLaVA's training adapts."""
+LoRA merges into exactly the modules LLaVA's training adapts. Its LLaVA-1.6 (`--anyres`): the
+7B config (the full tower, ~0.6 GB of weights, is not written here) and, at a tiny width, the
+HF folder the source reads as LLaVA-1.6."""
 
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import re
 
 import pytest
 
+from exporter.testing import scale
 from exporter.testing.scale import (
     CLIP_L_336,
+    DEFAULT_PINPOINTS,
     cover_vocabulary,
+    llava_7b,
+    llava_next_7b,
     random_model,
     save_hf,
     save_original,
@@ -144,3 +150,64 @@ def test_the_lora_folder_merges_into_every_decoder_linear_and_the_projector_only
     assert changed == {name for name in base if ADAPTED.match(name)}
     assert len(changed) == 7 * TINY_TEXT["num_hidden_layers"] + 4
     assert all(torch.isfinite(tensor).all() for tensor in merged.model.state_dict().values())
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-1.6 (--anyres)
+
+
+def test_the_llava_16_config_is_llava_15s_model_tiled_at_the_default_pinpoints():
+    """llava-hf/llava-v1.6-vicuna-7b-hf's shape: LLaVA-1.5-7B's tower, projector and decoder,
+    LlavaNext, the pinpoints of 1x2, 2x1, 2x2, 3x1 and 1x3 tiles of 336 as (height, width)."""
+    config, plain = llava_next_7b(2), llava_7b(2)
+    assert config.model_type == "llava_next" and plain.model_type == "llava"
+    assert config.image_grid_pinpoints == DEFAULT_PINPOINTS
+    assert DEFAULT_PINPOINTS == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert config.vision_config.to_dict() == plain.vision_config.to_dict()
+    assert config.text_config.to_dict() == plain.text_config.to_dict()
+    assert (config.text_config.num_hidden_layers, config.vision_config.image_size) == (2, 336)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
+    assert config.image_token_index == plain.image_token_index == 32000
+
+
+def test_the_anyres_flag_writes_the_llava_16_checkpoint_in_the_hf_layout_only(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "next"
+    with pytest.raises(ValueError, match="HF layout only"):  # before any weight is made
+        scale.write_checkpoint(out, 2, layout="original", anyres=True)
+    written = []
+    monkeypatch.setattr(scale, "write_checkpoint", lambda *args, **kwargs: written.append((args, kwargs)))
+    assert scale.main(["checkpoint", "--out", str(out), "--text-layers", "2", "--anyres"]) == 0
+    assert scale.main(["checkpoint", "--out", str(out), "--text-layers", "2"]) == 0
+    assert written == [
+        ((out, 2), {"layout": "hf", "anyres": True}),
+        ((out, 2), {"layout": "hf", "anyres": False}),
+    ]
+    with pytest.raises(SystemExit) as refused:
+        scale.main(["checkpoint", "--out", str(out), "--anyres", "--format", "original"])
+    assert refused.value.code == 2 and "--anyres writes the HF layout only" in capsys.readouterr().err
+    assert len(written) == 2 and not out.exists()
+
+
+def test_a_tiny_width_llava_16_folder_loads_as_llava_16(tmp_path):
+    """save_hf of a LlavaNext model: its weights with image_newline, a LlavaNextImageProcessor
+    at the model's pinpoints that transformers reads, and the source's AnyresSpec from them."""
+    import torch
+    from transformers import AutoImageProcessor, LlavaNextConfig
+
+    from exporter.source import load_source
+
+    pinpoints = [[28, 56], [56, 28], [56, 56]]  # whole 28-pixel tiles of TINY_CLIP
+    config = LlavaNextConfig(
+        vision_config=TINY_CLIP, text_config=TINY_TEXT, image_token_index=383, image_grid_pinpoints=pinpoints
+    )
+    model = random_model(config)
+    save_hf(model, tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(processor).__name__.startswith("LlavaNextImageProcessor")
+    assert [list(point) for point in processor.image_grid_pinpoints] == pinpoints
+    source = load_source(str(tmp_path), dtype=torch.float16)
+    assert source.anyres is not None and source.anyres.grid_pinpoints == pinpoints
+    assert source.anyres.tile_size == 28 and source.preprocess.crop_size == 28
+    newline = source.model.model.image_newline
+    assert newline.shape == (TINY_TEXT["hidden_size"],) and torch.equal(newline, model.model.image_newline)
+    assert 0 < newline.float().std() < 0.05  # random, N(0, 0.02), not left uninitialised

@@ -293,12 +293,16 @@ class BenchReport:
     def heading_lines(self) -> list[str]:
         config, rates, machine = self.config, self.rates, self.machine
         quant = f", {self.model['decoder_quant']} weights" if self.model.get("decoder_quant") else ""
+        image = f"{self.model['image_tokens']} image"
+        if self.model.get("image_size"):  # anyres: the image's size fixes its tiles and tokens
+            height, width = self.model["image_size"]
+            image += f": a {width}x{height} image in {self.model['image_tiles']} tiles"
         ort_threads = self.ort_threads if self.ort_threads is not None else "n/a"
         return [
             f"llava-bench: {config.model} (pytorch, {self.model['reference_dtype']}) vs {config.artifacts} "
             f"({self.runtime.name}, {self.model['decoder_dtype']}{quant})",
             f"  batch {config.batch}, prompt {self.runtime.prompt_tokens} tokens ({config.prompt_len} text + "
-            f"{self.model['image_tokens']} image), {config.new_tokens} decode steps; "
+            f"{image}), {config.new_tokens} decode steps; "
             f"warm-up {config.warmup}, repeats {config.repeats}, medians",
             f"  threads: torch {self.torch_threads}, onnxruntime intra-op {ort_threads}",
             f"  machine: {machine['cpu']}, {machine['available_cpus']} cpus, load average "

@@ -170,7 +170,8 @@ class VisionCost:
     num_heads: int
     head_dim: int
     tower_tokens: int  # patches + CLS
-    image_tokens: int  # what the projector sees (CLS dropped or kept)
+    image_tokens: int  # what the projector sees (CLS dropped or kept), per tile
+    tiles: int = 1  # tower runs per image: 1, or an anyres image's base tile and grid
 
     def flops(self, batch: int = 1) -> float:
         patches = self.tower_tokens - 1
@@ -180,7 +181,7 @@ class VisionCost:
             2 * 2.0 * self.head_dim * self.tower_tokens**2 * self.num_heads * self.num_layers
         )  # not causal
         projector = 2.0 * self.projector_params * self.image_tokens
-        return (embed + layers + attention + projector) * batch
+        return (embed + layers + attention + projector) * self.tiles * batch
 
 
 # ---------------------------------------------------------------------------------------------

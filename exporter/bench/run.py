@@ -5,6 +5,9 @@ same random text token ids around the image, then each runs its own whole pipeli
 
     image encode   reference: VisionEncoder (tower, layer select, projector), eager, no_grad
                    runtime:   the vision graph
+                   LLaVA-1.6 (anyres): a seeded BENCH_IMAGE_SIZE image's tiles (5 at 640x480
+                   with the default pinpoints), then the packing: reference get_image_features
+                   (tower, projector, pack_image_features); runtime the vision graph + anyres.pack
     splice         text embeddings | image embeddings | text embeddings -> [B, L, hidden]
     prefill        one forward over the L positions with an empty cache -> first token
                    reference: the text model with a transformers DynamicCache + lm_head at the
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from exporter.bench import roofline as rl
 from exporter.bench.memory import RssMeter, SideMemory
@@ -47,12 +51,13 @@ from exporter.bench.report import (
     plot,
 )
 from exporter.progress import Progress
-from runtime import contract
+from runtime import anyres, contract
 from runtime.errors import EngineError, LlavaError, PromptError
 from runtime.extras import require
 from runtime.pipeline import Batch, Pipeline, Timings, ms_since
 
 PLOT_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)  # --plot sweeps these fractions of --prompt-len
+BENCH_IMAGE_SIZE = (480, 640)  # (height, width): an anyres model's image, a VGA photo
 
 
 @dataclass
@@ -109,14 +114,15 @@ def available_cpus() -> int:
 
 @dataclass
 class BenchInputs:
-    pixels: np.ndarray  # [B,3,H,W] float32, normalized-looking noise
+    pixels: np.ndarray  # [B,3,H,W] float32, normalized-looking noise; anyres: [B*tiles,3,S,S]
     before: np.ndarray  # [B, k] int64: text ids before the image (BOS first when the model has one)
     after: np.ndarray  # [B, m] int64: text ids after it
-    image_tokens: int
+    image_tokens: int  # per image
+    image_sizes: list[tuple[int, int]] | None = None  # anyres: each row's image's (height, width)
 
     @property
     def batch(self) -> int:
-        return len(self.pixels)
+        return len(self.before)
 
     @property
     def text_tokens(self) -> int:
@@ -128,22 +134,32 @@ class BenchInputs:
 
     def pipeline_batch(self) -> Batch:
         """The same inputs as the runtime's Batch: per row, the text before and after its image."""
-        return Batch([[before, after] for before, after in zip(self.before, self.after)], self.pixels)
+        return Batch(
+            [[before, after] for before, after in zip(self.before, self.after)], self.pixels, self.image_sizes
+        )
 
 
 def make_inputs(manifest: contract.Manifest, batch: int, text_tokens: int, seed: int = 0) -> BenchInputs:
     """Seeded pixels and random ordinary token ids (never BOS, EOS or pad inside the text);
     half the text before the image, as a system prompt would be, the rest after it."""
     rng = np.random.default_rng(seed)
-    size = manifest.preprocess.crop_size
-    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    size, sizes = manifest.preprocess.crop_size, None
+    image_tokens = manifest.vision.num_image_tokens
+    if manifest.anyres is None:
+        pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    else:  # a real image's tiles: their number follows from its size
+        height, width = BENCH_IMAGE_SIZE
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        pixels = np.concatenate([anyres.tiles(image, manifest.anyres, manifest.preprocess)] * batch)
+        sizes = [BENCH_IMAGE_SIZE] * batch
+        image_tokens = anyres.image_token_count(BENCH_IMAGE_SIZE, manifest.anyres, manifest.vision)
     special = {manifest.tokens.bos, manifest.tokens.pad, *manifest.tokens.eos} - {None}
     ordinary = np.setdiff1d(np.arange(manifest.text.vocab_size), np.array(sorted(special), dtype=np.int64))
     ids = rng.choice(ordinary, size=(batch, text_tokens)).astype(np.int64)
     if manifest.tokens.bos is not None:
         ids[:, 0] = manifest.tokens.bos
     split = max(1, text_tokens // 2)
-    return BenchInputs(pixels, ids[:, :split], ids[:, split:], manifest.vision.num_image_tokens)
+    return BenchInputs(pixels, ids[:, :split], ids[:, split:], image_tokens, sizes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +177,7 @@ class ReferenceSide:
 
         model = source.model.to(device)  # in place: the source's model is on `device` now
         self.device = device
+        self.model = model
         self.encoder = VisionEncoder.of(source)
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
@@ -182,8 +199,7 @@ class ReferenceSide:
         device = self.device
         with torch.no_grad():
             start = self.clock()
-            pixels = torch.from_numpy(inputs.pixels).to(device, self.dtype)
-            image_embeds = self.encoder(pixels)  # [B, N_img, hidden]
+            image_embeds = self.encode(inputs)  # [B, N_img, hidden]
             encoded = self.clock()
             before, after = (torch.from_numpy(ids).to(device) for ids in (inputs.before, inputs.after))
             embeds = torch.cat([self.embed(before), image_embeds, self.embed(after)], dim=1)  # [B, L, hidden]
@@ -208,6 +224,19 @@ class ReferenceSide:
             decode_ms=ms_since(prefilled, decoded),
             end_to_end_ms=ms_since(start, decoded),
             tokens=torch.stack(tokens, 1).tolist(),
+        )
+
+    def encode(self, inputs: BenchInputs):
+        """[B, N_img, hidden]: the encoder on one image per row; under anyres transformers'
+        get_image_features on the rows' tiles, packed as LLaVA-1.6 does."""
+        import torch
+
+        pixels = torch.from_numpy(inputs.pixels).to(self.device, self.dtype)
+        if inputs.image_sizes is None:
+            return self.encoder(pixels)
+        sizes = torch.tensor(inputs.image_sizes, device=self.device)
+        return torch.stack(
+            self.model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
         )
 
     def forward(self, embeds, mask, positions, cache):
@@ -298,6 +327,11 @@ def check_fits(runtime: RuntimeSide, inputs: BenchInputs, config: BenchConfig) -
 
 
 def check_same_model(source, manifest: contract.Manifest, config: BenchConfig) -> None:
+    if source.anyres != manifest.anyres:
+        raise LlavaError(
+            f"--artifacts {config.artifacts} were not exported from --model {config.model}: their anyres "
+            f"tiling is {manifest.anyres} there and {source.anyres} in the model"
+        )
     for what, ours, theirs in (
         ("text", source.text, manifest.text),
         ("vision", source.vision, manifest.vision),
@@ -342,6 +376,7 @@ def quantized_bytes_per_weight(path: Path, graph: contract.GraphSpec) -> float:
 
 
 def vision_cost(source) -> rl.VisionCost:
+    """The vision graph's work for one image: one tile, or under anyres BENCH_IMAGE_SIZE's tiles."""
     model = source.model
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel nests it in older transformers
@@ -359,6 +394,7 @@ def vision_cost(source) -> rl.VisionCost:
         head_dim=config.hidden_size // config.num_attention_heads,
         tower_tokens=patches + 1,
         image_tokens=source.vision.num_image_tokens,
+        tiles=1 if source.anyres is None else anyres.tile_count(BENCH_IMAGE_SIZE, source.anyres),
     )
 
 
@@ -379,7 +415,9 @@ def model_summary(
         "decoder_layers": manifest.text.num_layers,
         "hidden_size": manifest.text.hidden_size,
         "vocab_size": manifest.text.vocab_size,
-        "image_tokens": manifest.vision.num_image_tokens,
+        "image_tokens": bench_image_tokens(manifest),
+        "image_tiles": vision.tiles,  # tower runs per image
+        "image_size": list(BENCH_IMAGE_SIZE) if manifest.anyres is not None else None,  # (height, width)
         "decoder_dtype": manifest.graphs["decoder"].dtype,
         "decoder_quant": manifest.graphs["decoder"].quant,
         "vision_dtype": manifest.graphs["vision"].dtype,
@@ -388,6 +426,13 @@ def model_summary(
         "decoder_weight_bytes": decoder.weight_bytes,
         "vision_params": vision.patch_params + vision.layer_params + vision.projector_params,
     }
+
+
+def bench_image_tokens(manifest: contract.Manifest) -> int:
+    """The embeddings the benchmark's image stands for (under anyres: BENCH_IMAGE_SIZE's)."""
+    if manifest.anyres is None:
+        return manifest.vision.num_image_tokens
+    return anyres.image_token_count(BENCH_IMAGE_SIZE, manifest.anyres, manifest.vision)
 
 
 def machine_info() -> dict:
@@ -596,7 +641,7 @@ def run_sweep(sides, results, config, manifest, rates, decoder, vision, progress
             unmetered = {side.name: SideMemory() for side in sides}  # the sweep reports no memory
             runs = measure(sides, inputs, config, RssMeter(), unmetered, progress)
             measured = side_results(sides, runs, unmetered, config, inputs.prompt_tokens)
-        prompt_tokens = text_tokens + manifest.vision.num_image_tokens
+        prompt_tokens = text_tokens + bench_image_tokens(manifest)
         bound = rl.roofline(rates, decoder, vision, config.batch, prompt_tokens, config.new_tokens)
         points.append(sweep_point(text_tokens, prompt_tokens, measured, bound, config.batch))
     return points

@@ -1,15 +1,19 @@
 """Full-size random checkpoints for the scale checks (not a test: a command you run by hand).
 
     python -m exporter.testing.scale checkpoint --out /tmp/llava7b --text-layers 32 [--format original]
+    python -m exporter.testing.scale checkpoint --out /tmp/llava16-7b --text-layers 2 --anyres
     python -m exporter.testing.scale lora --base /tmp/llava7b-orig --out /tmp/llava7b-lora [--r 128 --alpha 256]
     python -m exporter.testing.scale measure -- llava-export decoder --model /tmp/llava7b --out /tmp/a --fp16 --no-verify
 
 `checkpoint` writes a LLaVA-1.5-7B-shaped Hugging Face folder (CLIP ViT-L/14-336, 24 layers,
 mlp2x_gelu to 4096; a Vicuna-7B-shaped decoder of `--text-layers` layers, vocab 32064) with
 random weights, float16 like the published checkpoint, one tensor at a time so that memory
-stays near the model's own size. Its tokenizer is the tiny test one (exporter.testing.tiny_tokenizer)
-with a placeholder piece for every other id of the model's vocabulary (`▁w320` ... `▁w32063`,
-decoded " w320" ...): text tokenizes as with the tiny one alone, and whatever ids a random model
+stays near the model's own size. `--anyres` writes a LLaVA-1.6-7B-shaped one instead
+(llava-hf/llava-v1.6-vicuna-7b-hf's: LlavaNextForConditionalGeneration, the same tower and
+decoder, DEFAULT_PINPOINTS, a random image_newline, a LlavaNextImageProcessor), HF layout
+only. Its tokenizer is the tiny test one (exporter.testing.tiny_tokenizer) with a placeholder
+piece for every other id of the model's vocabulary (`▁w320` ... `▁w32063`, decoded " w320"
+...): text tokenizes as with the tiny one alone, and whatever ids a random model
 generates decode to text, so an export of it can be served and streamed. `--format original`
 writes the same model in the original LLaVA layout (exporter.testing.original_format), its CLIP
 tower beside OUT in OUT-clip. `lora` writes an original-repo LoRA folder for such a base:
@@ -77,16 +81,38 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SHARD_BYTES = 2 * 10**9  # the shard size of the published checkpoints
 
 
+# LLaVA-1.6's grid pinpoints, (height, width) in pixels (llava-hf/llava-v1.6-*-hf's
+# image_grid_pinpoints): 1x2, 2x1, 2x2, 3x1 and 1x3 tiles of 336
+DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
 def llava_7b(text_layers: int):
     from transformers import LlavaConfig
 
     return LlavaConfig(vision_config=CLIP_L_336, text_config=vicuna_7b(text_layers), image_token_index=32000)
 
 
-def write_checkpoint(out: Path, text_layers: int, seed: int = 0, layout: str = "hf") -> None:
-    """The random LLaVA-1.5-7B-shaped model with `text_layers` decoder layers, in `layout`
-    ("hf" or "original")."""
-    model = random_model(llava_7b(text_layers), seed)
+def llava_next_7b(text_layers: int, pinpoints: list[list[int]] = DEFAULT_PINPOINTS):
+    """LLaVA-1.6-7B's (llava-v1.6-vicuna-7b-hf) config: LLaVA-1.5-7B's tower, projector and
+    decoder, tiled at `pinpoints` ((height, width) pairs)."""
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=CLIP_L_336,
+        text_config=vicuna_7b(text_layers),
+        image_token_index=32000,
+        image_grid_pinpoints=[list(point) for point in pinpoints],
+    )
+
+
+def write_checkpoint(
+    out: Path, text_layers: int, seed: int = 0, layout: str = "hf", anyres: bool = False
+) -> None:
+    """The random LLaVA-1.5-7B-shaped model (LLaVA-1.6-7B-shaped with `anyres`) with
+    `text_layers` decoder layers, in `layout` ("hf" or "original"; "hf" only with `anyres`)."""
+    if anyres and layout != "hf":
+        raise ValueError("the LLaVA-1.6-shaped checkpoint is written in the HF layout only")
+    model = random_model((llava_next_7b if anyres else llava_7b)(text_layers), seed)
     if layout == "original":
         save_original(model, out)
     else:
@@ -94,7 +120,8 @@ def write_checkpoint(out: Path, text_layers: int, seed: int = 0, layout: str = "
 
 
 def random_model(config, seed: int = 0) -> nn.Module:
-    """`config`'s LlavaForConditionalGeneration in float16: norm weights 1, everything else
+    """`config`'s LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for a
+    LlavaNextConfig, its image_newline random too) in float16: norm weights 1, everything else
     N(0, 0.02), filled tensor by tensor (a float32 temporary of one tensor at a time)."""
     model = build_empty_model(config, depth=2, dtype=torch.float16)
     generator = torch.Generator().manual_seed(seed)
@@ -113,9 +140,15 @@ def random_model(config, seed: int = 0) -> nn.Module:
 
 
 def save_hf(model: nn.Module, out: Path) -> None:
+    """OUT in the Hugging Face layout: the weights in ~2 GB shards, the image processor (a
+    LlavaNextImageProcessor at the model's pinpoints for a LlavaNext model), the tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size="2GB")
-    write_processor_config(out, preprocess_of(model), "LlavaImageProcessor")
+    if model.config.model_type == "llava_next":
+        pinpoints = model.config.image_grid_pinpoints
+        write_processor_config(out, preprocess_of(model), "LlavaNextImageProcessor", pinpoints)
+    else:
+        write_processor_config(out, preprocess_of(model), "LlavaImageProcessor")
     write_tokenizer(out, model.config.text_config.vocab_size)
 
 
@@ -135,7 +168,8 @@ def save_original(model: nn.Module, out: Path) -> Path:
 
 
 def preprocess_of(model: nn.Module) -> PreprocessSpec:
-    """LLaVA-1.5's: CLIP's normalization, images padded to square and resized to the tower's size."""
+    """LLaVA-1.5's: CLIP's normalization, images padded to square and resized to the tower's size
+    (a LlavaNextImageProcessor's tiles are the tower's size; its padding is its own)."""
     size = model.config.vision_config.image_size
     return PreprocessSpec(
         shortest_edge=size, crop_size=size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, aspect="pad"
@@ -281,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--out", type=Path, required=True)
     make.add_argument("--text-layers", type=int, default=32)
     make.add_argument("--format", choices=("hf", "original"), default="hf")
+    make.add_argument(
+        "--anyres",
+        action="store_true",
+        help="LLaVA-1.6-7B-shaped instead (LlavaNext, the default pinpoints; --format hf only)",
+    )
     lora = sub.add_parser("lora", help="write a random original-repo LoRA folder for an original-format BASE")
     lora.add_argument("--base", type=Path, required=True)
     lora.add_argument("--out", type=Path, required=True)
@@ -291,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.action == "checkpoint":
-        write_checkpoint(args.out, args.text_layers, layout=args.format)
+        if args.anyres and args.format != "hf":
+            parser.error("--anyres writes the HF layout only (--format hf)")
+        write_checkpoint(args.out, args.text_layers, layout=args.format, anyres=args.anyres)
         return 0
     if args.action == "lora":
         write_lora(args.base, args.out, args.r, args.alpha, args.seed)
