@@ -26,11 +26,10 @@ rescaling the tiny model's lm_head. The number of compared steps is printed.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from runtime.pipeline import Pipeline, Request
-from tests.support.generation import NEW_TOKENS, ROWS, reference_generate
+from tests.support.generation import NEW_TOKENS, ROWS, compare_greedy, reference_generate
 
 MIN_STEPS = 16
 MARGIN_TOL = 1e-3
@@ -65,25 +64,10 @@ def compare(label: str, artifacts, model, images, batch: int, capsys) -> None:
     ref_tokens, margins = reference_generate(model, pipe, rows, image_paths)
     assert ref_tokens.shape == (batch, NEW_TOKENS)
 
-    report, failures = [], []
-    for row, answer in enumerate(answers):
-        assert len(answer.token_ids) == NEW_TOKENS
-        low = np.flatnonzero(margins[row] < MARGIN_TOL)
-        compared = int(low[0]) if len(low) else NEW_TOKENS
-        ours, theirs = answer.token_ids[:compared], ref_tokens[row, :compared].tolist()
-        report.append(
-            f"row {row}: {compared}/{NEW_TOKENS} steps compared (min margin {margins[row, :compared].min():.2e})"
-        )
-        if ours != theirs:
-            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            failures.append(
-                f"row {row}: tokens differ at step {first} (reference margin {margins[row, first]:.2e}): "
-                f"runtime {ours} vs reference {theirs}"
-            )
-        elif compared < MIN_STEPS:
-            failures.append(
-                f"row {row}: only {compared} steps before a near tie; pick other prompts or seeds"
-            )
+    assert all(len(answer.token_ids) == NEW_TOKENS for answer in answers)
+    report, failures = compare_greedy(
+        [a.token_ids for a in answers], ref_tokens, margins, MARGIN_TOL, MIN_STEPS
+    )
     with capsys.disabled():
         print(f"\n[{label}, batch {batch}] " + "; ".join(report))
     assert not failures, "\n".join(failures)

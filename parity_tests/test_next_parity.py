@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from runtime.pipeline import Pipeline, Request, Timings
-from tests.support.generation import greedy_with_margins
+from tests.support.generation import compare_greedy, greedy_with_margins
 
 MARGIN_TOL = 1e-3
 MIN_STEPS = 12
@@ -173,18 +173,7 @@ def test_greedy_tokens_equal_generate(case, fmt, pipe, reference, pictures, imag
         pixel_values=inputs["pixel_values"],
         image_sizes=inputs["image_sizes"],
     )
-    report, failures = [], []
-    for row, answer in enumerate(answers):
-        low = np.flatnonzero(margins[row] < MARGIN_TOL)
-        compared = int(low[0]) if len(low) else NEW_TOKENS
-        ours, theirs = answer.token_ids[:compared], tokens[row, :compared].tolist()
-        report.append(f"row {row}: {compared}/{NEW_TOKENS} steps")
-        if ours != theirs:
-            failures.append(f"row {row}: runtime {ours} vs reference {theirs}")
-        elif compared < MIN_STEPS:
-            failures.append(
-                f"row {row}: only {compared} steps before a near tie; pick other prompts or seeds"
-            )
+    report, failures = compare_greedy([a.token_ids for a in answers], tokens, margins, MARGIN_TOL, MIN_STEPS)
     with capsys.disabled():
         print(f"\n[{case[0]} {fmt}, batch {batch}, {images_per_row}] " + "; ".join(report))
     assert not failures, "\n".join(failures)

@@ -39,7 +39,13 @@ from exporter.progress import Progress  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import prompts  # noqa: E402
 from runtime.pipeline import Pipeline, Request, Timings  # noqa: E402
-from tests.support.generation import NEW_TOKENS, ROWS, greedy_with_margins, reference_generate  # noqa: E402
+from tests.support.generation import (  # noqa: E402
+    NEW_TOKENS,
+    ROWS,
+    compare_greedy,
+    greedy_with_margins,
+    reference_generate,
+)
 from tests.support.graphs import embeddings, empty_past, pixels, run_decoder, run_vision  # noqa: E402
 from tests.support.toy import TOY_HF_DIR, export_with_cli  # noqa: E402
 
@@ -208,19 +214,9 @@ def test_greedy_answers_match_transformers_generate(workshop, folders, backend, 
         [Request(prompt, [path]) for (prompt, _), path in zip(ROWS, paths)], max_new_tokens=NEW_TOKENS
     )
     ref_tokens, margins = reference_generate(model, pipe, ROWS, paths)
-    report, failures = [], []
-    for row, answer in enumerate(answers):
-        low = np.flatnonzero(margins[row] < MARGIN[dtype])
-        compared = int(low[0]) if len(low) else NEW_TOKENS
-        ours, theirs = answer.token_ids[:compared], ref_tokens[row, :compared].tolist()
-        report.append(f"row {row}: {compared}/{NEW_TOKENS} steps compared")
-        if ours != theirs:
-            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            failures.append(
-                f"row {row}: tokens differ at step {first}: {backend} {ours} vs reference {theirs}"
-            )
-        elif compared < MIN_GREEDY_STEPS[dtype]:
-            failures.append(f"row {row}: only {compared} steps before a near tie (margin {MARGIN[dtype]})")
+    report, failures = compare_greedy(
+        [a.token_ids for a in answers], ref_tokens, margins, MARGIN[dtype], MIN_GREEDY_STEPS[dtype]
+    )
     with capsys.disabled():
         print(f"\n[{backend} {dtype} greedy] " + "; ".join(report))
     assert not failures, "\n".join(failures)
@@ -327,19 +323,9 @@ def test_next_greedy_answers_match_transformers_generate(
         pixel_values=inputs["pixel_values"],
         image_sizes=inputs["image_sizes"],
     )
-    report, failures = [], []
-    for row, answer in enumerate(answers):
-        low = np.flatnonzero(margins[row] < MARGIN[dtype])
-        compared = int(low[0]) if len(low) else NEW_TOKENS
-        ours, theirs = answer.token_ids[:compared], ref_tokens[row, :compared].tolist()
-        report.append(f"row {row}: {compared}/{NEW_TOKENS} steps compared")
-        if ours != theirs:
-            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            failures.append(
-                f"row {row}: tokens differ at step {first}: {backend} {ours} vs reference {theirs}"
-            )
-        elif compared < MIN_GREEDY_STEPS[dtype]:
-            failures.append(f"row {row}: only {compared} steps before a near tie (margin {MARGIN[dtype]})")
+    report, failures = compare_greedy(
+        [a.token_ids for a in answers], ref_tokens, margins, MARGIN[dtype], MIN_GREEDY_STEPS[dtype]
+    )
     with capsys.disabled():
         print(f"\n[{backend} {dtype} LLaVA-1.6 greedy] " + "; ".join(report))
     assert not failures, "\n".join(failures)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from exporter.source import SUPPORTED_FAMILIES, load_source  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime.errors import SourceError  # noqa: E402
-from tests.support.graphs import pixels  # noqa: E402
+from tests.support.graphs import assert_same_weights, pixels, weights  # noqa: E402
 
 DEFAULT = TinyConfig()
 
@@ -30,17 +30,6 @@ def edited_copy(folder, target, **config_changes):
             config[key] = value
     (target / "config.json").write_text(json.dumps(config))
     return target
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not k.endswith(("inv_freq", "position_ids"))}
-
-
-def assert_same_weights(a, b):
-    sa, sb = state(a), state(b)
-    assert sorted(sa) == sorted(sb)
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, f"tensors differ: {different[:5]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +123,7 @@ def test_vision_tower_overrides_mm_vision_tower(workshop, tmp_path):
     clip = CLIPVisionModel.from_pretrained(folders["clip"])
     assert_same_weights(overridden, clip)
     assert not torch.equal(
-        state(named)["encoder.layers.0.mlp.fc1.weight"], state(clip)["encoder.layers.0.mlp.fc1.weight"]
+        weights(named)["encoder.layers.0.mlp.fc1.weight"], weights(clip)["encoder.layers.0.mlp.fc1.weight"]
     )
 
 

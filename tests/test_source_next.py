@@ -21,7 +21,7 @@ from runtime import contract  # noqa: E402
 from runtime.contract import AnyresSpec  # noqa: E402
 from runtime.errors import SourceError  # noqa: E402
 from tests.support.cli import assert_user_error, invoke  # noqa: E402
-from tests.support.graphs import FP32_ATOL, run_vision  # noqa: E402
+from tests.support.graphs import FP32_ATOL, assert_same_weights, run_vision  # noqa: E402
 
 # transformers' default pinpoints (336-pixel tiles) scaled to the tiny 32-pixel tile, and a list
 # that is not symmetric in height and width: swapping the original's pairs shows on it.
@@ -45,17 +45,6 @@ def edited_copy(folder: Path, target: Path, file: str = "config.json", **changes
             data[key] = value
     path.write_text(json.dumps(data))
     return target
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not k.endswith(("inv_freq", "position_ids"))}
-
-
-def assert_same_weights(a, b):
-    sa, sb = state(a), state(b)
-    assert sorted(sa) == sorted(sb)
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, f"tensors differ: {different[:5]}"
 
 
 def spec_of(config: TinyConfig) -> AnyresSpec:

@@ -73,3 +73,28 @@ def greedy_with_margins(model, sequences: list[list[int]], pad: int, new_tokens:
     # greedy picked the argmax of these very logits (no processors): a check on the check
     np.testing.assert_array_equal(tokens, logits.argmax(-1).numpy())
     return tokens, margins
+
+
+def compare_greedy(
+    ours: list[list[int]], theirs: np.ndarray, margins: np.ndarray, tolerance: float, min_steps: int
+):
+    """Each row's tokens against the reference's [B, steps] up to (not including) its first
+    step whose top-2 margin is below `tolerance`: (report lines, failure lines). A row that
+    differs before then fails, and so does one with fewer than `min_steps` steps to compare."""
+    report, failures = [], []
+    for row, tokens in enumerate(ours):
+        low = np.flatnonzero(margins[row] < tolerance)
+        compared = int(low[0]) if len(low) else theirs.shape[1]
+        mine, reference = list(tokens[:compared]), theirs[row, :compared].tolist()
+        report.append(f"row {row}: {compared}/{theirs.shape[1]} steps compared")
+        if mine != reference:
+            first = next(i for i, (a, b) in enumerate(zip(mine, reference)) if a != b)
+            failures.append(
+                f"row {row}: tokens differ at step {first} (reference margin {margins[row, first]:.2e}): "
+                f"runtime {mine} vs reference {reference}"
+            )
+        elif compared < min_steps:
+            failures.append(
+                f"row {row}: only {compared} steps before a near tie (margin {tolerance}); pick other prompts or seeds"
+            )
+    return report, failures

@@ -144,3 +144,16 @@ def float16_graph_problems(model: onnx.ModelProto) -> list[str]:
                 f"Softmax {node.name} runs in {TensorProto.DataType.Name(types.get(node.input[0], 0))}, not FLOAT"
             )
     return problems
+
+
+def weights(model) -> dict:
+    """A model's persistent tensors by name, without the derived ones (rotary inv_freq, CLIP's position_ids)."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith(("inv_freq", "position_ids"))}
+
+
+def assert_same_weights(a, b) -> None:
+    """The same tensor names and every tensor bit for bit equal."""
+    sa, sb = weights(a), weights(b)
+    assert sorted(sa) == sorted(sb)
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"tensors differ: {different[:5]}"
