@@ -130,7 +130,21 @@ def begin(
     check_template(template)
     progress = Progress(quiet)
     progress.say(f"llava-export {command}: {model} -> {out}")
-    return load(model, vision_tower, fp16, progress, model_base), progress
+    source = load(model, vision_tower, fp16, progress, model_base)
+    if source.anyres is not None:
+        progress.say(f"  {describe_anyres(source)}")
+    return source, progress
+
+
+def describe_anyres(source) -> str:
+    """ "LLaVA-1.6 (anyres): 5 pinpoints of 336-pixel tiles, up to 5 tiles and 2928 tokens an image"."""
+    from runtime import anyres
+
+    spec = source.anyres
+    return (
+        f"LLaVA-1.6 (anyres): {len(spec.grid_pinpoints)} pinpoints of {spec.tile_size}-pixel tiles, "
+        f"up to {spec.max_tiles} tiles and {anyres.max_image_token_count(spec, source.vision)} tokens an image"
+    )
 
 
 def check_template(template: str | None) -> None:

@@ -84,6 +84,17 @@ def image_token_count(size: tuple[int, int], spec: AnyresSpec, vision: VisionSpe
     return side * side + (bottom - top) * (right - left + 1)
 
 
+def max_image_token_count(spec: AnyresSpec, vision: VisionSpec) -> int:
+    """The most embeddings any image can stand for: the base tile and the largest grid with a
+    newline per row (unpadding only ever removes rows or columns; an image of exactly that
+    pinpoint's size reaches it)."""
+    side = _patches_per_side(spec, vision)
+    grid = max(
+        (h // spec.tile_size * side) * (w // spec.tile_size * side + 1) for h, w in spec.grid_pinpoints
+    )
+    return side * side + grid
+
+
 def tiles(image: Image.Image, spec: AnyresSpec, preprocess: PreprocessSpec) -> np.ndarray:
     """One PIL image of any mode -> [tile_count, 3, S, S] float32: base tile, then the grid row by row.
 

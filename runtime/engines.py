@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime import contract
+from runtime import anyres, contract
 from runtime.contract import Manifest
 from runtime.errors import EngineError
 
@@ -113,17 +113,11 @@ class EngineLimits:
 
 
 def max_image_tokens(manifest: Manifest) -> int:
-    """The most embeddings one image can stand for: N_img (LLaVA-1.5); under anyres the base
-    tile and the largest grid with a newline per row (unpadding only ever removes rows or
-    columns)."""
-    vision, spec = manifest.vision, manifest.anyres
-    if spec is None:
-        return vision.num_image_tokens
-    side = vision.image_size // vision.patch_size  # patches per tile side
-    grid = max(
-        (h // spec.tile_size * side) * (w // spec.tile_size * side + 1) for h, w in spec.grid_pinpoints
-    )
-    return side * side + grid
+    """The most embeddings one image can stand for: N_img (LLaVA-1.5), or under anyres
+    anyres.max_image_token_count."""
+    if manifest.anyres is None:
+        return manifest.vision.num_image_tokens
+    return anyres.max_image_token_count(manifest.anyres, manifest.vision)
 
 
 def tiles_per_image(manifest: Manifest) -> int:

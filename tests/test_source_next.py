@@ -150,8 +150,12 @@ def test_image_newline_must_be_in_the_checkpoint(workshop, tmp_path):
 @pytest.mark.parametrize("fmt", ["hf", "original"])
 def test_all_writes_the_newline_and_a_version_2_manifest(workshop, tmp_path, fmt):
     out = tmp_path / "out"
-    result = invoke("all", "--model", workshop.tiny(NEXT)[fmt], "--out", out, "--quiet")
+    result = invoke("all", "--model", workshop.tiny(NEXT)[fmt], "--out", out)
     assert result.exit_code == 0, (result.output, result.exception)
+    assert (
+        "LLaVA-1.6 (anyres): 5 pinpoints of 32-pixel tiles, up to 5 tiles and 88 tokens an image"
+        in result.output
+    )
     reference = workshop.reference(NEXT)
 
     newline = np.load(out / contract.IMAGE_NEWLINE_FILE)
