@@ -102,16 +102,30 @@ def output_options(command):
     return command
 
 
-def load(model: str, vision_tower: str | None, fp16: bool, progress, model_base: str | None = None):
+def load(
+    model: str,
+    vision_tower: str | None,
+    fp16: bool,
+    progress,
+    model_base: str | None = None,
+    stream_decoder: bool = False,
+):
     """Loads the source in the export dtype: float16 for --fp16, so a 7B model fits in memory
-    (and a LoRA merges in it, layer by layer)."""
+    (and a LoRA merges in it, layer by layer); `stream_decoder`: no weight (source.tensors)."""
     import torch
 
     from exporter.source import load_source
 
     dtype = torch.float16 if fp16 else torch.float32
-    with progress.stage(f"loading {model}" + (f" on {model_base}" if model_base else "")):
-        return load_source(model, vision_tower=vision_tower, dtype=dtype, model_base=model_base)
+    what = " (its config: the weights are read as they are quantized)" if stream_decoder else ""
+    with progress.stage(f"loading {model}" + (f" on {model_base}" if model_base else "") + what):
+        return load_source(
+            model,
+            vision_tower=vision_tower,
+            dtype=dtype,
+            model_base=model_base,
+            stream_decoder=stream_decoder,
+        )
 
 
 def begin(
@@ -123,6 +137,7 @@ def begin(
     fp16: bool,
     quiet: bool,
     template: str | None = None,
+    stream_decoder: bool = False,
 ):
     """The common start of an export command: check options, announce, load the source."""
     from exporter.progress import Progress
@@ -130,7 +145,7 @@ def begin(
     check_template(template)
     progress = Progress(quiet)
     progress.say(f"llava-export {command}: {model} -> {out}")
-    source = load(model, vision_tower, fp16, progress, model_base)
+    source = load(model, vision_tower, fp16, progress, model_base, stream_decoder)
     if source.anyres is not None:
         progress.say(f"  {describe_anyres(source)}")
     return source, progress
@@ -229,9 +244,18 @@ def decoder(model, vision_tower, model_base, out, quiet, **flags):
     from exporter.graphs.decoder import DecoderGraph
     from exporter.graphs.export import ExportOptions, export_graph
 
+    # A float32 decoder quantized as its weights are read: the float model is never in memory
+    # (graphs/streamed.py), so its parity check cannot run here.
+    stream = bool(flags["quant"]) and not flags["fp16"] and flags["kv_cache"] == "concat" and not model_base
     source, progress = begin(
-        "decoder", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"]
+        "decoder", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"], stream
     )
+    if stream and flags["verify"]:
+        flags["verify"] = False
+        progress.say(
+            "  parity: not run, the float weights are never all in memory; check the artifacts with "
+            f"`llava-export verify --model {model} --artifacts {out}` where the float32 model fits"
+        )
     export_graph(DecoderGraph(source, ExportOptions(**flags)), out, progress)
     progress.say(f"wrote {out / 'decoder.onnx'}")
 

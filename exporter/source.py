@@ -87,6 +87,9 @@ class LlavaSource:
     # LLaVA-1.6 (LlavaNextForConditionalGeneration, or the original repo's image_aspect_ratio
     # "anyres"): its tiling; None for LLaVA-1.5
     anyres: AnyresSpec | None = None
+    # load_source(stream_decoder=True): `model` is on the meta device and the checkpoint's
+    # tensors are read from here, one at a time, by the reference's names (graphs/streamed.py)
+    tensors: object | None = None
 
     @functools.cached_property
     def input_sha256(self) -> dict[str, str]:
@@ -119,9 +122,13 @@ def load_source(
     vision_tower: str | None = None,
     dtype: torch.dtype = torch.float32,
     model_base: str | None = None,
+    stream_decoder: bool = False,
 ) -> LlavaSource:
     """Loads SRC (folder or hub id) in either format, or a training output (LoRA folder,
-    projector-only checkpoint) merged onto `model_base`; raises SourceError naming what to fix."""
+    projector-only checkpoint) merged onto `model_base`; raises SourceError naming what to fix.
+    `stream_decoder` (a whole model only): no weight is loaded; the model is built on the meta
+    device and `tensors` reads each of the checkpoint's tensors when asked (a quantized export
+    of a model whose float weights do not fit in memory)."""
     from exporter.adapters import TRAINING_OUTPUTS, checkpoint_kind, load_training_output
 
     quiet_transformers()
@@ -139,19 +146,21 @@ def load_source(
             raise SourceError(
                 f"{folder} is a whole model, not a LoRA folder or a projector-only checkpoint: drop --model-base"
             )
-        loaded = load_model(folder, vision_tower, dtype)
+        loaded = load_model(folder, vision_tower, dtype, stream_decoder)
     # Eager attention computes softmax in float32 even in a float16 model, and exports to
     # plain MatMul/Softmax that every runtime (and TensorRT's fusions) understand.
     loaded.model.set_attn_implementation("eager")
     return loaded
 
 
-def load_model(folder: Path, vision_tower: str | None, dtype: torch.dtype) -> LlavaSource:
-    """A whole model in one folder, in either format."""
+def load_model(
+    folder: Path, vision_tower: str | None, dtype: torch.dtype, stream: bool = False
+) -> LlavaSource:
+    """A whole model in one folder, in either format; `stream`: on meta, read when asked."""
     config = read_json(folder / "config.json", what="model config")
     if detect_format(config, folder) == "hf":
-        return load_hf(folder, config, dtype)
-    return load_original(folder, config, vision_tower, dtype)
+        return load_hf(folder, config, dtype, stream)
+    return load_original(folder, config, vision_tower, dtype, stream=stream)
 
 
 def quiet_transformers() -> None:
@@ -219,7 +228,7 @@ def hf_classes(model_type: str) -> tuple[type, type]:
 # Hugging Face format
 
 
-def load_hf(folder: Path, config: dict, dtype: torch.dtype) -> LlavaSource:
+def load_hf(folder: Path, config: dict, dtype: torch.dtype, stream: bool = False) -> LlavaSource:
     """A LlavaForConditionalGeneration folder, or a LlavaNextForConditionalGeneration one
     (LLaVA-1.6); everything is checked before the weights are read."""
     config_class, model_class = hf_classes(config["model_type"])
@@ -240,9 +249,18 @@ def load_hf(folder: Path, config: dict, dtype: torch.dtype) -> LlavaSource:
     preprocess = preprocess_spec(processor, llava_config.vision_config, aspect)
     if anyres:
         check_anyres_fits(folder, folder, vision, preprocess, "vision_feature_select_strategy 'full'")
-    model = model_class.from_pretrained(folder, config=llava_config, dtype=dtype)
-    model.eval().requires_grad_(False)
+    tensors = None
+    if stream:
+        from exporter.adapters import hf_name
+        from exporter.graphs.streamed import CheckpointTensors
+
+        model = build_empty_model(llava_config, 2, dtype, device="meta")
+        tensors = CheckpointTensors(weight_files(folder), hf_name)
+    else:
+        model = model_class.from_pretrained(folder, config=llava_config, dtype=dtype)
+        model.eval().requires_grad_(False)
     return LlavaSource(
+        tensors=tensors,
         path=folder,
         format="hf",
         model=model,
@@ -276,6 +294,7 @@ def load_original(
     dtype: torch.dtype,
     base: Path | None = None,
     trained: list[Path] | None = None,
+    stream: bool = False,
 ) -> LlavaSource:
     """The model `config` (an original-format config.json in `folder`) describes, with the
     weights of `folder`; or, for a training output, those of `base` (the LLaVA or language
@@ -324,17 +343,24 @@ def load_original(
     preprocess = preprocess_spec(processor, llava_config.vision_config, aspect)
     if anyres:
         check_anyres_fits(folder, tower, vision, preprocess, "mm_vision_select_feature 'cls_patch'")
-    model = build_empty_model(llava_config, depth, dtype)
-    load_tower_weights(model, tower, dtype)
+    model = build_empty_model(llava_config, depth, dtype, device="meta" if stream else "cpu")
     weights = base or folder
     files = checkpoint_files(weights)
     implied_by = folder / "config.json"
     with_tower = bool(config.get("unfreeze_mm_vision_tower", False))
-    loaded = copy_weights(model, files, original_names(model, tower=with_tower), implied_by)
-    for file in trained or []:
-        loaded |= copy_weights(model, [file], original_names(model, trained=True), implied_by)
-    check_complete(model, loaded, weights if not trained else f"{weights} and {folder}")
+    tensors = None
+    if stream:
+        from exporter.graphs.streamed import CheckpointTensors
+
+        tensors = CheckpointTensors(files, original_names(model, tower=with_tower))
+    else:
+        load_tower_weights(model, tower, dtype)
+        loaded = copy_weights(model, files, original_names(model, tower=with_tower), implied_by)
+        for file in trained or []:
+            loaded |= copy_weights(model, [file], original_names(model, trained=True), implied_by)
+        check_complete(model, loaded, weights if not trained else f"{weights} and {folder}")
     return LlavaSource(
+        tensors=tensors,
         path=folder,
         format="original",
         model=model,
@@ -411,7 +437,7 @@ class SequentialProjector(nn.Sequential):
         super().__init__(*layers)
 
 
-def build_empty_model(llava_config, depth: int, dtype: torch.dtype) -> nn.Module:
+def build_empty_model(llava_config, depth: int, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
     """An uninitialised LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for a
     LlavaNextConfig) in `dtype` (weights are loaded after)."""
     from transformers.initialization import no_init_weights
@@ -420,7 +446,7 @@ def build_empty_model(llava_config, depth: int, dtype: torch.dtype) -> nn.Module
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate in the target dtype: no float32 copy of a 7B model
     try:
-        with no_init_weights():
+        with no_init_weights(), torch.device(device):
             model = model_class(llava_config)
             if depth != 2:
                 vision_hidden = llava_config.vision_config.hidden_size

@@ -182,18 +182,42 @@ class DecoderGraph(GraphExport):
     def sample_inputs(self) -> tuple:
         return trace_sample(self.source, self.options.dtype, self.options.kv_cache)
 
+    @property
+    def streamed(self) -> bool:
+        """The source's decoder weights are still in the checkpoint (load_source stream_decoder):
+        the graph is traced on meta and quantized as the weights are read (streamed.py)."""
+        return self.source.tensors is not None
+
+    def write(self, stage: Path, progress: Progress) -> Path:
+        if self.streamed:
+            from exporter.graphs.streamed import write_streamed_decoder
+
+            return write_streamed_decoder(self, stage, progress)
+        return super().write(stage, progress)
+
     def check_options(self) -> None:
         """--quant and the KV cache options, before any work; fills in the static layout's
-        default buffer length."""
+        default buffer length. A streamed source takes --quant, float32, the concat layout and
+        no parity check (its float weights are never all in memory)."""
         if self.options.quant:
             quantize.quant_bits(self.options.quant)
+        if self.streamed and (
+            not self.options.quant or self.options.fp16 or self.options.kv_cache != contract.KV_CONCAT
+        ):
+            raise LlavaError(
+                "a streamed decoder export takes --quant int4|int8, float32 and the concat KV cache"
+            )
+        if self.streamed and self.options.verify:
+            raise LlavaError(
+                "a streamed decoder export cannot run its parity check: the float model is not loaded"
+            )
         max_seq_len = check_kv_cache(self.source, self.options.kv_cache, self.options.max_seq_len)
         self.options = dataclasses.replace(self.options, max_seq_len=max_seq_len)
 
     def rewrite(self, path: Path, progress: Progress) -> None:
         """--quant: the linear layers' weights to int8/int4 MatMulNBits (quantize.py)."""
         quant = self.options.quant
-        if not quant:
+        if not quant or self.streamed:  # a streamed graph is quantized as it is written
             return
         with progress.stage(f"quantizing the linear layers to {quant} (MatMulNBits)"):
             stats = quantize.quantize_decoder(path, path, quantize.quant_bits(quant))
@@ -352,7 +376,10 @@ def check_kv_cache(source: LlavaSource, kv_cache: str, max_seq_len: int | None) 
 
 def write_embeddings(source: LlavaSource, folder: Path, dtype_name: str) -> dict:
     """embed_tokens.npy [vocab, hidden] in the graph dtype; the runtime memory-maps it."""
-    weight = source.model.get_input_embeddings().weight.detach()
+    if source.tensors is not None:  # streamed: still in the checkpoint
+        weight = source.tensors.get("model.language_model.embed_tokens.weight")
+    else:
+        weight = source.model.get_input_embeddings().weight.detach()
     array = weight.to(getattr(torch, dtype_name)).numpy()
     np.save(folder / contract.EMBEDDINGS_FILE, array)
     return {"file": contract.EMBEDDINGS_FILE, "dtype": dtype_name, "shape": list(array.shape)}

@@ -119,6 +119,10 @@ class GraphExport:
         """LlavaError for options this graph cannot take, raised before any work; may fill in
         option defaults that depend on the source."""
 
+    def write(self, stage: Path, progress: Progress) -> Path:
+        """Writes the checked graph into `stage`; returns its path. By default: trace_and_save."""
+        return trace_and_save(self, stage, progress)
+
     def rewrite(self, path: Path, progress: Progress) -> None:
         """Rewrites the saved and checked graph at `path` in place, before its parity check."""
 
@@ -161,7 +165,7 @@ def export_graph(graph: GraphExport, out: Path, progress: Progress | None = None
     onnx_io.check_writable(out)
     manifest = open_manifest(out, graph.source, graph.options.force, graph.options.template)
     with onnx_io.staging(out, graph.name) as stage:
-        path = trace_and_save(graph, stage, progress)
+        path = graph.write(stage, progress)
         graph.rewrite(path, progress)
         results = check_parity(graph, path, progress) if graph.options.verify else []
         sha256 = contract.file_sha256(path)

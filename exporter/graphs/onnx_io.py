@@ -41,8 +41,9 @@ def softmax_in_dtype(self, dim: int, dtype: int = -1):
     return op.Softmax(self, axis=dim)
 
 
-def trace_to_onnx(module, args, dynamic_shapes, input_names, output_names, opset: int):
-    """torch.onnx.export(dynamo=True), with the exporter's chatter kept off the terminal."""
+def trace_to_onnx(module, args, dynamic_shapes, input_names, output_names, opset: int, optimize: bool = True):
+    """torch.onnx.export(dynamo=True), with the exporter's chatter kept off the terminal.
+    `optimize` False: no constant folding (a module on the meta device has no values to fold)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -54,7 +55,7 @@ def trace_to_onnx(module, args, dynamic_shapes, input_names, output_names, opset
             input_names=input_names,
             output_names=output_names,
             opset_version=opset,
-            optimize=True,
+            optimize=optimize,
             verbose=False,
             custom_translation_table={torch.ops.aten.softmax.int: softmax_in_dtype},
         )

@@ -81,6 +81,12 @@ def bytes_per_weight(bits: int, block_size: int, scale_bytes: int = 4) -> float:
     return bits / 8 + (scale_bytes + bits / 8) / block_size
 
 
+def default_block_size(bits: int, narrowest: int) -> int:
+    """DEFAULT_BLOCK_SIZE[bits], or the power of two that covers the narrowest K of a model
+    narrower than that (a block past K is padding, stored for nothing); >= 16: MIN_WEIGHT_SIDE."""
+    return min(DEFAULT_BLOCK_SIZE[bits], 1 << (narrowest - 1).bit_length())
+
+
 def quant_bits(quant: str) -> int:
     """int8 -> 8, int4 -> 4; anything else is a user error naming --quant."""
     if quant not in QUANT_BITS:
@@ -135,10 +141,7 @@ def quantize_decoder(
         )
     weights = {t.name: t for t in model.graph.initializer}
     if block_size is None:
-        narrowest = min(weights[node.input[1]].dims[0] for node in targets)  # K
-        block_size = min(
-            DEFAULT_BLOCK_SIZE[bits], 1 << (narrowest - 1).bit_length()
-        )  # >= 16: MIN_WEIGHT_SIDE
+        block_size = default_block_size(bits, min(weights[node.input[1]].dims[0] for node in targets))
     float_bytes = sum(tensor_bytes(weights[node.input[1]]) for node in targets)
     before = {t.name for t in model.graph.initializer}
 

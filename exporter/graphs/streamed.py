@@ -1,0 +1,266 @@
+"""A weight-only quantized decoder that never holds the float model (`llava-export decoder
+--quant int4|int8` without --fp16): float32 activations around int4/int8 weights, within a few
+GB of memory for a 7B checkpoint.
+
+    1. the decoder is traced on the meta device: the graph, with no weight in memory;
+    2. each linear layer (Transpose(W) -> MatMul, or Gemm(x, W, transB=1) for lm_head) becomes
+       MatMulNBits, its weight W [N, K] read from its checkpoint shard, quantized by the same
+       block quantizer as quantize.py, and dropped before the next one is read;
+    3. the remaining initializers (norm weights, the rotary inv_freq) are filled in: they are
+       small;
+    4. the graph is optimized (constant folding, as the float export's) and saved.
+
+MatMulNBits stores its weight per output column N in blocks along K: the rows of W as the
+checkpoint holds them, so no transposed copy is made. On the tiny models the result is
+bit-for-bit the graph of the float export quantized afterwards (tests/test_streamed.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.graphs import onnx_io, quantize
+from exporter.progress import Progress
+from exporter.source import iter_checkpoint
+from runtime.errors import SourceError
+
+MICROSOFT = "com.microsoft"
+
+
+class CheckpointTensors:
+    """The tensors of a checkpoint's shards by the reference model's names (`name_of` maps a
+    checkpoint key to one, or None to leave it out), each read from its shard when asked for."""
+
+    def __init__(self, files: list[Path], name_of: Callable[[str], str | None]):
+        self.where: dict[str, tuple[Path, str]] = {}
+        for file in files:
+            for key in checkpoint_keys(file):
+                name = name_of(key)
+                if name is not None:
+                    self.where[name] = (file, key)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise SourceError(f"the checkpoint has no weight for {name}")
+        file, key = self.where[name]
+        return read_tensor(file, key)
+
+
+def checkpoint_keys(file: Path) -> list[str]:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    return [key for key, _ in iter_checkpoint(file)]  # memory-mapped: nothing is read
+
+
+def read_tensor(file: Path, key: str) -> torch.Tensor:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(key)
+    return dict(iter_checkpoint(file))[key].clone()
+
+
+def trace_on_meta(module, sample: tuple, graph) -> object:
+    """The graph of `module` (on the meta device) as an onnx_ir model, unoptimized: constant
+    folding reads values, and a meta tensor has none."""
+    inputs, outputs = graph.io_spec()
+    sample = tuple(to_meta(x) for x in sample)
+    return onnx_io.trace_to_onnx(
+        module.to("meta"),
+        sample,
+        dynamic_shapes=graph.dynamic_shapes(),
+        input_names=list(inputs),
+        output_names=list(outputs),
+        opset=graph.options.opset,
+        optimize=False,
+    ).model
+
+
+def to_meta(value):
+    if torch.is_tensor(value):
+        return value.to("meta")
+    return [tuple(to_meta(t) for t in pair) for pair in value]
+
+
+def write_streamed_decoder(graph, stage: Path, progress: Progress) -> Path:
+    """stage/<graph.file>: `graph` (a DecoderGraph on a source loaded with stream_decoder)
+    traced on meta, its linear layers quantized as they are read. Returns the path."""
+    import onnxscript
+
+    source, options = graph.source, graph.options
+    bits = quantize.quant_bits(options.quant)
+    with progress.stage(f"tracing the decoder graph on the meta device ({graph.trace_details()})"):
+        model = trace_on_meta(graph.module(), graph.sample_inputs(), graph)
+    linears = [linear_weight(node, model.graph) for node in model.graph]
+    narrowest = min(model.graph.initializers[found[0]].shape[1] for found in linears if found)  # K
+    block_size = quantize.default_block_size(bits, narrowest)
+    values = named_values(source)
+    with progress.stage(f"quantizing the linear layers to {options.quant} as they are read (MatMulNBits)"):
+        stats = quantize_linears(model, values, bits, block_size, quantize.DEFAULT_ACCURACY_LEVEL)
+        fill_initializers(model, values)
+    progress.say(f"  {stats.summary()}")
+    with progress.stage("optimizing, saving and checking the graph"):
+        onnxscript.optimizer.optimize(model)
+        path = stage / graph.file
+        save_model(model, path)
+        del model
+        onnx_io.check_graph(path)
+    return path
+
+
+def named_values(source) -> Callable[[str], np.ndarray]:
+    """A graph initializer's name (DecoderWithPast's parameter names) -> its float32 value:
+    weights from the checkpoint, buffers (rotary inv_freq) computed by a fresh CPU module."""
+    buffers = real_buffers(source)
+
+    def value(name: str) -> np.ndarray:
+        if name in buffers:
+            return buffers[name]
+        reference = "model." + name if name.startswith("language_model.") else name
+        if reference == "lm_head.weight" and reference not in source.tensors:  # tied
+            reference = "model.language_model.embed_tokens.weight"
+        return source.tensors.get(reference).float().numpy()
+
+    return value
+
+
+def real_buffers(source) -> dict[str, np.ndarray]:
+    """The decoder's non-persistent buffers (rotary inv_freq), which a meta model does not hold,
+    from a CPU instance of the rotary module."""
+    language_model = source.model.model.language_model
+    rotary = type(language_model.rotary_emb)(config=language_model.config)
+    return {
+        f"language_model.rotary_emb.{name}": buffer.float().numpy() for name, buffer in rotary.named_buffers()
+    }
+
+
+def quantize_linears(model, values, bits: int, block_size: int, accuracy_level: int) -> quantize.QuantStats:
+    """Every linear layer with an initializer weight -> MatMulNBits, one weight in memory at a time."""
+    graph = model.graph
+    float_bytes = quant_bytes = layers = 0
+    for node in list(graph):
+        linear = linear_weight(node, graph)
+        if linear is None:
+            continue
+        weight_name, matmul, removed = linear
+        weight = values(weight_name)  # [N, K] float32
+        columns, depth = weight.shape
+        packed, scales, zero_points = quantize.quantize_blocks(
+            np.ascontiguousarray(weight.T), bits, block_size
+        )  # the block quantizer takes [K, N]
+        float_bytes += weight.nbytes
+        quant_bytes += packed.nbytes + scales.nbytes + zero_points.nbytes
+        del weight
+        constants = [
+            initializer(graph, f"{weight_name}_Q{bits}", packed),
+            initializer(graph, f"{weight_name}_scales", scales),
+            initializer(graph, f"{weight_name}_zero_points", zero_points),
+        ]
+        replace_with_matmul_nbits(graph, matmul, constants, depth, columns, bits, block_size, accuracy_level)
+        for node_gone in removed:
+            graph.remove(node_gone, safe=True)
+        graph.initializers.pop(weight_name)
+        layers += 1
+    model.opset_imports[MICROSOFT] = 1
+    return quantize.QuantStats(bits, block_size, accuracy_level, layers, float_bytes, quant_bytes)
+
+
+def linear_weight(node, graph):
+    """(weight name, the node computing x @ W^T, the nodes to remove) when `node` is a linear
+    layer over an initializer W [N, K] of at least MIN_WEIGHT_SIDE on both sides, else None."""
+    if node.op_type == "Transpose" and is_weight(node.inputs[0], graph):
+        users = node.outputs[0].uses()
+        if len(users) == 1 and users[0].node.op_type == "MatMul" and users[0].idx == 1:
+            return node.inputs[0].name, users[0].node, [users[0].node, node]
+    if node.op_type == "Gemm" and len(node.inputs) == 2 and is_weight(node.inputs[1], graph):
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        if (
+            attributes.get("transB") == 1
+            and not attributes.get("transA")
+            and attributes.get("alpha", 1.0) == 1.0
+        ):
+            return node.inputs[1].name, node, [node]
+    return None
+
+
+def is_weight(value, graph) -> bool:
+    return (
+        value is not None
+        and value.name in graph.initializers
+        and value.shape is not None
+        and len(value.shape) == 2
+        and min(value.shape.numpy()) >= quantize.MIN_WEIGHT_SIDE
+    )
+
+
+def initializer(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def replace_with_matmul_nbits(
+    graph, matmul, constants, depth, columns, bits, block_size, accuracy_level
+) -> None:
+    """A MatMulNBits on the linear's input in place of `matmul`, its output taking the old one's
+    uses and name (a graph output keeps its name: logits)."""
+    import onnx_ir as ir
+
+    attributes = {
+        "K": depth,
+        "N": columns,
+        "bits": bits,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+    }
+    node = ir.node("MatMulNBits", [matmul.inputs[0], *constants], attributes=attributes, domain=MICROSOFT)
+    graph.insert_before(matmul, node)
+    old = matmul.outputs[0]
+    name = old.name
+    old.name = f"{name}.float"
+    ir.convenience.replace_all_uses_with(old, node.outputs[0], replace_graph_outputs=True)
+    node.outputs[0].name = name
+    node.outputs[0].shape, node.outputs[0].type = old.shape, old.type
+
+
+def fill_initializers(model, values) -> None:
+    """Every initializer still without a value (norm weights, inv_freq) gets its real one."""
+    import onnx_ir as ir
+
+    for name, value in model.graph.initializers.items():
+        if is_meta(value.const_value):
+            value.const_value = ir.tensor(values(name), name=name)
+
+
+def is_meta(tensor) -> bool:
+    raw = getattr(tensor, "raw", None)
+    return torch.is_tensor(raw) and raw.is_meta
+
+
+def save_model(model, path: Path) -> None:
+    """The graph and its weights (external data beside it when over onnx_io.EXTERNAL_DATA_BYTES)."""
+    import onnx_ir as ir
+
+    weights = sum(value.const_value.nbytes for value in model.graph.initializers.values())
+    if weights > onnx_io.EXTERNAL_DATA_BYTES:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
