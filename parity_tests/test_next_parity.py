@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from runtime.pipeline import Pipeline, Request, Timings
+from tests.support.fixtures import gradient_pictures
 from tests.support.generation import compare_greedy, greedy_with_margins
 
 MARGIN_TOL = 1e-3
@@ -60,15 +61,8 @@ ROWS = {
 
 
 @pytest.fixture(scope="module")
-def pictures(tmp_path_factory) -> dict[str, Image.Image]:
-    """Seeded images of SIZES (height, width): noise over a gradient, so resampling matters."""
-    rng = np.random.default_rng(7)
-    out = {}
-    for name, (height, width) in SIZES.items():
-        ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
-        noise = rng.integers(-40, 40, (height, width, 3))
-        out[name] = Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
-    return out
+def pictures() -> dict[str, Image.Image]:
+    return gradient_pictures(SIZES)
 
 
 @pytest.fixture(scope="module", params=CASE_NAMES)

@@ -39,6 +39,7 @@ from exporter.progress import Progress  # noqa: E402
 from exporter.testing.tiny import TinyConfig  # noqa: E402
 from runtime import prompts  # noqa: E402
 from runtime.pipeline import Pipeline, Request, Timings  # noqa: E402
+from tests.support.fixtures import gradient_pictures  # noqa: E402
 from tests.support.generation import (  # noqa: E402
     NEW_TOKENS,
     ROWS,
@@ -234,16 +235,7 @@ NEXT_ROWS = [("What is shown in the image?", "wide"), ("Describe the image in de
 
 @pytest.fixture(scope="module")
 def next_pictures() -> dict:
-    """Seeded PIL images of NEXT_SIZES: noise over a gradient, so resampling matters."""
-    from PIL import Image
-
-    rng = np.random.default_rng(7)
-    out = {}
-    for name, (height, width) in NEXT_SIZES.items():
-        ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
-        noise = rng.integers(-40, 40, (height, width, 3))
-        out[name] = Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
-    return out
+    return gradient_pictures(NEXT_SIZES)
 
 
 def next_reference(model, images: list) -> tuple[dict, list[np.ndarray]]:

@@ -136,6 +136,18 @@ def write_images(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def gradient_pictures(sizes: dict[str, tuple[int, int]], seed: int = 7) -> dict[str, Image.Image]:
+    """Seeded RGB images of `sizes` (height, width): noise over a horizontal gradient, so that
+    resampling matters (LLaVA-1.6's tiles are resized images)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (height, width) in sizes.items():
+        ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+        noise = rng.integers(-40, 40, (height, width, 3))
+        out[name] = Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
+    return out
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
 
