@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from exporter.graphs import DEFAULT_OPSET
+from runtime import contract
 from runtime.errors import LlavaError
 from runtime.extras import require
 
@@ -246,7 +247,12 @@ def decoder(model, vision_tower, model_base, out, quiet, **flags):
 
     # A float32 decoder quantized as its weights are read: the float model is never in memory
     # (graphs/streamed.py), so its parity check cannot run here.
-    stream = bool(flags["quant"]) and not flags["fp16"] and flags["kv_cache"] == "concat" and not model_base
+    stream = (
+        bool(flags["quant"])
+        and not flags["fp16"]
+        and flags["kv_cache"] == contract.KV_CONCAT
+        and not model_base
+    )
     source, progress = begin(
         "decoder", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"], stream
     )

@@ -361,17 +361,18 @@ class Pipeline:
         packed (unpadded, a newline per row, the base tile first). image_encode_ms counts both."""
         if batch.pixel_values is None:
             return []
+        spec = self.manifest.anyres
+        if spec is not None:  # checked before the tiles are encoded
+            counts = [anyres.tile_count(size, spec) for size in batch.image_sizes]
+            if sum(counts) != len(batch.pixel_values):
+                raise PromptError(
+                    f"the batch's {len(counts)} images take {sum(counts)} tiles; pixel_values holds {len(batch.pixel_values)}"
+                )
         start = time.perf_counter()
         embeds = self.backend.encode_images(batch.pixel_values)  # [tiles, N_img, hidden]
-        spec = self.manifest.anyres
         if spec is None:
             images = list(embeds)
         else:
-            counts = [anyres.tile_count(size, spec) for size in batch.image_sizes]
-            if sum(counts) != len(embeds):
-                raise PromptError(
-                    f"the batch's {len(counts)} images take {sum(counts)} tiles; pixel_values holds {len(embeds)}"
-                )
             bounds = np.cumsum([0, *counts])
             images = [
                 anyres.pack(embeds[low:high], size, spec, self.manifest.vision, self.image_newline)

@@ -37,8 +37,9 @@ class CheckpointTensors:
 
     def __init__(self, files: list[Path], name_of: Callable[[str], str | None]):
         self.where: dict[str, tuple[Path, str]] = {}
+        self.bins: dict[Path, dict[str, torch.Tensor]] = {}  # .bin shards, memory-mapped once each
         for file in files:
-            for key in checkpoint_keys(file):
+            for key in self.keys(file):
                 name = name_of(key)
                 if name is not None:
                     self.where[name] = (file, key)
@@ -50,25 +51,21 @@ class CheckpointTensors:
         if name not in self.where:
             raise SourceError(f"the checkpoint has no weight for {name}")
         file, key = self.where[name]
-        return read_tensor(file, key)
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
 
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(key)
+        return self.bins[file][key].clone()  # a copy: the page-cache mapping is dropped with it
 
-def checkpoint_keys(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
+    def keys(self, file: Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(file), framework="pt") as handle:
-            return list(handle.keys())
-    return [key for key, _ in iter_checkpoint(file)]  # memory-mapped: nothing is read
-
-
-def read_tensor(file: Path, key: str) -> torch.Tensor:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as handle:
-            return handle.get_tensor(key)
-    return dict(iter_checkpoint(file))[key].clone()
+            with safe_open(str(file), framework="pt") as handle:
+                return list(handle.keys())
+        self.bins[file] = dict(iter_checkpoint(file))  # memory-mapped: nothing is read yet
+        return list(self.bins[file])
 
 
 def trace_on_meta(module, sample: tuple, graph) -> object:
@@ -102,12 +99,12 @@ def write_streamed_decoder(graph, stage: Path, progress: Progress) -> Path:
     bits = quantize.quant_bits(options.quant)
     with progress.stage(f"tracing the decoder graph on the meta device ({graph.trace_details()})"):
         model = trace_on_meta(graph.module(), graph.sample_inputs(), graph)
-    linears = [linear_weight(node, model.graph) for node in model.graph]
-    narrowest = min(model.graph.initializers[found[0]].shape[1] for found in linears if found)  # K
+    linears = [found for node in model.graph if (found := linear_weight(node, model.graph))]
+    narrowest = min(model.graph.initializers[name].shape[1] for name, _, _ in linears)  # K
     block_size = quantize.default_block_size(bits, narrowest)
     values = named_values(source)
     with progress.stage(f"quantizing the linear layers to {options.quant} as they are read (MatMulNBits)"):
-        stats = quantize_linears(model, values, bits, block_size, quantize.DEFAULT_ACCURACY_LEVEL)
+        stats = quantize_linears(model, linears, values, bits, block_size, quantize.DEFAULT_ACCURACY_LEVEL)
         fill_initializers(model, values)
     progress.say(f"  {stats.summary()}")
     with progress.stage("optimizing, saving and checking the graph"):
@@ -145,15 +142,13 @@ def real_buffers(source) -> dict[str, np.ndarray]:
     }
 
 
-def quantize_linears(model, values, bits: int, block_size: int, accuracy_level: int) -> quantize.QuantStats:
-    """Every linear layer with an initializer weight -> MatMulNBits, one weight in memory at a time."""
+def quantize_linears(
+    model, linears, values, bits: int, block_size: int, accuracy_level: int
+) -> quantize.QuantStats:
+    """Each of `linears` (linear_weight's finds) -> MatMulNBits, one weight in memory at a time."""
     graph = model.graph
     float_bytes = quant_bytes = layers = 0
-    for node in list(graph):
-        linear = linear_weight(node, graph)
-        if linear is None:
-            continue
-        weight_name, matmul, removed = linear
+    for weight_name, matmul, removed in linears:
         weight = values(weight_name)  # [N, K] float32
         columns, depth = weight.shape
         packed, scales, zero_points = quantize.quantize_blocks(
