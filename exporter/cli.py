@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from exporter.graphs import DEFAULT_OPSET
-from runtime import contract
 from runtime.errors import LlavaError
 from runtime.extras import require
 
@@ -152,6 +151,19 @@ def begin(
     return source, progress
 
 
+def streams_decoder(flags: dict, model_base: str | None) -> bool:
+    """Whether the decoder is exported float32 and quantized as its weights are read: the float
+    decoder is never in memory (graphs/streamed.py), so its parity check cannot run here."""
+    return bool(flags["quant"]) and not flags["fp16"] and not model_base
+
+
+def say_decoder_parity_not_run(progress, model: str, out: Path) -> None:
+    progress.say(
+        "  parity: not run, the float weights are never all in memory; check the artifacts with "
+        f"`llava-export verify --model {model} --artifacts {out}` where the float32 model fits"
+    )
+
+
 def describe_anyres(source) -> str:
     """ "LLaVA-1.6 (anyres): 5 pinpoints of 336-pixel tiles, up to 5 tiles and 2928 tokens an image"."""
     from runtime import anyres
@@ -184,6 +196,12 @@ def template_option(command):
 
 
 def quant_option(command):
+    command = click.option(
+        "--block-size",
+        type=int,
+        metavar="N",
+        help="With --quant: weights per scale and zero point, a power of two >= 16.  [default: 128 at int8, 32 at int4]",
+    )(command)
     return click.option(
         "--quant",
         type=click.Choice(["int8", "int4"]),
@@ -245,23 +263,13 @@ def decoder(model, vision_tower, model_base, out, quiet, **flags):
     from exporter.graphs.decoder import DecoderGraph
     from exporter.graphs.export import ExportOptions, export_graph
 
-    # A float32 decoder quantized as its weights are read: the float model is never in memory
-    # (graphs/streamed.py), so its parity check cannot run here.
-    stream = (
-        bool(flags["quant"])
-        and not flags["fp16"]
-        and flags["kv_cache"] == contract.KV_CONCAT
-        and not model_base
-    )
+    stream = streams_decoder(flags, model_base)
     source, progress = begin(
         "decoder", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"], stream
     )
     if stream and flags["verify"]:
         flags["verify"] = False
-        progress.say(
-            "  parity: not run, the float weights are never all in memory; check the artifacts with "
-            f"`llava-export verify --model {model} --artifacts {out}` where the float32 model fits"
-        )
+        say_decoder_parity_not_run(progress, model, out)
     export_graph(DecoderGraph(source, ExportOptions(**flags)), out, progress)
     progress.say(f"wrote {out / 'decoder.onnx'}")
 
@@ -277,19 +285,32 @@ def decoder(model, vision_tower, model_base, out, quiet, **flags):
 @needs_extra("export", "llava-export all")
 def all_graphs(model, vision_tower, model_base, out, quiet, **flags):
     """Vision + decoder + tokenizer + manifest: everything the runtime needs."""
+    import dataclasses
+
     from exporter.graphs.decoder import DecoderGraph
     from exporter.graphs.export import ExportOptions, export_graph
     from exporter.graphs.vision import VisionGraph
+    from exporter.source import load_vision_weights
 
+    # As `decoder`'s: the decoder streamed, never in memory; only the vision side is read
+    # into it, so the vision graph keeps its parity check.
+    stream = streams_decoder(flags, model_base)
     source, progress = begin(
-        "all", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"]
+        "all", model, vision_tower, model_base, out, flags["fp16"], quiet, flags["template"], stream
     )
     options = ExportOptions(**flags)
-    decoder = DecoderGraph(source, options)
+    decoder = DecoderGraph(source, dataclasses.replace(options, verify=False) if stream else options)
     decoder.check_options()  # bad decoder options fail before the vision export
+    if stream:
+        with progress.stage("reading the vision tower and projector (the decoder stays in the checkpoint)"):
+            load_vision_weights(source)
     progress.say("[1/2] vision")
     export_graph(VisionGraph(source, options), out, progress)
     progress.say("[2/2] decoder")
+    if stream:
+        source.model.to("meta")  # the vision side's float32 weights: the decoder needs none of them
+        if options.verify:
+            say_decoder_parity_not_run(progress, model, out)
     export_graph(decoder, out, progress)
     progress.say(f"wrote {out} (run it: llava-run --artifacts {out} --image IMAGE --prompt TEXT)")
 

@@ -251,11 +251,10 @@ def load_hf(folder: Path, config: dict, dtype: torch.dtype, stream: bool = False
         check_anyres_fits(folder, folder, vision, preprocess, "vision_feature_select_strategy 'full'")
     tensors = None
     if stream:
-        from exporter.adapters import hf_name
         from exporter.graphs.streamed import CheckpointTensors
 
         model = build_empty_model(llava_config, 2, dtype, device="meta")
-        tensors = CheckpointTensors(weight_files(folder), hf_name)
+        tensors = CheckpointTensors(weight_files(folder), hf_reference_name)
     else:
         model = model_class.from_pretrained(folder, config=llava_config, dtype=dtype)
         model.eval().requires_grad_(False)
@@ -272,6 +271,16 @@ def load_hf(folder: Path, config: dict, dtype: torch.dtype, stream: bool = False
         weight_files=weight_files(folder),
         anyres=anyres,
     )
+
+
+def hf_reference_name(key: str) -> str:
+    """adapters.hf_name, and LLaVA-1.6's `image_newline` as llava-hf's checkpoints (and
+    transformers' save_pretrained) name it, outside the model: the reference's is
+    model.image_newline (from_pretrained maps it so)."""
+    from exporter.adapters import hf_name
+
+    name = hf_name(key)
+    return "model.image_newline" if name == "image_newline" else name
 
 
 def load_processor_config(folder: Path) -> dict:
@@ -352,7 +361,10 @@ def load_original(
     if stream:
         from exporter.graphs.streamed import CheckpointTensors
 
-        tensors = CheckpointTensors(files, original_names(model, tower=with_tower))
+        # The tower from mm_vision_tower, then the checkpoint, whose fine-tuned tower (with_tower)
+        # replaces it: load_tower_weights, then copy_weights, as read one tensor at a time.
+        tensors = CheckpointTensors(weight_files(tower), clip_tower_name)
+        tensors.add(files, original_names(model, tower=with_tower))
     else:
         load_tower_weights(model, tower, dtype)
         loaded = copy_weights(model, files, original_names(model, tower=with_tower), implied_by)
@@ -551,6 +563,59 @@ def load_tower_weights(model: nn.Module, tower: Path, dtype: torch.dtype) -> Non
     if missing or unexpected:
         raise SourceError(
             f"vision tower {tower} does not fit the model config (e.g. {(missing or unexpected)[0]})"
+        )
+
+
+def clip_tower_name(key: str) -> str:
+    """A separate CLIP checkpoint's key -> the reference's tower name: a CLIPVisionModel's as
+    transformers 5 saves it (`embeddings.*`), or with the `vision_model.` of older saves and of
+    a whole CLIPModel (whose text tower's names the reference never asks for)."""
+    return "model.vision_tower." + key.removeprefix("vision_model.")
+
+
+def load_vision_weights(source: LlavaSource) -> None:
+    """A streamed source's (load_source stream_decoder) vision side onto the CPU, read from
+    source.tensors in the dtype the model was built in: the CLIP tower, the projector and
+    LLaVA-1.6's image_newline, what the vision graph and its parity check run. The language
+    model and lm_head stay on meta: graphs/streamed.py reads their weights as it quantizes them."""
+    from transformers.initialization import no_init_weights
+
+    llava = source.model.model
+    meta_tower = llava.vision_tower
+    # The tower is built afresh on the CPU by its own __init__ rather than moved off meta
+    # (to_empty): its non-persistent buffers (CLIP's position_ids) are in no checkpoint, and
+    # one built on meta has no value; __init__ makes each as a loaded source has it, whatever
+    # the tower's class. Its config is the reference's (eager attention already set on it).
+    with no_init_weights(), torch.device("cpu"):
+        tower = type(meta_tower)(meta_tower.config)
+    tower.to(next(meta_tower.parameters()).dtype)
+    read_parameters(tower, meta_tower.state_dict(), "model.vision_tower.", source.tensors)
+    llava.vision_tower = tower.eval().requires_grad_(False)
+    # The projector has parameters only (Linear layers): they are assigned in place of the meta ones.
+    projector = llava.multi_modal_projector
+    read_parameters(projector, projector.state_dict(), "model.multi_modal_projector.", source.tensors)
+    if source.anyres is not None:
+        newline = llava.image_newline
+        value = source.tensors.get("model.image_newline")
+        check_shape("model.image_newline", value, newline)
+        llava.image_newline = nn.Parameter(value.to(newline.dtype), requires_grad=False)
+
+
+def read_parameters(module: nn.Module, expected: dict, prefix: str, tensors) -> None:
+    """Assigns `module` each of its persistent tensors, `prefix` + name, from `tensors` in the
+    dtype of `expected` (the meta model's state dict: names, shapes and dtypes)."""
+    state = {}
+    for name, like in expected.items():
+        value = tensors.get(prefix + name)
+        check_shape(prefix + name, value, like)
+        state[name] = value.to(like.dtype)
+    module.load_state_dict(state, assign=True)
+
+
+def check_shape(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    if tuple(value.shape) != tuple(like.shape):
+        raise SourceError(
+            f"weight {name} has shape {tuple(value.shape)} in the checkpoint, the model config implies {tuple(like.shape)}"
         )
 
 

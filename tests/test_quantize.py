@@ -271,7 +271,7 @@ def test_explicit_block_wider_than_k_is_padded(workshop, tmp_path):
 # Manifest, CLI, runtime
 
 
-def test_manifest_records_quant(workshop, cli_int4):
+def test_manifest_records_quant(workshop, cli_int4, tmp_path):
     manifest = contract.read_manifest(cli_int4)
     assert manifest.graphs["decoder"].quant == "int4" and manifest.graphs["decoder"].dtype == "float32"
     assert manifest.graphs["vision"].quant is None  # the vision graph stays float
@@ -279,7 +279,17 @@ def test_manifest_records_quant(workshop, cli_int4):
         manifest.graphs["decoder"].sha256
         == hashlib.sha256((cli_int4 / contract.DECODER_FILE).read_bytes()).hexdigest()
     )
-    figures = manifest.parity["decoder"]
+    # the CLI streams a --quant decoder (graphs/streamed.py): no float model, no decoder parity;
+    # the Python API's export of a loaded model checks it and records the figures
+    assert "decoder" not in manifest.parity and "vision" in manifest.parity
+    from exporter.graphs.decoder import export_decoder
+    from exporter.progress import Progress
+
+    verified = tmp_path / "verified"
+    export_decoder(
+        load_source(str(workshop.tiny(DEFAULT)["hf"])), verified, quant="int4", progress=Progress(quiet=True)
+    )
+    figures = contract.read_manifest(verified).parity["decoder"]
     assert figures["min_cosine"] >= parity.QUANT_MIN_COSINE["int4"]
     assert (
         0 <= figures["unquantized_top1_agreement"] <= 1
@@ -313,10 +323,13 @@ def test_runtime_generates_from_quantized_artifacts(cli_int4):
     )
 
 
-def test_cli_reports_the_quantization(cli_export):
-    output = cli_export[1]
+def test_cli_reports_the_quantization(workshop, cli_export):
+    folder, output = cli_export
     assert f"{LINEAR_LAYERS} linear layers to int4 (blocks of 32, accuracy level 4)" in output
-    assert "parity decoder vs PyTorch" in output and "quantization effect" in output
+    assert "parity: not run" in output and "llava-export verify" in output  # streamed
+    checked = invoke("verify", "--model", workshop.tiny(DEFAULT)["hf"], "--artifacts", folder)
+    assert checked.exit_code == 0, checked.output
+    assert "parity decoder vs PyTorch" in checked.output and "quantization effect" in checked.output
 
 
 @pytest.mark.parametrize("command", ["decoder", "all"])
@@ -384,3 +397,37 @@ def test_bench_counts_the_quantized_weight_bytes(workshop, cli_int4, tmp_path):
     assert report["model"]["decoder_weight_bytes"] == round(
         params * quantize.bytes_per_weight(4, 32)
     )  # 0.64 B, not 4
+
+
+def test_block_size_sets_the_blocks_of_the_streamed_export(workshop, tmp_path):
+    """--block-size: the graph's MatMulNBits blocks, what the export reports."""
+    out = tmp_path / "art"
+    result = invoke(
+        "decoder",
+        "--model",
+        workshop.tiny(DEFAULT)["hf"],
+        "--out",
+        out,
+        "--quant",
+        "int4",
+        "--block-size",
+        "16",
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "to int4 (blocks of 16, accuracy level 4)" in result.output
+    assert quantize.graph_settings(out / contract.DECODER_FILE) == (4, 16)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quant", "int8", "--block-size", "48"], "--block-size must be a power of two >= 16, not 48"),
+        (["--block-size", "64"], "give --quant int8|int4 with it"),
+    ],
+)
+def test_a_bad_block_size_is_one_line_before_any_work(workshop, tmp_path, flags, message):
+    from tests.support.cli import assert_error_line
+
+    result = invoke("decoder", "--model", workshop.tiny(DEFAULT)["hf"], "--out", tmp_path / "out", *flags)
+    assert_error_line(result, message)
+    assert not (tmp_path / "out" / contract.DECODER_FILE).exists()

@@ -197,16 +197,17 @@ class DecoderGraph(GraphExport):
 
     def check_options(self) -> None:
         """--quant and the KV cache options, before any work; fills in the static layout's
-        default buffer length. A streamed source takes --quant, float32, the concat layout and
+        default buffer length. A streamed source takes --quant, float32 (either KV layout) and
         no parity check (its float weights are never all in memory)."""
         if self.options.quant:
             quantize.quant_bits(self.options.quant)
-        if self.streamed and (
-            not self.options.quant or self.options.fp16 or self.options.kv_cache != contract.KV_CONCAT
-        ):
-            raise LlavaError(
-                "a streamed decoder export takes --quant int4|int8, float32 and the concat KV cache"
-            )
+            size = self.options.block_size
+            if size is not None and (size < 16 or size & (size - 1)):  # MatMulNBits' requirement
+                raise LlavaError(f"--block-size must be a power of two >= 16, not {size}")
+        elif self.options.block_size is not None:
+            raise LlavaError("--block-size sets --quant's blocks: give --quant int8|int4 with it")
+        if self.streamed and (not self.options.quant or self.options.fp16):
+            raise LlavaError("a streamed decoder export takes --quant int4|int8 and float32")
         if self.streamed and self.options.verify:
             raise LlavaError(
                 "a streamed decoder export cannot run its parity check: the float model is not loaded"
@@ -220,7 +221,7 @@ class DecoderGraph(GraphExport):
         if not quant or self.streamed:  # a streamed graph is quantized as it is written
             return
         with progress.stage(f"quantizing the linear layers to {quant} (MatMulNBits)"):
-            stats = quantize.quantize_decoder(path, path, quantize.quant_bits(quant))
+            stats = quantize.quantize_decoder(path, path, quantize.quant_bits(quant), self.options.block_size)
         progress.say(f"  {stats.summary()}")
 
     def add_companions(self, stage: Path, manifest: Manifest, progress: Progress) -> list[str]:
@@ -397,13 +398,15 @@ def export_decoder(
     quant: str | None = None,
     kv_cache: str = contract.KV_CONCAT,
     max_seq_len: int | None = None,
+    block_size: int | None = None,
 ) -> dict[str, float]:
     """Writes decoder.onnx, embed_tokens.npy and the tokenizer into `out`; updates the manifest;
     returns the parity figures (empty when `verify` is off).
 
     The source should be loaded in the export dtype (float16 for --fp16; DecoderGraph.module).
     `quant` ("int8" | "int4") quantizes the linear layers' weights (exporter/graphs/quantize.py)
-    after tracing; the parity gate is then parity.QUANT_MIN_COSINE[quant]. `kv_cache` "static"
+    after tracing, in blocks of `block_size` weights (None: quantize.DEFAULT_BLOCK_SIZE); the
+    parity gate is then parity.QUANT_MIN_COSINE[quant]. `kv_cache` "static"
     writes the static layout (static_kv.py) whose runtime buffers hold `max_seq_len` positions
     (recorded in the manifest).
     """
@@ -414,6 +417,7 @@ def export_decoder(
         verify=verify,
         template=template,
         quant=quant,
+        block_size=block_size,
         kv_cache=kv_cache,
         max_seq_len=max_seq_len,
     )

@@ -46,6 +46,7 @@ class ExportOptions:
     verify: bool = True  # run the graph in ONNX Runtime against PyTorch before publishing it
     template: str | None = None  # the prompt template the manifest records (None: the model's)
     quant: str | None = None  # the decoder's weight-only quantization, "int8" | "int4"
+    block_size: int | None = None  # --quant's weights per scale (None: quantize.DEFAULT_BLOCK_SIZE)
     kv_cache: str = contract.KV_CONCAT  # the decoder's KV cache layout
     max_seq_len: int | None = None  # the static layout's buffer length (None: the model's default)
     dtype_name: str = dataclasses.field(init=False)  # "float16" | "float32"

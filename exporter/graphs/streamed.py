@@ -2,7 +2,8 @@
 --quant int4|int8` without --fp16): float32 activations around int4/int8 weights, within a few
 GB of memory for a 7B checkpoint.
 
-    1. the decoder is traced on the meta device: the graph, with no weight in memory;
+    1. the decoder is traced with placeholder weights (a CPU tensor of each weight's shape
+       that stores one value): the graph, with no weight in memory;
     2. each linear layer (Transpose(W) -> MatMul, or Gemm(x, W, transB=1) for lm_head) becomes
        MatMulNBits, its weight W [N, K] read from its checkpoint shard, quantized by the same
        block quantizer as quantize.py, and dropped before the next one is read;
@@ -38,6 +39,12 @@ class CheckpointTensors:
     def __init__(self, files: list[Path], name_of: Callable[[str], str | None]):
         self.where: dict[str, tuple[Path, str]] = {}
         self.bins: dict[Path, dict[str, torch.Tensor]] = {}  # .bin shards, memory-mapped once each
+        self.add(files, name_of)
+
+    def add(self, files: list[Path], name_of: Callable[[str], str | None]) -> None:
+        """Indexes more shards, with their own `name_of`; a name they share with shards indexed
+        before is read from these (the original format's fine-tuned tower in the checkpoint over
+        the separate CLIP checkpoint, as the loaded source has it)."""
         for file in files:
             for key in self.keys(file):
                 name = name_of(key)
@@ -68,13 +75,15 @@ class CheckpointTensors:
         return list(self.bins[file])
 
 
-def trace_on_meta(module, sample: tuple, graph) -> object:
-    """The graph of `module` (on the meta device) as an onnx_ir model, unoptimized: constant
-    folding reads values, and a meta tensor has none."""
+def trace_without_weights(module, sample: tuple, graph) -> object:
+    """The graph of `module` (its weights on the meta device) as an onnx_ir model, unoptimized:
+    constant folding reads values, and a placeholder has none of its own. Each meta parameter
+    and buffer is traced as a placeholder (placeholders()): the static layout's
+    GroupQueryAttention node, a symbolic op, makes its outputs on the CPU and cannot be traced
+    beside meta tensors."""
     inputs, outputs = graph.io_spec()
-    sample = tuple(to_meta(x) for x in sample)
     return onnx_io.trace_to_onnx(
-        module.to("meta"),
+        placeholders(module),
         sample,
         dynamic_shapes=graph.dynamic_shapes(),
         input_names=list(inputs),
@@ -84,24 +93,40 @@ def trace_on_meta(module, sample: tuple, graph) -> object:
     ).model
 
 
-def to_meta(value):
-    if torch.is_tensor(value):
-        return value.to("meta")
-    return [tuple(to_meta(t) for t in pair) for pair in value]
+def placeholders(module):
+    """`module` with each meta parameter and buffer replaced by a CPU tensor of its shape and
+    dtype that stores one value (stride 0): a 7B decoder's take no memory. is_placeholder tells
+    them apart in the traced graph, whose initializers still hold them."""
+    for owner in module.modules():
+        for name, tensor in list(owner.named_parameters(recurse=False)):
+            if tensor.is_meta:
+                owner._parameters[name] = torch.nn.Parameter(placeholder(tensor), requires_grad=False)
+        for name, tensor in list(owner.named_buffers(recurse=False)):
+            if tensor.is_meta:
+                owner._buffers[name] = placeholder(tensor)
+    return module
+
+
+def placeholder(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.numel() < 2:  # is_placeholder could not tell it from a real one-element weight
+        raise SourceError(
+            f"a weight of shape {tuple(tensor.shape)} cannot be streamed: export without --quant"
+        )
+    return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
 
 
 def write_streamed_decoder(graph, stage: Path, progress: Progress) -> Path:
     """stage/<graph.file>: `graph` (a DecoderGraph on a source loaded with stream_decoder)
-    traced on meta, its linear layers quantized as they are read. Returns the path."""
+    traced without its weights, its linear layers quantized as they are read. Returns the path."""
     import onnxscript
 
     source, options = graph.source, graph.options
     bits = quantize.quant_bits(options.quant)
-    with progress.stage(f"tracing the decoder graph on the meta device ({graph.trace_details()})"):
-        model = trace_on_meta(graph.module(), graph.sample_inputs(), graph)
+    with progress.stage(f"tracing the decoder graph without its weights ({graph.trace_details()})"):
+        model = trace_without_weights(graph.module(), graph.sample_inputs(), graph)
     linears = [found for node in model.graph if (found := linear_weight(node, model.graph))]
     narrowest = min(model.graph.initializers[name].shape[1] for name, _, _ in linears)  # K
-    block_size = quantize.default_block_size(bits, narrowest)
+    block_size = options.block_size or quantize.default_block_size(bits, narrowest)
     values = named_values(source)
     with progress.stage(f"quantizing the linear layers to {options.quant} as they are read (MatMulNBits)"):
         stats = quantize_linears(model, linears, values, bits, block_size, quantize.DEFAULT_ACCURACY_LEVEL)
@@ -241,13 +266,15 @@ def fill_initializers(model, values) -> None:
     import onnx_ir as ir
 
     for name, value in model.graph.initializers.items():
-        if is_meta(value.const_value):
+        if is_placeholder(value.const_value):
             value.const_value = ir.tensor(values(name), name=name)
 
 
-def is_meta(tensor) -> bool:
+def is_placeholder(tensor) -> bool:
+    """An initializer traced from placeholders(): a torch tensor whose elements share one value
+    (a real weight of one element is not one: it is held as is)."""
     raw = getattr(tensor, "raw", None)
-    return torch.is_tensor(raw) and raw.is_meta
+    return torch.is_tensor(raw) and raw.numel() > 1 and not any(raw.stride())
 
 
 def save_model(model, path: Path) -> None:
