@@ -594,3 +594,186 @@ def test_artifacts_of_another_model(tiny_hf, tiny_artifacts, tmp_path, monkeypat
     (other / "config.json").write_text(json.dumps(config))
     result = invoke("--model", other, "--artifacts", tiny_artifacts, *QUICK)
     assert_error_line(result, "were not exported from --model", "max_positions is 256 there and 512")
+
+
+# ---------------------------------------------------------------------------------------------
+# --decoder-only: the decoder alone, against a shallower float32 cut scaled to the whole depth
+
+
+def test_the_cut_is_the_model_truncated_to_its_first_layers(tiny_hf):
+    """DecoderCutSide's first layer, read from the checkpoint as the model streams in, gives the
+    tokens of transformers' own model built with one layer (from_pretrained drops the rest)."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from exporter.bench.run import BenchInputs, DecoderCutSide
+    from exporter.source import load_source
+
+    source = load_source(str(tiny_hf), stream_decoder=True)
+    assert source.model.model.language_model.layers[1].mlp.up_proj.weight.is_meta
+    cut = DecoderCutSide(source, layers=1)
+    assert len(cut.language_model.layers) == 1 and not cut.lm_head.weight.is_meta
+
+    config = AutoConfig.from_pretrained(tiny_hf)
+    config.text_config.num_hidden_layers = 1
+    truncated = LlavaForConditionalGeneration.from_pretrained(
+        tiny_hf, config=config, dtype=torch.float32
+    ).eval()
+    ids = np.array([[1, 5, 9, 33, 7, 2, 41, 12]])
+    inputs = BenchInputs(None, ids, ids[:, :0], 0)
+    run = cut.run(inputs, new_tokens=4)
+    with torch.no_grad():
+        expected = truncated.generate(
+            torch.from_numpy(ids), max_new_tokens=5, do_sample=False, min_new_tokens=5
+        )
+    assert run.tokens == expected[:, ids.shape[1] :].tolist()
+
+
+def test_depth_scales_follow_the_roofline_work_by_hand():
+    """Decode is bound by bytes: the whole decoder's over the cut's; prefill by FLOPs."""
+    from dataclasses import replace
+
+    from exporter.bench.run import depth_scales
+
+    full = replace(DECODER, dtype="float32")
+    per_layer = full.layer_params // full.num_layers
+    cut = replace(full, layer_params=2 * per_layer, num_layers=2)
+    scales = depth_scales(MACHINE, full, cut, batch=1, prompt_tokens=640, new_tokens=32)
+    assert scales["decode"] == pytest.approx(5e9 / (2 * per_layer + 1e9), rel=1e-3)  # bytes (KV aside)
+    prefill = [cost.prefill_flops(640) for cost in (full, cut)]
+    assert scales["prefill"] == pytest.approx(prefill[0] / prefill[1], rel=1e-9)
+    assert 1 < scales["decode"] < scales["prefill"] < 16  # lm_head is in both: below the depth ratio
+
+
+def test_decoder_only_bench_end_to_end(tiny_hf, tiny_artifacts, tmp_path):
+    out = tmp_path / "bench.json"
+    result = llava_bench(
+        "--model",
+        tiny_hf,
+        "--artifacts",
+        tiny_artifacts,
+        *QUICK,
+        "--threads",
+        "1",
+        "--json",
+        out,
+        "--decoder-only",
+        "--reference-layers",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    table = result.stdout
+    assert "1 of 2 decoder layers, times scaled to 2" in table and "text only: --decoder-only" in table
+    assert "image encode ms" not in table and "prefill ms (8 tok)" in table
+    assert "per decoder layer" in table and "greedy tokens: not compared" in table
+
+    report = json.loads(out.read_text())
+    assert (report["settings"]["prompt_tokens"], report["settings"]["image_tokens"]) == (8, 0)
+    assert report["greedy_tokens_matching"] is None
+    cut, pytorch = report["reference_cut"], report["results"]["pytorch"]
+    assert (cut["layers"], cut["of"]) == (1, 2)
+    assert 1 < cut["scales"]["decode"] < 2 and 1 < cut["scales"]["prefill"] < 2
+    # the reference's figures are the cut's, scaled: medians of scaled runs = scaled medians
+    assert pytorch["prefill_ms"] == pytest.approx(
+        cut["measured_prefill_ms"] * cut["scales"]["prefill"], rel=1e-3
+    )
+    assert pytorch["decode_tokens_per_s"] == pytest.approx(
+        cut["measured_decode_tokens_per_s"] / cut["scales"]["decode"], rel=1e-3
+    )
+    for side in report["results"].values():
+        assert side["image_encode_ms"] == 0 and side["prefill_ms"] > 0 and side["decode_tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# llava-bench llamacpp: rounds of ours and of llama.cpp's llama-bench (a stand-in here)
+
+FAKE_LLAMA_BENCH = """#!{python}
+# llama-bench's command line and JSON record, with times from the test's counts: 2 ms a prompt
+# token, 10 ms a generated one (-r 1: one repetition, so avg_ns is the test's time)
+import json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+with open({log!r}, "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+if "{fail}" in args["-m"]:
+    sys.exit("error: failed to load model '" + args["-m"] + "'")
+prompt, generate = int(args["-p"]), int(args["-n"])
+print(json.dumps([{{"model_type": "llama ?B Q4_0", "n_prompt": prompt, "n_gen": generate,
+                   "n_depth": int(args["-d"]), "avg_ns": (2 * prompt + 10 * generate) * 10**6}}]))
+"""
+
+
+@pytest.fixture
+def fake_llama_bench(tmp_path) -> tuple[Path, Path]:
+    """(a llama-bench stand-in, the file it logs its command lines to)."""
+    log, binary = tmp_path / "calls.log", tmp_path / "llama-bench"
+    binary.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, log=str(log), fail="broken"))
+    binary.chmod(0o755)
+    return binary, log
+
+
+def test_llamacpp_rounds_alternate_and_report_the_ratios(tiny_hf, tiny_artifacts, tmp_path, fake_llama_bench):
+    binary, log = fake_llama_bench
+    gguf, out = tmp_path / "tiny-q4_0.gguf", tmp_path / "peer.json"
+    gguf.write_bytes(b"GGUF")
+    result = llava_bench(
+        "llamacpp",
+        *("--model", tiny_hf, "--artifacts", tiny_artifacts, "--gguf", gguf, "--llama-bench", binary),
+        *("--prompt-len", 8, "--new-tokens", 4, "--rounds", 2, "--threads", 1, "--reference-layers", 1),
+        *("--json", out),
+    )
+    assert result.returncode == 0, result.stderr
+    # each round: a prefill of 8 tokens, then 4 steps after an 8-token context, on 1 thread
+    prefill = f"-m {gguf} -t 1 -p 8 -n 0 -d 0 -r 1 -o json"
+    decode = f"-m {gguf} -t 1 -p 0 -n 4 -d 8 -r 1 -o json"
+    assert log.read_text().splitlines() == [prefill, decode, prefill, decode]
+
+    report = json.loads(out.read_text())
+    figures = report["figures"]
+    assert figures["prefill_ms"]["llama.cpp"] == pytest.approx(16.0)  # 8 tokens at 2 ms
+    assert figures["decode_tokens_per_s"]["llama.cpp"] == pytest.approx(100.0)  # 4 steps in 40 ms
+    rounds = report["rounds"]
+    ours_prefill = np.median([r["ours_prefill_ms"] for r in rounds])
+    assert figures["prefill_ms"]["ours"] == pytest.approx(ours_prefill)
+    assert figures["prefill_ms"]["x_better"] == pytest.approx(16.0 / ours_prefill)
+    ours_decode = np.median([r["ours_decode_tokens_per_s"] for r in rounds])
+    assert figures["decode_tokens_per_s"]["x_better"] == pytest.approx(ours_decode / 100.0)
+    for r in rounds:  # ours: llava-bench --decoder-only's own report, once per round
+        assert r["llava_bench"]["reference_cut"]["layers"] == 1
+        assert r["ours_prefill_ms"] == r["llava_bench"]["results"]["ort-cpu"]["prefill_ms"]
+    assert figures["ours_decode_of_roofline"] == pytest.approx(
+        ours_decode / rounds[-1]["llava_bench"]["roofline"]["decode_tokens_per_s"]
+    )
+    assert "prefill ms (8 tok)" in result.stdout and "llama ?B Q4_0" in result.stdout
+
+
+def test_llamacpp_without_its_files(tiny_hf, tiny_artifacts, tmp_path, fake_llama_bench):
+    binary, _ = fake_llama_bench
+    common = ("--model", tiny_hf, "--artifacts", tiny_artifacts)
+    assert_error_line(
+        invoke("llamacpp", *common, "--gguf", tmp_path / "none.gguf", "--llama-bench", binary),
+        "--gguf",
+        "does not exist",
+        "scripts/llamacpp_peer.sh gguf",
+    )
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert_error_line(
+        invoke("llamacpp", *common, "--gguf", gguf, "--llama-bench", tmp_path / "no-such-binary"),
+        "--llama-bench",
+        "not an executable",
+        "scripts/llamacpp_peer.sh build",
+    )
+
+
+def test_a_failing_llama_bench_is_one_line_naming_its_error(
+    tiny_hf, tiny_artifacts, tmp_path, fake_llama_bench
+):
+    from exporter.bench.peer import PeerConfig, llama_bench
+    from runtime.errors import LlavaError
+
+    binary, _ = fake_llama_bench
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    config = PeerConfig(str(tiny_hf), tiny_artifacts, broken, str(binary), threads=1)
+    with pytest.raises(LlavaError, match="llama-bench failed .*failed to load model"):
+        llama_bench(config, 8, 0)

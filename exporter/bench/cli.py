@@ -20,7 +20,7 @@ from exporter.cli import needs_extra, source_options, user_errors
 from runtime.backends import BACKENDS
 
 
-@click.group(invoke_without_command=True, subcommand_metavar="[serve [OPTIONS]]")
+@click.group(invoke_without_command=True, subcommand_metavar="[serve|llamacpp [OPTIONS]]")
 @source_options(required=False, what="  [required]")
 @click.option(
     "--artifacts",
@@ -95,12 +95,29 @@ from runtime.backends import BACKENDS
     help="n of the n x n x n float32 GEMM measuring the FLOP rate.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for pixels and token ids.")
+@click.option(
+    "--decoder-only",
+    is_flag=True,
+    help="The decoder alone on a --prompt-len text prompt, against a --reference-layers cut of the "
+    "PyTorch decoder (float32, read from the checkpoint) scaled to the whole depth: for a decoder "
+    "whose float32 copy does not fit in memory (a 7B on 24 GB).",
+)
+@click.option(
+    "--reference-layers",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="With --decoder-only: decoder layers of the PyTorch cut.",
+)
 @click.pass_context
 def main(ctx: click.Context, **options):
     """Side-by-side speed and memory of PyTorch and the runtime, against this machine's roofline.
 
     `llava-bench serve --help`: llava-serve's aggregate tokens/s and latencies under 1, 4, 16
-    concurrent clients, against the batched decode step's roofline."""
+    concurrent clients, against the batched decode step's roofline.
+
+    `llava-bench llamacpp --help`: the decoder against llama.cpp's llama-bench on the same
+    weights (GGUF), rounds alternating."""
     given = [name for name in options if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if ctx.invoked_subcommand is not None:
         if given:
@@ -220,6 +237,61 @@ def serve(clients, **options):
     from exporter.bench.serve import ServeBenchConfig, parse_clients, run_serve_bench
 
     report = run_serve_bench(ServeBenchConfig(clients=parse_clients(clients), **options))
+    click.echo(report.table())
+
+
+@main.command("llamacpp")
+@source_options(what=" The one --artifacts were exported from (for the reference cut and the roofline).")
+@click.option(
+    "--artifacts", required=True, type=click.Path(path_type=Path), help="Artifact folder to measure."
+)
+@click.option(
+    "--gguf",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The same weights as llama.cpp's GGUF (scripts/llamacpp_peer.sh gguf).",
+)
+@click.option(
+    "--llama-bench",
+    "llama_bench",
+    required=True,
+    help="llama.cpp's llama-bench binary (scripts/llamacpp_peer.sh build).",
+)
+@click.option(
+    "--prompt-len", type=click.IntRange(1), default=640, show_default=True, help="Prefill tokens (text)."
+)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Decode steps after the --prompt-len context.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Rounds, each running ours then llama.cpp's; figures are medians.",
+)
+@click.option("--threads", type=click.IntRange(1), help="Threads of both (and torch's)  [default: all cores]")
+@click.option(
+    "--reference-layers",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Decoder layers of llava-bench --decoder-only's PyTorch cut.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON here.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the token ids.")
+@user_errors
+@needs_extra("export", "llava-bench llamacpp")
+def llamacpp(**options):
+    """The decoder against llama.cpp on the same weights: prefill and decode at --prompt-len,
+    rounds alternating between the two, ratios above 1 where this project is faster."""
+    from exporter.bench.peer import PeerConfig, run_peer_bench
+
+    report = run_peer_bench(PeerConfig(**options))
     click.echo(report.table())
 
 

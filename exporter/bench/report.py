@@ -180,10 +180,12 @@ class BenchReport:
     memory_method: str
     torch_threads: int
     ort_threads: int | None
-    greedy_match: int
+    greedy_match: int | None  # None: --decoder-only, whose cut cannot give the model's tokens
     # GB/s, before each repeat and after the last
     reads_between_repeats: list[float] = field(default_factory=list)
     sweep: list[SweepPoint] = field(default_factory=list)
+    # --decoder-only: the cut the reference ran (run.cut_summary); its times in `reference` are scaled
+    reference_cut: dict | None = None
 
     @property
     def sides(self) -> list[SideResult]:
@@ -250,7 +252,12 @@ class BenchReport:
                 side.name: round_or_none(self.decode_share_of_reads(side), 4) for side in self.sides
             },
             "ratio_ceiling": _rounded(self.ratio_ceilings(), 4),
-            "greedy_tokens_matching": {"leading": self.greedy_match, "of": self.config.new_tokens + 1},
+            "greedy_tokens_matching": (
+                None
+                if self.greedy_match is None
+                else {"leading": self.greedy_match, "of": self.config.new_tokens + 1}
+            ),
+            "reference_cut": self.reference_cut,
             "sweep": [asdict(point) for point in self.sweep],
         }
 
@@ -298,11 +305,16 @@ class BenchReport:
             height, width = self.model["image_size"]
             image += f": a {width}x{height} image in {self.model['image_tiles']} tiles"
         ort_threads = self.ort_threads if self.ort_threads is not None else "n/a"
+        reference, prompt = self.model["reference_dtype"], f"{config.prompt_len} text + {image}"
+        if self.reference_cut:
+            cut = self.reference_cut
+            reference += f"; {cut['layers']} of {cut['of']} decoder layers, times scaled to {cut['of']}"
+            prompt = "text only: --decoder-only"
         return [
-            f"llava-bench: {config.model} (pytorch, {self.model['reference_dtype']}) vs {config.artifacts} "
+            f"llava-bench: {config.model} (pytorch, {reference}) vs {config.artifacts} "
             f"({self.runtime.name}, {self.model['decoder_dtype']}{quant})",
-            f"  batch {config.batch}, prompt {self.runtime.prompt_tokens} tokens ({config.prompt_len} text + "
-            f"{image}), {config.new_tokens} decode steps; "
+            f"  batch {config.batch}, prompt {self.runtime.prompt_tokens} tokens ({prompt}), "
+            f"{config.new_tokens} decode steps; "
             f"warm-up {config.warmup}, repeats {config.repeats}, medians",
             f"  threads: torch {self.torch_threads}, onnxruntime intra-op {ort_threads}",
             f"  machine: {machine['cpu']}, {machine['available_cpus']} cpus, load average "
@@ -332,6 +344,8 @@ class BenchReport:
             ]
         ]
         for key, label, _ in METRICS:
+            if key == "image_encode_ms" and self.reference_cut:
+                continue  # --decoder-only: no image
             if key == "prefill_ms":
                 label = f"prefill ms ({self.runtime.prompt_tokens} tok)"
             rows.append(
@@ -359,15 +373,41 @@ class BenchReport:
         lines.append(self.ceiling_line())
         if self.reads_between_repeats:
             lines.append(self.reads_line())
-        diverged = self.greedy_match <= config.new_tokens
+        if self.reference_cut:
+            lines += self.cut_lines()
+        else:
+            diverged = self.greedy_match <= config.new_tokens
+            lines.append(
+                f"  greedy tokens: the runtime matches pytorch on the first {self.greedy_match} of "
+                f"{config.new_tokens + 1}"
+                + (" (random weights have near-tied logits; divergence is not an error)" if diverged else "")
+            )
         lines += [
-            f"  greedy tokens: the runtime matches pytorch on the first {self.greedy_match} of {config.new_tokens + 1}"
-            + (" (random weights have near-tied logits; divergence is not an error)" if diverged else ""),
             "  x better: how many times faster (ms, tok/s) or smaller (RSS) the runtime is than pytorch, "
             "above 1 better. x/roof: fraction of the roofline reached",
             f"  peak RSS: {self.memory_method}",
         ]
         return lines
+
+    def cut_lines(self) -> list[str]:
+        """--decoder-only: what the cut measured, how it was scaled, and the figures per layer."""
+        cut, layers = self.reference_cut, self.reference_cut["of"]
+        ref, run = self.reference.metrics(), self.runtime.metrics()
+        per_layer = ", ".join(
+            f"{what} pytorch {ref_ms / layers:.2f} ms, {self.runtime.name} {run_ms / layers:.2f} ms"
+            for what, ref_ms, run_ms in (
+                ("prefill", ref["prefill_ms"], run["prefill_ms"]),
+                ("decode step", 1000 / ref["decode_tokens_per_s"], 1000 / run["decode_tokens_per_s"]),
+            )
+        )
+        return [
+            f"  pytorch ran the first {cut['layers']} of {layers} decoder layers (with lm_head): prefill "
+            f"{cut['measured_prefill_ms']:.0f} ms, decode {cut['measured_decode_tokens_per_s']:.2f} tok/s, scaled "
+            f"to {layers} layers by the roofline's work (prefill x{cut['scales']['prefill']:.2f}, decode "
+            f"x{cut['scales']['decode']:.2f}); its peak RSS is the cut's",
+            f"  per decoder layer (each time over the {layers} layers, lm_head's share included): {per_layer}",
+            "  greedy tokens: not compared (the cut is not the model)",
+        ]
 
     def ceiling_line(self) -> str:
         """What the roofline leaves for any backend against this PyTorch run, phase by phase."""

@@ -254,20 +254,22 @@ class Roofline:
 def roofline(
     machine: MachineRates,
     decoder: DecoderCost,
-    vision: VisionCost,
+    vision: VisionCost | None,
     batch: int,
     prompt_tokens: int,
     new_tokens: int,
     vision_dtype: str = "float32",
 ) -> Roofline:
     """Bounds for a run: `batch` images encoded, a `prompt_tokens` prefill per sequence, then
-    `new_tokens` decode steps (each reads the decoder weights once for the whole batch)."""
-    vision_bytes = (vision.patch_params + vision.layer_params + vision.projector_params) * BYTES_PER_ELEMENT[
-        vision_dtype
-    ]
+    `new_tokens` decode steps (each reads the decoder weights once for the whole batch).
+    `vision` None: no image (llava-bench --decoder-only)."""
+    image_encode = phase(machine, 0, 0)
+    if vision is not None:
+        params = vision.patch_params + vision.layer_params + vision.projector_params
+        image_encode = phase(machine, params * BYTES_PER_ELEMENT[vision_dtype], vision.flops(batch))
     mean_context = prompt_tokens + (new_tokens + 1) / 2  # step i attends to prompt + i positions
     return Roofline(
-        image_encode=phase(machine, vision_bytes, vision.flops(batch)),
+        image_encode=image_encode,
         prefill=phase(machine, decoder.weight_bytes, decoder.prefill_flops(prompt_tokens, batch)),
         decode_step=phase(machine, decoder.weight_bytes, decoder.decode_flops(round(mean_context), batch)),
         batch=batch,

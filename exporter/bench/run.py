@@ -33,7 +33,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,11 @@ class BenchConfig:
     bandwidth_mib: int = 1024
     gemm_size: int = 2048
     seed: int = 0
+    # The decoder alone on a text prompt, against a `reference_layers`-deep float32 cut of the
+    # reference whose times are scaled to the whole depth (DecoderCutSide): for a decoder whose
+    # float32 copy does not fit, a 7B on a 24 GB box.
+    decoder_only: bool = False
+    reference_layers: int = 2
 
     def __post_init__(self):
         self.artifacts = Path(self.artifacts)
@@ -92,6 +97,7 @@ class BenchConfig:
             ("--threads", self.threads, 1),
             ("--bandwidth-mib", self.bandwidth_mib, 1),
             ("--gemm-size", self.gemm_size, 1),
+            ("--reference-layers", self.reference_layers, 1),
         ):
             if value < least:
                 raise LlavaError(f"{flag} must be at least {least}, not {value}")
@@ -114,7 +120,8 @@ def available_cpus() -> int:
 
 @dataclass
 class BenchInputs:
-    pixels: np.ndarray  # [B,3,H,W] float32, normalized-looking noise; anyres: [B*tiles,3,S,S]
+    # [B,3,H,W] float32, normalized-looking noise; anyres: [B*tiles,3,S,S]; None: --decoder-only
+    pixels: np.ndarray | None
     before: np.ndarray  # [B, k] int64: text ids before the image (BOS first when the model has one)
     after: np.ndarray  # [B, m] int64: text ids after it
     image_tokens: int  # per image
@@ -133,16 +140,27 @@ class BenchInputs:
         return self.text_tokens + self.image_tokens
 
     def pipeline_batch(self) -> Batch:
-        """The same inputs as the runtime's Batch: per row, the text before and after its image."""
+        """The same inputs as the runtime's Batch: per row, the text before and after its image
+        (--decoder-only: the text alone)."""
+        if self.pixels is None:
+            return Batch(
+                [[np.concatenate([before, after])] for before, after in zip(self.before, self.after)]
+            )
         return Batch(
             [[before, after] for before, after in zip(self.before, self.after)], self.pixels, self.image_sizes
         )
 
 
-def make_inputs(manifest: contract.Manifest, batch: int, text_tokens: int, seed: int = 0) -> BenchInputs:
+def make_inputs(
+    manifest: contract.Manifest, batch: int, text_tokens: int, seed: int = 0, image: bool = True
+) -> BenchInputs:
     """Seeded pixels and random ordinary token ids (never BOS, EOS or pad inside the text);
-    half the text before the image, as a system prompt would be, the rest after it."""
+    half the text before the image, as a system prompt would be, the rest after it. Without
+    `image` (--decoder-only): the text alone."""
     rng = np.random.default_rng(seed)
+    if not image:
+        ids = text_ids(manifest, rng, batch, text_tokens)
+        return BenchInputs(None, ids, ids[:, :0], 0)
     size, sizes = manifest.preprocess.crop_size, None
     image_tokens = manifest.vision.num_image_tokens
     if manifest.anyres is None:
@@ -153,13 +171,21 @@ def make_inputs(manifest: contract.Manifest, batch: int, text_tokens: int, seed:
         pixels = np.concatenate([anyres.tiles(image, manifest.anyres, manifest.preprocess)] * batch)
         sizes = [BENCH_IMAGE_SIZE] * batch
         image_tokens = anyres.image_token_count(BENCH_IMAGE_SIZE, manifest.anyres, manifest.vision)
+    ids = text_ids(manifest, rng, batch, text_tokens)
+    split = max(1, text_tokens // 2)
+    return BenchInputs(pixels, ids[:, :split], ids[:, split:], image_tokens, sizes)
+
+
+def text_ids(
+    manifest: contract.Manifest, rng: np.random.Generator, batch: int, text_tokens: int
+) -> np.ndarray:
+    """[B, text_tokens] random ordinary ids, BOS first when the model has one."""
     special = {manifest.tokens.bos, manifest.tokens.pad, *manifest.tokens.eos} - {None}
     ordinary = np.setdiff1d(np.arange(manifest.text.vocab_size), np.array(sorted(special), dtype=np.int64))
     ids = rng.choice(ordinary, size=(batch, text_tokens)).astype(np.int64)
     if manifest.tokens.bos is not None:
         ids[:, 0] = manifest.tokens.bos
-    split = max(1, text_tokens // 2)
-    return BenchInputs(pixels, ids[:, :split], ids[:, split:], image_tokens, sizes)
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +220,6 @@ class ReferenceSide:
 
     def run(self, inputs: BenchInputs, new_tokens: int) -> RunTimes:
         import torch
-        from transformers import DynamicCache
 
         device = self.device
         with torch.no_grad():
@@ -204,27 +229,36 @@ class ReferenceSide:
             before, after = (torch.from_numpy(ids).to(device) for ids in (inputs.before, inputs.after))
             embeds = torch.cat([self.embed(before), image_embeds, self.embed(after)], dim=1)  # [B, L, hidden]
             spliced = self.clock()
-            batch, length = embeds.shape[:2]
-            mask = torch.ones(batch, length, dtype=torch.long, device=device)
-            cache = DynamicCache()
-            positions = torch.arange(length, device=device).expand(batch, length)
-            token = self.forward(embeds, mask, positions, cache).argmax(-1)  # [B]
-            prefilled = self.clock()
-            tokens = [token]
-            for step in range(new_tokens):
-                mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
-                positions = torch.full((batch, 1), length + step, dtype=torch.long, device=device)
-                token = self.forward(self.embed(token)[:, None], mask, positions, cache).argmax(-1)
-                tokens.append(token)
-            decoded = self.clock()
+            tokens, prefilled, decoded = self.generate(embeds, new_tokens)
         return RunTimes(
             image_encode_ms=ms_since(start, encoded),
             splice_ms=ms_since(encoded, spliced),
             prefill_ms=ms_since(spliced, prefilled),
             decode_ms=ms_since(prefilled, decoded),
             end_to_end_ms=ms_since(start, decoded),
-            tokens=torch.stack(tokens, 1).tolist(),
+            tokens=tokens,
         )
+
+    def generate(self, embeds, new_tokens: int) -> tuple[list[list[int]], float, float]:
+        """The prefill over embeds [B, L, hidden] with an empty cache, then `new_tokens` greedy
+        steps: (tokens [B][1 + new_tokens], the clock after the prefill, the clock at the end)."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.device
+        batch, length = embeds.shape[:2]
+        mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        cache = DynamicCache()
+        positions = torch.arange(length, device=device).expand(batch, length)
+        token = self.forward(embeds, mask, positions, cache).argmax(-1)  # [B]
+        prefilled = self.clock()
+        tokens = [token]
+        for step in range(new_tokens):
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
+            positions = torch.full((batch, 1), length + step, dtype=torch.long, device=device)
+            token = self.forward(self.embed(token)[:, None], mask, positions, cache).argmax(-1)
+            tokens.append(token)
+        return torch.stack(tokens, 1).tolist(), prefilled, self.clock()
 
     def encode(self, inputs: BenchInputs):
         """[B, N_img, hidden]: the encoder on one image per row; under anyres transformers'
@@ -245,6 +279,90 @@ class ReferenceSide:
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         ).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
+
+
+class DecoderCutSide(ReferenceSide):
+    """--decoder-only's reference: the first `layers` decoder layers of a streamed source (its
+    model on the meta device, source.tensors reading the checkpoint), with the embeddings, the
+    final norm and lm_head, read into float32 on the CPU; the rest stays on meta. Its runs are
+    the cut's own times: run_bench scales them to the whole depth (depth_scales)."""
+
+    def __init__(self, source, layers: int):
+        import torch
+
+        model = source.model
+        language_model = model.model.language_model
+        language_model.layers = language_model.layers[:layers]
+        for module in (language_model, model.lm_head):
+            module.to_empty(device="cpu")
+        with torch.no_grad():
+            for prefix, module in (("model.language_model.", language_model), ("lm_head.", model.lm_head)):
+                for name, parameter in module.named_parameters():
+                    parameter.copy_(source.tensors.get(checkpoint_name(prefix + name, source.tensors)))
+        # the rotary inv_freq is a buffer, not in the checkpoint: a fresh module computes it
+        language_model.rotary_emb = type(language_model.rotary_emb)(config=language_model.config)
+        self.device = "cpu"
+        self.model = model
+        self.language_model = language_model
+        self.lm_head = model.lm_head
+        self.embed = language_model.embed_tokens
+        self.dtype = torch.float32
+
+    def run(self, inputs: BenchInputs, new_tokens: int) -> RunTimes:
+        import torch
+
+        with torch.no_grad():
+            start = self.clock()
+            embeds = self.embed(torch.from_numpy(np.concatenate([inputs.before, inputs.after], axis=1)))
+            spliced = self.clock()
+            tokens, prefilled, decoded = self.generate(embeds, new_tokens)
+        return RunTimes(
+            image_encode_ms=0.0,
+            splice_ms=ms_since(start, spliced),
+            prefill_ms=ms_since(spliced, prefilled),
+            decode_ms=ms_since(prefilled, decoded),
+            end_to_end_ms=ms_since(start, decoded),
+            tokens=tokens,
+        )
+
+
+def checkpoint_name(name: str, tensors) -> str:
+    """The reference's parameter name as the checkpoint holds it: a tied lm_head is the embeddings."""
+    if name == "lm_head.weight" and name not in tensors:
+        return "model.language_model.embed_tokens.weight"
+    return name
+
+
+def depth_scales(
+    rates: rl.MachineRates,
+    full: rl.DecoderCost,
+    cut: rl.DecoderCost,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+) -> dict[str, float]:
+    """How much longer the whole float32 decoder's prefill and decode take than the cut's, by
+    the roofline's work (FLOPs or bytes, whichever bounds the phase): the factors DecoderCutSide's
+    times are multiplied by. lm_head is in both, so the factors are below the depth ratio."""
+    bounds = [
+        rl.roofline(rates, replace(cost, bytes_per_weight=None), None, batch, prompt_tokens, new_tokens)
+        for cost in (full, cut)
+    ]
+    return {
+        "prefill": bounds[0].prefill.ms / bounds[1].prefill.ms,
+        "decode": bounds[0].decode_step.ms / bounds[1].decode_step.ms,
+    }
+
+
+def scaled_runs(runs: list[RunTimes], scales: dict[str, float]) -> list[RunTimes]:
+    """A cut's runs as the whole depth would take them, by depth_scales' factors."""
+    scaled = []
+    for run in runs:
+        prefill, decode = run.prefill_ms * scales["prefill"], run.decode_ms * scales["decode"]
+        scaled.append(
+            RunTimes(0.0, run.splice_ms, prefill, decode, run.splice_ms + prefill + decode, run.tokens)
+        )
+    return scaled
 
 
 class RuntimeSide:
@@ -296,6 +414,47 @@ def load_reference(
 
         (source, reference), memory = meter.loading(load)
     return source, reference, memory
+
+
+def load_decoder_cut(
+    config: BenchConfig, manifest: contract.Manifest, dtype: str, meter: RssMeter, progress: Progress
+) -> tuple[object, DecoderCutSide, SideMemory, rl.DecoderCost, rl.DecoderCost]:
+    """--decoder-only: (the streamed LlavaSource, its DecoderCutSide, the memory they added, the
+    whole decoder's cost as the graph stores it, the cut's at `dtype`)."""
+    import torch
+
+    layers = min(config.reference_layers, manifest.text.num_layers)
+    what = f"the first {layers} of {manifest.text.num_layers} decoder layers ({dtype})"
+    with progress.stage(f"loading {what} of {config.model} as the PyTorch reference"):
+        from exporter.source import load_source
+
+        def load():
+            source = load_source(
+                config.model,
+                vision_tower=config.vision_tower,
+                dtype=getattr(torch, dtype),
+                stream_decoder=True,
+            )
+            check_same_model(source, manifest, config)
+            full, _ = model_costs(source, config, manifest)  # parameter counts work on meta
+            side = DecoderCutSide(source, layers)
+            return source, side, full, replace(decoder_cost(source, dtype), num_layers=layers)
+
+        (source, side, full, cut), memory = meter.loading(load)
+    return source, side, memory, full, cut
+
+
+def cut_summary(
+    cut: rl.DecoderCost, manifest: contract.Manifest, scales: dict[str, float], measured: SideResult
+) -> dict:
+    """What --decoder-only's reference measured on its cut, and the factors that scaled it."""
+    return {
+        "layers": cut.num_layers,
+        "of": manifest.text.num_layers,
+        "scales": {phase: round(factor, 4) for phase, factor in scales.items()},
+        "measured_prefill_ms": round(measured.median("prefill_ms"), 3),
+        "measured_decode_tokens_per_s": round(measured.decode_tokens_per_s, 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,23 +567,27 @@ def model_costs(
 
 
 def model_summary(
-    manifest: contract.Manifest, decoder: rl.DecoderCost, vision: rl.VisionCost, reference_dtype: str
+    manifest: contract.Manifest, decoder: rl.DecoderCost, vision: rl.VisionCost | None, reference_dtype: str
 ) -> dict:
     return {
         "family": manifest.text.family,
         "decoder_layers": manifest.text.num_layers,
         "hidden_size": manifest.text.hidden_size,
         "vocab_size": manifest.text.vocab_size,
-        "image_tokens": bench_image_tokens(manifest),
-        "image_tiles": vision.tiles,  # tower runs per image
-        "image_size": list(BENCH_IMAGE_SIZE) if manifest.anyres is not None else None,  # (height, width)
+        "image_tokens": 0 if vision is None else bench_image_tokens(manifest),
+        "image_tiles": None if vision is None else vision.tiles,  # tower runs per image
+        "image_size": list(BENCH_IMAGE_SIZE)
+        if manifest.anyres is not None and vision
+        else None,  # (height, width)
         "decoder_dtype": manifest.graphs["decoder"].dtype,
         "decoder_quant": manifest.graphs["decoder"].quant,
         "vision_dtype": manifest.graphs["vision"].dtype,
         "reference_dtype": reference_dtype,
         "decoder_params": decoder.layer_params + decoder.lm_head_params,
         "decoder_weight_bytes": decoder.weight_bytes,
-        "vision_params": vision.patch_params + vision.layer_params + vision.projector_params,
+        "vision_params": None
+        if vision is None
+        else vision.patch_params + vision.layer_params + vision.projector_params,
     }
 
 
@@ -554,7 +717,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     manifest = contract.read_manifest(config.artifacts)
     meter = RssMeter()
     runtime, runtime_memory = load_runtime(config, meter, progress)
-    inputs = make_inputs(manifest, config.batch, config.prompt_len, config.seed)
+    inputs = make_inputs(
+        manifest, config.batch, config.prompt_len, config.seed, image=not config.decoder_only
+    )
     check_fits(runtime, inputs, config)
 
     import torch
@@ -568,9 +733,15 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         f"{config.gemm_size}^3 GEMM, {config.threads} threads)",
     )
     dtype = reference_dtype(config, manifest)
-    source, reference, reference_memory = load_reference(config, dtype, meter, progress)
-    check_same_model(source, manifest, config)
-    decoder, vision = model_costs(source, config, manifest)
+    if config.decoder_only:
+        source, reference, reference_memory, decoder, cut = load_decoder_cut(
+            config, manifest, dtype, meter, progress
+        )
+        vision = None
+    else:
+        source, reference, reference_memory = load_reference(config, dtype, meter, progress)
+        check_same_model(source, manifest, config)
+        decoder, vision = model_costs(source, config, manifest)
 
     sides = [reference, runtime]
     memory = {REFERENCE: reference_memory, runtime.name: runtime_memory}
@@ -583,13 +754,19 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         config, progress, "measuring this machine again (the best of before and after counts)"
     )
     rates = rl.best_rates(first_rates, again)
+    cut_report = None
+    if config.decoder_only:
+        scales = depth_scales(rates, decoder, cut, config.batch, inputs.prompt_tokens, config.new_tokens)
+        measured = side_results([reference], runs, memory, config, inputs.prompt_tokens)[REFERENCE]
+        cut_report = cut_summary(cut, manifest, scales, measured)
+        runs[REFERENCE] = scaled_runs(runs[REFERENCE], scales)
     results = side_results(sides, runs, memory, config, inputs.prompt_tokens)
     vision_dtype = manifest.graphs["vision"].dtype
     bound = rl.roofline(
         rates, decoder, vision, config.batch, inputs.prompt_tokens, config.new_tokens, vision_dtype
     )
     sweep = []
-    if config.plot_path is not None:
+    if config.plot_path is not None and not config.decoder_only:
         sweep = run_sweep(sides, results, config, manifest, rates, decoder, vision, progress)
     machine["load_average_end"] = load_average()
     report = BenchReport(
@@ -604,7 +781,10 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         memory_method=meter.method,
         torch_threads=torch.get_num_threads(),
         ort_threads=runtime.pipe.backend.threads,
-        greedy_match=greedy_agreement(runs[REFERENCE][-1], runs[runtime.name][-1]),
+        greedy_match=None
+        if config.decoder_only
+        else greedy_agreement(runs[REFERENCE][-1], runs[runtime.name][-1]),
+        reference_cut=cut_report,
         reads_between_repeats=reads,
         sweep=sweep,
     )
