@@ -647,20 +647,8 @@ def test_depth_scales_follow_the_roofline_work_by_hand():
 
 def test_decoder_only_bench_end_to_end(tiny_hf, tiny_artifacts, tmp_path):
     out = tmp_path / "bench.json"
-    result = llava_bench(
-        "--model",
-        tiny_hf,
-        "--artifacts",
-        tiny_artifacts,
-        *QUICK,
-        "--threads",
-        "1",
-        "--json",
-        out,
-        "--decoder-only",
-        "--reference-layers",
-        "1",
-    )
+    common = ("--model", tiny_hf, "--artifacts", tiny_artifacts, *QUICK, "--threads", "1", "--json", out)
+    result = llava_bench(*common, "--decoder-only", "--reference-layers", "1")
     assert result.returncode == 0, result.stderr
     table = result.stdout
     assert "1 of 2 decoder layers, times scaled to 2" in table and "text only: --decoder-only" in table
