@@ -19,6 +19,10 @@ from click.core import ParameterSource
 from exporter.cli import needs_extra, source_options, user_errors
 from runtime.backends import BACKENDS
 
+json_option = click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON here."
+)
+
 
 @click.group(invoke_without_command=True, subcommand_metavar="[serve|llamacpp [OPTIONS]]")
 @source_options(required=False, what="  [required]")
@@ -73,7 +77,7 @@ from runtime.backends import BACKENDS
     show_default=True,
     help="PyTorch dtype; auto matches the decoder graph.",
 )
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON here.")
+@json_option
 @click.option(
     "--plot",
     "plot_path",
@@ -214,7 +218,7 @@ def bench(**options):
     show_default=True,
     help="Seconds a client waits for the next chunk.",
 )
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON here.")
+@json_option
 @click.option(
     "--bandwidth-mib",
     type=click.IntRange(1),
@@ -282,7 +286,7 @@ def serve(clients, **options):
     show_default=True,
     help="Decoder layers of llava-bench --decoder-only's PyTorch cut.",
 )
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure as JSON here.")
+@json_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the token ids.")
 @user_errors
 @needs_extra("export", "llava-bench llamacpp")

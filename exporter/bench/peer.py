@@ -237,7 +237,7 @@ class PeerReport:
 
 def run_peer_bench(config: PeerConfig, progress: Progress | None = None) -> PeerReport:
     progress = progress or Progress()
-    check_outputs(BenchConfig(config.model, config.artifacts, json_path=config.json_path))
+    check_outputs(config.json_path)
     rounds = [run_round(config, index, progress) for index in range(config.rounds)]
     report = PeerReport(config, rounds)
     if config.json_path is not None:

@@ -288,17 +288,13 @@ class DecoderCutSide(ReferenceSide):
     the cut's own times: run_bench scales them to the whole depth (depth_scales)."""
 
     def __init__(self, source, layers: int):
-        import torch
+        from exporter.source import read_parameters
 
         model = source.model
         language_model = model.model.language_model
         language_model.layers = language_model.layers[:layers]
-        for module in (language_model, model.lm_head):
-            module.to_empty(device="cpu")
-        with torch.no_grad():
-            for prefix, module in (("model.language_model.", language_model), ("lm_head.", model.lm_head)):
-                for name, parameter in module.named_parameters():
-                    parameter.copy_(source.tensors.get(checkpoint_name(prefix + name, source.tensors)))
+        for prefix, module in (("model.language_model.", language_model), ("lm_head.", model.lm_head)):
+            read_parameters(module, module.state_dict(), prefix, source.tensors)
         # the rotary inv_freq is a buffer, not in the checkpoint: a fresh module computes it
         language_model.rotary_emb = type(language_model.rotary_emb)(config=language_model.config)
         self.device = "cpu"
@@ -306,7 +302,7 @@ class DecoderCutSide(ReferenceSide):
         self.language_model = language_model
         self.lm_head = model.lm_head
         self.embed = language_model.embed_tokens
-        self.dtype = torch.float32
+        self.dtype = self.embed.weight.dtype
 
     def run(self, inputs: BenchInputs, new_tokens: int) -> RunTimes:
         import torch
@@ -324,13 +320,6 @@ class DecoderCutSide(ReferenceSide):
             end_to_end_ms=ms_since(start, decoded),
             tokens=tokens,
         )
-
-
-def checkpoint_name(name: str, tensors) -> str:
-    """The reference's parameter name as the checkpoint holds it: a tied lm_head is the embeddings."""
-    if name == "lm_head.weight" and name not in tensors:
-        return "model.language_model.embed_tokens.weight"
-    return name
 
 
 def depth_scales(
@@ -461,14 +450,14 @@ def cut_summary(
 # Checks, before any long work
 
 
-def check_outputs(config: BenchConfig) -> None:
+def check_outputs(json_path: Path | None, plot_path: Path | None = None) -> None:
     """Output paths and --plot's dependency, before any compute."""
-    for flag, path in (("--json", config.json_path), ("--plot", config.plot_path)):
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None and not Path(path).parent.is_dir():
             raise LlavaError(f"{flag} {path}: folder {Path(path).parent} does not exist")
         if path is not None and Path(path).is_dir():
             raise LlavaError(f"{flag} {path} is a folder; give a file path")
-    if config.plot_path is not None:
+    if plot_path is not None:
         require("bench", "--plot")
 
 
@@ -713,7 +702,7 @@ def side_results(
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
     """Measures both sides and the machine; writes --json and --plot when asked."""
     progress = progress or Progress()
-    check_outputs(config)
+    check_outputs(config.json_path, config.plot_path)
     manifest = contract.read_manifest(config.artifacts)
     meter = RssMeter()
     runtime, runtime_memory = load_runtime(config, meter, progress)

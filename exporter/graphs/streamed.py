@@ -30,6 +30,7 @@ from exporter.source import iter_checkpoint
 from runtime.errors import SourceError
 
 MICROSOFT = "com.microsoft"
+LM_HEAD, EMBEDDINGS = "lm_head.weight", "model.language_model.embed_tokens.weight"
 
 
 class CheckpointTensors:
@@ -55,6 +56,8 @@ class CheckpointTensors:
         return name in self.where
 
     def get(self, name: str) -> torch.Tensor:
+        if name == LM_HEAD and name not in self.where:  # tied: lm_head is the token embeddings
+            name = EMBEDDINGS
         if name not in self.where:
             raise SourceError(f"the checkpoint has no weight for {name}")
         file, key = self.where[name]
@@ -150,8 +153,6 @@ def named_values(source) -> Callable[[str], np.ndarray]:
         if name in buffers:
             return buffers[name]
         reference = "model." + name if name.startswith("language_model.") else name
-        if reference == "lm_head.weight" and reference not in source.tensors:  # tied
-            reference = "model.language_model.embed_tokens.weight"
         return source.tensors.get(reference).float().numpy()
 
     return value
