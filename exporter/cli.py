@@ -200,13 +200,13 @@ def quant_option(command):
         "--block-size",
         type=int,
         metavar="N",
-        help="With --quant: weights per scale and zero point, a power of two >= 16.  [default: 128 at int8, 32 at int4]",
+        help="With --quant int8|int4: weights per scale and zero point, a power of two >= 16.  [default: 128 at int8, 32 at int4]",
     )(command)
     return click.option(
         "--quant",
-        type=click.Choice(["int8", "int4"]),
+        type=click.Choice(["int8", "int4", "w8a8"]),
         default=None,
-        help="Weight-only quantization of the decoder's linear layers (ONNX Runtime's MatMulNBits: runs in ONNX Runtime, not TensorRT).",
+        help="Quantize the decoder's linear layers: int8|int4 weights (ONNX Runtime's MatMulNBits), or w8a8, int8 weights and activations on the CPU's integer dot products (MatMulInteger). ONNX Runtime only, not TensorRT.",
     )(command)
 
 

@@ -17,11 +17,11 @@ MIN_COSINE = {"float32": 0.9999, "float16": 0.999}
 # Weight-only quantized decoders (--quant), whatever their float dtype. The reference then
 # carries the graph's own (quantized) weights, so this gates the graph, not the rounding; it is
 # looser than float32 because MatMulNBits (accuracy level 4) also rounds each block of
-# activations to int8. What the rounding of the weights costs is reported beside it (cosine and
+# activations to int8, and w8a8 each token's. What the rounding of the weights costs is reported beside it (cosine and
 # top-1 agreement against the unquantized weights), not gated: random-weight test models
 # amplify every layer's error (docs/benchmarks.md, "Quantization"), trained models much less;
 # their quality is the evaluation's job.
-QUANT_MIN_COSINE = {"int8": 0.99, "int4": 0.99}
+QUANT_MIN_COSINE = {"int8": 0.99, "int4": 0.99, "w8a8": 0.99}
 
 
 def min_cosine_for(dtype_name: str, quant: str | None = None) -> float:

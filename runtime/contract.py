@@ -200,8 +200,9 @@ class GraphSpec:
     inputs: dict[str, list[int | str]]
     outputs: dict[str, list[int | str]]
     sha256: str = ""
-    # Weight-only quantization of the linear layers ("int8" | "int4": com.microsoft.MatMulNBits,
-    # activations stay `dtype`), or None. Informational: ONNX Runtime runs the graph as it is.
+    # Quantization of the linear layers, or None: "int8" | "int4" (com.microsoft.MatMulNBits,
+    # activations stay `dtype`) or "w8a8" (MatMulInteger, activations rounded to uint8 per
+    # token: docs/artifacts.md). Informational: ONNX Runtime runs the graph as it is.
     # Left out of the JSON when None, so float manifests read as before.
     quant: str | None = None
     # The decoder's KV cache layout (docs/artifacts.md): "concat" (past [B,kv,P,hd] in, present

@@ -1,8 +1,8 @@
 """The streamed quantized decoder (exporter/graphs/streamed.py): traced with placeholder
-weights, each linear weight quantized as it is read from the checkpoint. It must be the very graph the
-float export quantized afterwards gives (the same MatMulNBits blocks, the same outputs bit for
-bit), for both source formats, every text family, tied embeddings, int4 and int8, without the
-source ever loading a decoder weight. `llava-export all --quant` streams the same decoder and
+weights, each linear weight quantized as it is read from the checkpoint. It must be the very
+graph the float export quantized afterwards gives (the same MatMulNBits blocks or w8a8 columns,
+the same outputs bit for bit), for both source formats, every text family, tied embeddings,
+int4, int8 and w8a8, without the source ever loading a decoder weight. `llava-export all --quant` streams the same decoder and
 reads only the vision side into memory: its vision graph is the float export's."""
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ CASES = {
     "mistral-hf-int8": (TinyConfig(family="mistral"), "hf", "int8"),
     "qwen2-original-int4": (TinyConfig(family="qwen2"), "original", "int4"),  # q/k/v biases
     "tied-hf-int4": (TinyConfig(tie_embeddings=True), "hf", "int4"),  # lm_head is embed_tokens
+    "llama-hf-w8a8": (TinyConfig(), "hf", "w8a8"),  # MatMulInteger, integer_matmul.py
+    "qwen2-original-w8a8": (TinyConfig(family="qwen2"), "original", "w8a8"),
 }
 
 NEXT = TinyConfig(anyres=TINY_PINPOINTS)
@@ -111,7 +113,7 @@ def test_llava_export_decoder_quant_streams_and_verify_checks_it(workshop, tmp_p
     assert checked.exit_code == 0 and "all outputs within tolerance" in checked.output, checked.output
 
 
-@pytest.mark.parametrize("case", ["llama-hf-int4", "qwen2-original-int4", "mistral-hf-int8"])
+@pytest.mark.parametrize("case", ["llama-hf-int4", "qwen2-original-int4", "mistral-hf-int8", "llama-hf-w8a8"])
 def test_the_streamed_static_kv_graph_is_the_float_export_quantized(workshop, tmp_path, case):
     """--kv-cache static: GroupQueryAttention on preallocated buffers, a symbolic op that the
     meta device could not trace beside it; with placeholder weights the same graph bit for bit."""

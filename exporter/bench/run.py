@@ -516,9 +516,12 @@ def decoder_cost(source, dtype: str, bytes_per_weight: float | None = None) -> r
 
 
 def quantized_bytes_per_weight(path: Path, graph: contract.GraphSpec) -> float:
-    """A --quant decoder's stored bytes per weight, from its MatMulNBits settings."""
-    from exporter.graphs import quantize
+    """A --quant decoder's stored bytes per weight, from its MatMulNBits settings (w8a8: its
+    initializers)."""
+    from exporter.graphs import integer_matmul, quantize
 
+    if graph.quant == integer_matmul.QUANT:
+        return integer_matmul.graph_bytes_per_weight(path)
     bits, block_size = quantize.graph_settings(path)
     return quantize.bytes_per_weight(bits, block_size, rl.BYTES_PER_ELEMENT[graph.dtype])
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.engine import trt_ops
+from exporter.graphs import quantize
 from exporter.progress import Progress
 from runtime import contract, engines
 from runtime.contract import Manifest
@@ -124,8 +125,8 @@ def onnx_runtime_only(decoder: contract.GraphSpec) -> str | None:
     or None."""
     if decoder.quant:
         return (
-            f"{decoder.file} is weight-quantized for ONNX Runtime (--quant {decoder.quant}: "
-            f"com.microsoft.MatMulNBits), which TensorRT does not run: export the decoder without --quant for TensorRT"
+            f"{decoder.file} is quantized for ONNX Runtime (--quant {decoder.quant}: "
+            f"{quantize.QUANT_OPS[decoder.quant]}), which TensorRT does not run: export the decoder without --quant for TensorRT"
         )
     if decoder.kv_cache == contract.KV_STATIC:
         return (

@@ -199,15 +199,17 @@ class DecoderGraph(GraphExport):
         """--quant and the KV cache options, before any work; fills in the static layout's
         default buffer length. A streamed source takes --quant, float32 (either KV layout) and
         no parity check (its float weights are never all in memory)."""
-        if self.options.quant:
-            quantize.quant_bits(self.options.quant)
-            size = self.options.block_size
-            if size is not None and (size < 16 or size & (size - 1)):  # MatMulNBits' requirement
-                raise LlavaError(f"--block-size must be a power of two >= 16, not {size}")
-        elif self.options.block_size is not None:
+        quant, size = self.options.quant, self.options.block_size
+        if quant:
+            quantize.check_quant(quant)
+        if size is not None and quant not in quantize.QUANT_BITS:
             raise LlavaError("--block-size sets --quant's blocks: give --quant int8|int4 with it")
+        if size is not None and (size < 16 or size & (size - 1)):  # MatMulNBits' requirement
+            raise LlavaError(f"--block-size must be a power of two >= 16, not {size}")
+        if quant == "w8a8" and self.options.fp16:
+            raise LlavaError("--quant w8a8 computes in float32 on the CPU: export without --fp16")
         if self.streamed and (not self.options.quant or self.options.fp16):
-            raise LlavaError("a streamed decoder export takes --quant int4|int8 and float32")
+            raise LlavaError("a streamed decoder export takes --quant int4|int8|w8a8 and float32")
         if self.streamed and self.options.verify:
             raise LlavaError(
                 "a streamed decoder export cannot run its parity check: the float model is not loaded"
@@ -216,12 +218,18 @@ class DecoderGraph(GraphExport):
         self.options = dataclasses.replace(self.options, max_seq_len=max_seq_len)
 
     def rewrite(self, path: Path, progress: Progress) -> None:
-        """--quant: the linear layers' weights to int8/int4 MatMulNBits (quantize.py)."""
+        """--quant: the linear layers to int8/int4 MatMulNBits (quantize.py) or w8a8
+        MatMulInteger (integer_matmul.py)."""
         quant = self.options.quant
         if not quant or self.streamed:  # a streamed graph is quantized as it is written
             return
-        with progress.stage(f"quantizing the linear layers to {quant} (MatMulNBits)"):
-            stats = quantize.quantize_decoder(path, path, quantize.quant_bits(quant), self.options.block_size)
+        with progress.stage(f"quantizing the linear layers to {quant} ({quantize.QUANT_OPS[quant]})"):
+            if quant == "w8a8":
+                stats = quantize.integer_decoder(path, path)
+            else:
+                stats = quantize.quantize_decoder(
+                    path, path, quantize.quant_bits(quant), self.options.block_size
+                )
         progress.say(f"  {stats.summary()}")
 
     def add_companions(self, stage: Path, manifest: Manifest, progress: Progress) -> list[str]:
@@ -247,7 +255,8 @@ class DecoderGraph(GraphExport):
 
         A weight-quantized graph is held to parity.QUANT_MIN_COSINE against a reference whose
         linear layers carry the very weights the graph stores (quantize.quantized_linears): what
-        is left is MatMulNBits' own arithmetic (int8 activations at accuracy level 4). Its logits
+        is left is the op's own arithmetic (int8 activations: in blocks of K at MatMulNBits'
+        accuracy level 4, per token at w8a8). Its logits
         are also set against the unquantized weights (cosine, top-1 agreement): what the
         quantization costs, reported and not gated."""
         import onnxruntime as ort
@@ -256,7 +265,7 @@ class DecoderGraph(GraphExport):
         decoder = DecoderWithPast(self.source.model).eval()
         quant = self.options.quant
         with (
-            quantize.quantized_linears(decoder, *quantize.graph_settings(path))
+            quantize.quantized_linears(decoder, quantize.reference_rounding(path, quant))
             if quant
             else contextlib.nullcontext()
         ):

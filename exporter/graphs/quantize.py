@@ -22,7 +22,9 @@ graph is written into a staging folder beside `path_out` and renamed into place,
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +32,12 @@ import numpy as np
 
 from runtime.errors import LlavaError
 
-# --quant value -> bits per weight.
+MATMUL_NBITS = "MatMulNBits"
+
+# --quant value -> bits per weight, for MatMulNBits' weight-only quantization.
 QUANT_BITS = {"int8": 8, "int4": 4}
+# Every --quant value -> the op its linear layers become. w8a8: integer_matmul.py.
+QUANT_OPS = {"int8": MATMUL_NBITS, "int4": MATMUL_NBITS, "w8a8": "MatMulInteger"}
 
 # Weights per scale and zero point, by bits. int4 rounds 16x coarser than int8 and needs the
 # fine grid, 32, though it decodes slower than 128; int8's rounding is fine at any block size,
@@ -46,8 +52,6 @@ DEFAULT_ACCURACY_LEVEL = 4
 # A MatMul is a linear layer when its weight is a 2-D initializer with both sides at least this
 # long; smaller constant MatMuls (rotary frequency products, say) stay float.
 MIN_WEIGHT_SIDE = 16
-
-MATMUL_NBITS = "MatMulNBits"
 
 
 @dataclass
@@ -66,10 +70,20 @@ class QuantStats:
         return self.quant_bytes / self.float_bytes if self.float_bytes else 1.0
 
     def summary(self) -> str:
-        return (
-            f"{self.layers} linear layers to int{self.bits} (blocks of {self.block_size}, accuracy level "
-            f"{self.accuracy_level}): {mib(self.float_bytes)} of weights -> {mib(self.quant_bytes)} ({self.ratio:.2f}x)"
+        grid = (
+            f"int{self.bits} (blocks of {self.block_size}, accuracy level {self.accuracy_level})"
+            if self.block_size
+            else "w8a8 (a scale per output column, activations per token)"
         )
+        return (
+            f"{self.layers} linear layers to {grid}: {mib(self.float_bytes)} of weights -> "
+            f"{mib(self.quant_bytes)} ({self.ratio:.2f}x)"
+        )
+
+
+def integer_stats(layers: int, float_bytes: int, quant_bytes: int) -> QuantStats:
+    """QuantStats of a --quant w8a8 rewrite (no blocks, no accuracy level)."""
+    return QuantStats(8, 0, 0, layers, float_bytes, quant_bytes)
 
 
 def mib(nbytes: int) -> str:
@@ -88,10 +102,18 @@ def default_block_size(bits: int, narrowest: int) -> int:
 
 
 def quant_bits(quant: str) -> int:
-    """int8 -> 8, int4 -> 4; anything else is a user error naming --quant."""
+    """int8 -> 8, int4 -> 4 (MatMulNBits); anything else is a user error naming --quant."""
+    check_quant(quant)
     if quant not in QUANT_BITS:
-        raise LlavaError(f"--quant must be one of {', '.join(QUANT_BITS)}, not {quant!r}")
+        raise LlavaError(
+            f"--quant {quant} has no MatMulNBits bit width (it is not one of {', '.join(QUANT_BITS)})"
+        )
     return QUANT_BITS[quant]
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANT_OPS:
+        raise LlavaError(f"--quant must be one of {', '.join(QUANT_OPS)}, not {quant!r}")
 
 
 def check_settings(bits: int, block_size: int, accuracy_level: int) -> None:
@@ -118,27 +140,8 @@ def quantize_decoder(
     `block_size` None: DEFAULT_BLOCK_SIZE[bits], or less for a model narrower than that (a
     block past K is padding, stored for nothing). `path_out` may equal `path_in`: the input is
     read completely before anything is replaced. Peak memory: about twice the float graph."""
-    import onnx
-
-    from exporter.graphs import onnx_io
-
     check_settings(bits, block_size or 16, accuracy_level)
-    path_in, path_out = Path(path_in), Path(path_out)
-    if not path_in.is_file():
-        raise LlavaError(f"{path_in} does not exist: export a float decoder first (llava-export decoder)")
-    model = onnx.load(str(path_in))  # with its external data
-    if any(node.op_type == MATMUL_NBITS for node in model.graph.node):
-        raise LlavaError(f"{path_in} is already quantized: quantize the float32 (or float16) export")
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    if not any(i.type.tensor_type.elem_type in float_types for i in model.graph.input):
-        raise LlavaError(f"{path_in} has no float32 or float16 input: not a float decoder graph")
-
-    gemms_to_matmuls(model.graph)
-    targets, excluded = linear_matmuls(model.graph)
-    if not targets:
-        raise LlavaError(
-            f"{path_in} has no MatMul with a weight of at least {MIN_WEIGHT_SIDE}x{MIN_WEIGHT_SIDE}: nothing to quantize"
-        )
+    model, targets, excluded = read_float_decoder(Path(path_in))
     weights = {t.name: t for t in model.graph.initializer}
     if block_size is None:
         block_size = default_block_size(bits, min(weights[node.input[1]].dims[0] for node in targets))
@@ -150,6 +153,65 @@ def quantize_decoder(
     added = [t for t in model.graph.initializer if t.name not in before]
     quant_bytes = sum(tensor_bytes(t) for t in added)
     layers = sum(node.op_type == MATMUL_NBITS for node in model.graph.node)
+    write_quantized(model, Path(path_out))
+    return QuantStats(bits, block_size, accuracy_level, layers, float_bytes, quant_bytes)
+
+
+def integer_decoder(path_in: str | Path, path_out: str | Path) -> QuantStats:
+    """quantize_decoder's --quant w8a8: every linear layer in integer_matmul.py's form."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import numpy_helper
+
+    from exporter.graphs.integer_matmul import IntegerLinears
+
+    proto, targets, _ = read_float_decoder(Path(path_in))
+    weights = {t.name: t for t in proto.graph.initializer}
+    if any(weights[node.input[1]].data_type != onnx.TensorProto.FLOAT for node in targets):
+        raise LlavaError(f"{path_in} is float16: --quant w8a8 computes in float32, export without --fp16")
+    targets = {node.name: node.input[1] for node in targets}
+    model = ir.from_proto(proto)
+    del proto
+    rewriter = IntegerLinears(model.graph)
+    float_bytes = quant_bytes = 0
+    for node in [node for node in model.graph if node.name in targets]:
+        weight = numpy_helper.to_array(weights.pop(targets[node.name]))  # [K, N]
+        float_bytes += weight.nbytes
+        quant_bytes += rewriter.replace(node, weight, targets[node.name])
+        model.graph.remove(node, safe=True)
+        model.graph.initializers.pop(targets[node.name])
+    write_quantized(ir.to_proto(model), Path(path_out))
+    return integer_stats(len(targets), float_bytes, quant_bytes)
+
+
+def read_float_decoder(path_in: Path):
+    """(the float decoder ModelProto with its weights, the MatMuls to quantize, the names of
+    those to leave float), Gemms over a linear weight turned into MatMuls."""
+    import onnx
+
+    if not path_in.is_file():
+        raise LlavaError(f"{path_in} does not exist: export a float decoder first (llava-export decoder)")
+    model = onnx.load(str(path_in))  # with its external data
+    if any(node.op_type in QUANT_OPS.values() for node in model.graph.node):
+        raise LlavaError(f"{path_in} is already quantized: quantize the float32 (or float16) export")
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    if not any(i.type.tensor_type.elem_type in float_types for i in model.graph.input):
+        raise LlavaError(f"{path_in} has no float32 or float16 input: not a float decoder graph")
+    gemms_to_matmuls(model.graph)
+    targets, excluded = linear_matmuls(model.graph)
+    if not targets:
+        raise LlavaError(
+            f"{path_in} has no MatMul with a weight of at least {MIN_WEIGHT_SIDE}x{MIN_WEIGHT_SIDE}: nothing to quantize"
+        )
+    return model, targets, excluded
+
+
+def write_quantized(model, path_out: Path) -> None:
+    """`model` to `path_out` (its weights to external data when big), staged and checked."""
+    import onnx
+
+    from exporter.graphs import onnx_io
+
     external = sum(tensor_bytes(t) for t in model.graph.initializer) > onnx_io.EXTERNAL_DATA_BYTES
     path_out.parent.mkdir(parents=True, exist_ok=True)
     with onnx_io.staging(path_out.parent, f"quantize-{path_out.name}") as stage:
@@ -168,7 +230,6 @@ def quantize_decoder(
         del model
         onnx_io.check_graph(staged)
         onnx_io.publish(stage, path_out.parent, path_out.name)
-    return QuantStats(bits, block_size, accuracy_level, layers, float_bytes, quant_bytes)
 
 
 def run_quantizer(model, bits: int, block_size: int, accuracy_level: int, excluded: list[str]):
@@ -245,12 +306,23 @@ def graph_settings(path: str | Path) -> tuple[int, int]:
     return settings.pop()
 
 
+def reference_rounding(path: str | Path, quant: str) -> Callable[[np.ndarray], np.ndarray]:
+    """What the quantized decoder at `path` does to a [K, N] weight (for quantized_linears)."""
+    if quant == "w8a8":
+        from exporter.graphs.integer_matmul import fake_quantized as integer_round_trip
+
+        return integer_round_trip
+    bits, block_size = graph_settings(path)
+    return functools.partial(fake_quantized, bits=bits, block_size=block_size)
+
+
 @contextlib.contextmanager
-def quantized_linears(module, bits: int, block_size: int):
+def quantized_linears(module, round_trip: Callable[[np.ndarray], np.ndarray]):
     """Within the block, every linear layer of `module` that quantize_decoder would quantize
-    computes with its weights as the quantized graph holds them: the PyTorch reference for a
-    quantized graph, so parity measures the graph, not the rounding. The original Parameter
-    objects are put back afterwards (tied weights stay tied: nothing is written in place)."""
+    computes with its weights as the quantized graph holds them (`round_trip` of each [K, N]
+    weight: reference_rounding's): the PyTorch reference for a quantized graph, so parity
+    measures the graph, not the rounding. The original Parameter objects are put back
+    afterwards (tied weights stay tied: nothing is written in place)."""
     import torch
 
     swapped = []
@@ -261,7 +333,7 @@ def quantized_linears(module, bits: int, block_size: int):
                 kn = (
                     weight.T.float().numpy() if weight.dtype == torch.bfloat16 else weight.T.numpy()
                 )  # [K, N], as the graph
-                new = torch.from_numpy(fake_quantized(kn, bits, block_size).T.copy()).to(weight.dtype)
+                new = torch.from_numpy(round_trip(kn).T.copy()).to(weight.dtype)
                 swapped.append((layer, layer.weight))
                 layer.weight = torch.nn.Parameter(new, requires_grad=False)
         yield module

@@ -1,19 +1,21 @@
-"""A weight-only quantized decoder that never holds the float model (`llava-export decoder
---quant int4|int8` without --fp16): float32 activations around int4/int8 weights, within a few
-GB of memory for a 7B checkpoint.
+"""A quantized decoder that never holds the float model (`llava-export decoder --quant
+int4|int8|w8a8` without --fp16): float32 activations around int4/int8 weights, within a few GB
+of memory for a 7B checkpoint.
 
     1. the decoder is traced with placeholder weights (a CPU tensor of each weight's shape
        that stores one value): the graph, with no weight in memory;
     2. each linear layer (Transpose(W) -> MatMul, or Gemm(x, W, transB=1) for lm_head) becomes
-       MatMulNBits, its weight W [N, K] read from its checkpoint shard, quantized by the same
-       block quantizer as quantize.py, and dropped before the next one is read;
+       MatMulNBits (int4, int8: the same block quantizer as quantize.py) or w8a8's
+       MatMulInteger (integer_matmul.py), its weight W [N, K] read from its checkpoint shard
+       and dropped before the next one is read;
     3. the remaining initializers (norm weights, the rotary inv_freq) are filled in: they are
        small;
     4. the graph is optimized (constant folding, as the float export's) and saved.
 
 MatMulNBits stores its weight per output column N in blocks along K: the rows of W as the
-checkpoint holds them, so no transposed copy is made. On the tiny models the result is
-bit-for-bit the graph of the float export quantized afterwards (tests/test_streamed.py).
+checkpoint holds them, so no transposed copy is made (MatMulInteger takes [K, N]: one weight's
+uint8 copy). On the tiny models the result is bit-for-bit the graph of the float export
+quantized afterwards (tests/test_streamed.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.graphs import onnx_io, quantize
+from exporter.graphs import integer_matmul, onnx_io, quantize
 from exporter.progress import Progress
 from exporter.source import iter_checkpoint
 from runtime.errors import SourceError
@@ -124,15 +126,22 @@ def write_streamed_decoder(graph, stage: Path, progress: Progress) -> Path:
     import onnxscript
 
     source, options = graph.source, graph.options
-    bits = quantize.quant_bits(options.quant)
     with progress.stage(f"tracing the decoder graph without its weights ({graph.trace_details()})"):
         model = trace_without_weights(graph.module(), graph.sample_inputs(), graph)
     linears = [found for node in model.graph if (found := linear_weight(node, model.graph))]
-    narrowest = min(model.graph.initializers[name].shape[1] for name, _, _ in linears)  # K
-    block_size = options.block_size or quantize.default_block_size(bits, narrowest)
     values = named_values(source)
-    with progress.stage(f"quantizing the linear layers to {options.quant} as they are read (MatMulNBits)"):
-        stats = quantize_linears(model, linears, values, bits, block_size, quantize.DEFAULT_ACCURACY_LEVEL)
+    with progress.stage(
+        f"quantizing the linear layers to {options.quant} as they are read ({quantize.QUANT_OPS[options.quant]})"
+    ):
+        if options.quant == integer_matmul.QUANT:
+            stats = integer_linears(model, linears, values)
+        else:
+            bits = quantize.quant_bits(options.quant)
+            narrowest = min(model.graph.initializers[name].shape[1] for name, _, _ in linears)  # K
+            block_size = options.block_size or quantize.default_block_size(bits, narrowest)
+            stats = quantize_linears(
+                model, linears, values, bits, block_size, quantize.DEFAULT_ACCURACY_LEVEL
+            )
         fill_initializers(model, values)
     progress.say(f"  {stats.summary()}")
     with progress.stage("optimizing, saving and checking the graph"):
@@ -195,6 +204,21 @@ def quantize_linears(
         layers += 1
     model.opset_imports[MICROSOFT] = 1
     return quantize.QuantStats(bits, block_size, accuracy_level, layers, float_bytes, quant_bytes)
+
+
+def integer_linears(model, linears, values) -> quantize.QuantStats:
+    """Each of `linears` -> the integer form of integer_matmul.py, one weight in memory at a time."""
+    rewriter = integer_matmul.IntegerLinears(model.graph)
+    float_bytes = quant_bytes = 0
+    for weight_name, matmul, removed in linears:
+        weight = values(weight_name)  # [N, K] float32
+        float_bytes += weight.nbytes
+        quant_bytes += rewriter.replace(matmul, weight.T, weight_name)  # a view: [K, N]
+        del weight
+        for node_gone in removed:
+            model.graph.remove(node_gone, safe=True)
+        model.graph.initializers.pop(weight_name)
+    return quantize.integer_stats(len(linears), float_bytes, quant_bytes)
 
 
 def linear_weight(node, graph):
