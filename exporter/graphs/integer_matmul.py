@@ -97,6 +97,20 @@ def graph_bytes_per_weight(path) -> float:
     return (count + 4 * sum(columns for _, columns in weights)) / count
 
 
+def initializer(graph, name: str, array: np.ndarray):
+    """`array` as a new initializer of the onnx_ir `graph`; returns its Value."""
+    import onnx_ir as ir
+
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
 class IntegerLinears:
     """Rewrites an onnx_ir graph's linear layers into the integer form above, one at a time."""
 
@@ -113,19 +127,8 @@ class IntegerLinears:
             "zero_point": np.array(ZERO_POINT, np.uint8),
         }
         self.constant = {
-            name: self.initializer(f"{PREFIX}.{name}", array) for name, array in constants.items()
+            name: initializer(graph, f"{PREFIX}.{name}", array) for name, array in constants.items()
         }
-
-    def initializer(self, name: str, array: np.ndarray):
-        ir = self.ir
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
-        )
-        self.graph.register_initializer(value)
-        return value
 
     def replace(self, matmul, weight: np.ndarray, name: str) -> int:
         """`matmul` (computing its input 0 times a linear weight) -> the integer form of
@@ -133,8 +136,8 @@ class IntegerLinears:
         Returns the stored bytes."""
         ir, zero_point = self.ir, self.constant["zero_point"]
         quant = quantize_columns(weight)
-        values = self.initializer(f"{name}_w8", quant.values)
-        scales = self.initializer(f"{name}_scales", quant.scales)
+        values = initializer(self.graph, f"{name}_w8", quant.values)
+        scales = initializer(self.graph, f"{name}_scales", quant.scales)
         qx, scale = self.quantize_input(matmul.inputs[0])
         acc = ir.node("MatMulInteger", [qx, values, zero_point, zero_point])
         as_float = ir.node("Cast", [acc.outputs[0]], attributes={"to": ir.DataType.FLOAT})

@@ -193,9 +193,9 @@ def quantize_linears(
         quant_bytes += packed.nbytes + scales.nbytes + zero_points.nbytes
         del weight
         constants = [
-            initializer(graph, f"{weight_name}_Q{bits}", packed),
-            initializer(graph, f"{weight_name}_scales", scales),
-            initializer(graph, f"{weight_name}_zero_points", zero_points),
+            integer_matmul.initializer(graph, f"{weight_name}_Q{bits}", packed),
+            integer_matmul.initializer(graph, f"{weight_name}_scales", scales),
+            integer_matmul.initializer(graph, f"{weight_name}_zero_points", zero_points),
         ]
         replace_with_matmul_nbits(graph, matmul, constants, depth, columns, bits, block_size, accuracy_level)
         for node_gone in removed:
@@ -247,19 +247,6 @@ def is_weight(value, graph) -> bool:
         and len(value.shape) == 2
         and min(value.shape.numpy()) >= quantize.MIN_WEIGHT_SIDE
     )
-
-
-def initializer(graph, name: str, array: np.ndarray):
-    import onnx_ir as ir
-
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def replace_with_matmul_nbits(
