@@ -76,8 +76,6 @@ def integer_chain(model, weights: list[np.ndarray]):
     for node in [node for node in graph.graph if node.op_type == "MatMul"]:
         name = node.inputs[1].name
         rewriter.replace(node, weights[int(name[1:])], name)
-        graph.graph.remove(node, safe=True)
-        graph.graph.initializers.pop(name)
     return ir.to_proto(graph)
 
 

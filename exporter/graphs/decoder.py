@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from exporter import parity
-from exporter.graphs import DEFAULT_OPSET, quantize
+from exporter.graphs import DEFAULT_OPSET, integer_matmul, quantize
 from exporter.graphs.export import ExportOptions, GraphExport, export_graph
 from exporter.graphs.static_kv import DecoderWithStaticCache, in_buffers
 from exporter.graphs.tokenizer import save_tokenizer
@@ -206,7 +206,7 @@ class DecoderGraph(GraphExport):
             raise LlavaError("--block-size sets --quant's blocks: give --quant int8|int4 with it")
         if size is not None and (size < 16 or size & (size - 1)):  # MatMulNBits' requirement
             raise LlavaError(f"--block-size must be a power of two >= 16, not {size}")
-        if quant == "w8a8" and self.options.fp16:
+        if quant == integer_matmul.QUANT and self.options.fp16:
             raise LlavaError("--quant w8a8 computes in float32 on the CPU: export without --fp16")
         if self.streamed and (not self.options.quant or self.options.fp16):
             raise LlavaError("a streamed decoder export takes --quant int4|int8|w8a8 and float32")
@@ -224,7 +224,7 @@ class DecoderGraph(GraphExport):
         if not quant or self.streamed:  # a streamed graph is quantized as it is written
             return
         with progress.stage(f"quantizing the linear layers to {quant} ({quantize.QUANT_OPS[quant]})"):
-            if quant == "w8a8":
+            if quant == integer_matmul.QUANT:
                 stats = quantize.integer_decoder(path, path)
             else:
                 stats = quantize.quantize_decoder(

@@ -34,7 +34,6 @@ QUANT = "w8a8"
 ZERO_POINT = 128  # both sides: the stored uint8 = the signed value + 128
 TINY = np.finfo(np.float32).tiny  # an all-zero row's scale: nothing to divide by zero
 COLUMNS_AT_ONCE = 512  # quantize_columns' float32 working set: K x 512 (8 MiB at K = 4096)
-PREFIX = "w8a8"  # the shared constants' names
 
 
 @dataclass
@@ -127,13 +126,14 @@ class IntegerLinears:
             "zero_point": np.array(ZERO_POINT, np.uint8),
         }
         self.constant = {
-            name: initializer(graph, f"{PREFIX}.{name}", array) for name, array in constants.items()
+            name: initializer(graph, f"{QUANT}.{name}", array) for name, array in constants.items()
         }
 
-    def replace(self, matmul, weight: np.ndarray, name: str) -> int:
-        """`matmul` (computing its input 0 times a linear weight) -> the integer form of
-        `weight` [K, N] float32, stored under `name`.*; the output keeps its uses and name.
-        Returns the stored bytes."""
+    def replace(self, matmul, weight: np.ndarray, name: str, computed_by: list | None = None) -> int:
+        """`matmul` (computing its input 0 times the linear weight initializer `name`) -> the
+        integer form of `weight` [K, N] float32, stored under `name`_*; the output keeps its
+        uses and name. The nodes that computed it (`computed_by`, default [matmul]) and the
+        float initializer are removed. Returns the stored bytes."""
         ir, zero_point = self.ir, self.constant["zero_point"]
         quant = quantize_columns(weight)
         values = initializer(self.graph, f"{name}_w8", quant.values)
@@ -149,6 +149,9 @@ class IntegerLinears:
         ir.convenience.replace_all_uses_with(old, result.outputs[0], replace_graph_outputs=True)
         result.outputs[0].name = output_name
         result.outputs[0].shape, result.outputs[0].type = old.shape, old.type
+        for node in computed_by or [matmul]:
+            self.graph.remove(node, safe=True)
+        self.graph.initializers.pop(name)
         return quant.nbytes
 
     def quantize_input(self, x) -> tuple:

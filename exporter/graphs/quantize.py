@@ -178,8 +178,6 @@ def integer_decoder(path_in: str | Path, path_out: str | Path) -> QuantStats:
         weight = numpy_helper.to_array(weights.pop(targets[node.name]))  # [K, N]
         float_bytes += weight.nbytes
         quant_bytes += rewriter.replace(node, weight, targets[node.name])
-        model.graph.remove(node, safe=True)
-        model.graph.initializers.pop(targets[node.name])
     write_quantized(ir.to_proto(model), Path(path_out))
     return integer_stats(len(targets), float_bytes, quant_bytes)
 
@@ -308,10 +306,10 @@ def graph_settings(path: str | Path) -> tuple[int, int]:
 
 def reference_rounding(path: str | Path, quant: str) -> Callable[[np.ndarray], np.ndarray]:
     """What the quantized decoder at `path` does to a [K, N] weight (for quantized_linears)."""
-    if quant == "w8a8":
-        from exporter.graphs.integer_matmul import fake_quantized as integer_round_trip
+    from exporter.graphs import integer_matmul
 
-        return integer_round_trip
+    if quant == integer_matmul.QUANT:
+        return integer_matmul.fake_quantized
     bits, block_size = graph_settings(path)
     return functools.partial(fake_quantized, bits=bits, block_size=block_size)
 

@@ -213,11 +213,8 @@ def integer_linears(model, linears, values) -> quantize.QuantStats:
     for weight_name, matmul, removed in linears:
         weight = values(weight_name)  # [N, K] float32
         float_bytes += weight.nbytes
-        quant_bytes += rewriter.replace(matmul, weight.T, weight_name)  # a view: [K, N]
+        quant_bytes += rewriter.replace(matmul, weight.T, weight_name, removed)  # a view: [K, N]
         del weight
-        for node_gone in removed:
-            model.graph.remove(node_gone, safe=True)
-        model.graph.initializers.pop(weight_name)
     return quantize.integer_stats(len(linears), float_bytes, quant_bytes)
 
 
