@@ -1,5 +1,6 @@
-"""`--quant w8a8` (exporter/graphs/integer_matmul.py): int8 weights per output column, int8
-activations per token, both stored around 128 in uint8, MatMulInteger. The kernel it relies on is exact; the rewritten graph
+"""`--quant w8a8` (exporter/graphs/integer_matmul.py): 7-bit weights in int8 per output column,
+int8 activations per token stored around 128 in uint8, MatMulInteger. The kernel it relies on
+is exact at the extremes of those ranges; the rewritten graph
 computes exactly the integer form (numpy, by hand); a whole decoder exported with it is every
 linear layer on MatMulInteger, passes its parity check, answers in the runtime, and the CLI,
 manifest, benchmark and TensorRT refusal say what it is."""
@@ -19,6 +20,7 @@ ir = pytest.importorskip("onnx_ir")
 
 from exporter.graphs import integer_matmul  # noqa: E402
 from exporter.graphs.integer_matmul import (  # noqa: E402
+    WEIGHT_PEAK,
     ZERO_POINT,
     IntegerLinears,
     quantize_columns,
@@ -31,32 +33,38 @@ K, N = 96, 40
 
 
 def run_matmul_integer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """MatMulInteger(a, b, 128, 128) of two uint8 matrices, as the graph runs it."""
+    """MatMulInteger(a, b, 128) of uint8 a and int8 b, as the graph runs it."""
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b", "zero", "zero"], ["y"])],
+        [helper.make_node("MatMulInteger", ["a", "b", "zero"], ["y"])],
         "product",
         [
             helper.make_tensor_value_info("a", TensorProto.UINT8, list(a.shape)),
-            helper.make_tensor_value_info("b", TensorProto.UINT8, list(b.shape)),
+            helper.make_tensor_value_info("b", TensorProto.INT8, list(b.shape)),
         ],
         [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
         [numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), "zero")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"a": a, "b": b})[0]
 
 
-def test_the_integer_product_is_exact_at_the_extremes():
-    """The design's premise: ONNX Runtime's uint8 x uint8 kernel with zero points of 128 does
-    not saturate where every product is +-127 x +-127 (its uint8 x int8 kernel does, on AVX2
-    without VNNI), nor where the values are random."""
+@pytest.mark.parametrize("rows", [1, 3, 64])  # a decode step's kernel and the GEMM's
+def test_the_integer_product_is_exact_at_the_extremes(rows):
+    """The design's premise: ONNX Runtime's uint8 x int8 kernel is exact for any uint8 against
+    weights within +-WEIGHT_PEAK, also where each pair of neighbouring products is as large as
+    they get, 255 x 63 twice (the pairs vpmaddubsw sums in int16 on AVX2), and where the values
+    are random."""
     generator = np.random.default_rng(0)
-    a = np.full((4, 512), 255, np.uint8)
-    a[1], a[2] = 1, generator.integers(1, 256, 512)
-    b = np.where(generator.random((512, 64)) < 0.5, 1, 255).astype(np.uint8)
-    b[:, 0], b[:, 1] = 255, 1
-    exact = (a.astype(np.int64) - ZERO_POINT) @ (b.astype(np.int64) - ZERO_POINT)
+    depth = 512
+    a = np.where(generator.random((rows, depth)) < 0.5, 0, 255).astype(np.uint8)
+    a[0] = 255
+    b = generator.integers(-WEIGHT_PEAK, WEIGHT_PEAK + 1, (depth, 64)).astype(np.int8)
+    b[:, 0], b[:, 1] = WEIGHT_PEAK, -WEIGHT_PEAK  # row 0: every pair at +-2 x 255 x 63
+    b[:, 2] = np.where(a[-1] == 255, WEIGHT_PEAK, -WEIGHT_PEAK)  # the last row: every product positive
+    exact = (a.astype(np.int64) - ZERO_POINT) @ b.astype(np.int64)
     np.testing.assert_array_equal(run_matmul_integer(a, b), exact)
 
 
@@ -66,10 +74,10 @@ def test_columns_round_to_their_own_scale():
     weight[:, 3] *= 50  # a column of its own magnitude
     weight[:, 7] = 0
     quant = quantize_columns(weight.T.copy().T)  # a transposed view, as the streamed export passes
-    assert quant.values.dtype == np.uint8 and quant.values.shape == (K, N)
-    signed = quant.values.astype(np.int32) - ZERO_POINT
-    assert signed.min() >= -127 and signed.max() <= 127
-    assert (np.abs(signed).max(axis=0)[np.arange(N) != 7] == 127).all()  # each column's peak is 127
+    assert quant.values.dtype == np.int8 and quant.values.shape == (K, N)
+    signed = quant.values.astype(np.int32)
+    assert signed.min() >= -WEIGHT_PEAK and signed.max() <= WEIGHT_PEAK
+    assert (np.abs(signed).max(axis=0)[np.arange(N) != 7] == WEIGHT_PEAK).all()  # each column's peak
     assert quant.scales[7] == 1 and (signed[:, 7] == 0).all()
     error = np.abs(integer_matmul.dequantize_columns(quant) - weight)
     assert (error <= quant.scales / 2 + 1e-6).all()
@@ -117,18 +125,31 @@ def integer_reference(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """The integer form in numpy: exact integer product, then the two scales."""
     qx, scale = quantize_rows(x)
     quant = quantize_columns(weight)
-    acc = (qx.astype(np.int64) - ZERO_POINT) @ (quant.values.astype(np.int64) - ZERO_POINT)
+    acc = (qx.astype(np.int64) - ZERO_POINT) @ quant.values.astype(np.int64)
     return acc.astype(np.float32) * scale * quant.scales
 
 
-def test_the_rewritten_graph_is_the_integer_form_and_shares_the_input_rounding():
+def rewritten(merge: bool) -> tuple[onnx.ModelProto, dict]:
+    """two_linears_on_one_input in the integer form, the two products merged or not."""
     model, weights = two_linears_on_one_input()
     rewriter = IntegerLinears(model.graph)
     for node in [node for node in model.graph if node.op_type == "MatMul"]:
         name = node.inputs[1].name
         rewriter.replace(node, weights[name], name)
+    if merge:
+        rewriter.merge_siblings()
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto)
+    return proto, weights
+
+
+def run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_the_rewritten_graph_is_the_integer_form_and_shares_the_input_rounding():
+    proto, weights = rewritten(merge=False)
     ops = [node.op_type for node in proto.graph.node]
     assert "MatMul" not in ops and ops.count("MatMulInteger") == 2
     assert ops.count("ReduceMax") == 1  # x is rounded once for both layers
@@ -136,12 +157,32 @@ def test_the_rewritten_graph_is_the_integer_form_and_shares_the_input_rounding()
     x = np.random.default_rng(3).standard_normal((2, 3, K)).astype(np.float32)
     x[0, 1] = 0  # an all-zero token
     x[1, 2] *= 100  # an outlier token: the others keep their own scale
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    (y,) = session.run(None, {"x": x})
+    y = run(proto, x)
     expected = integer_reference(x, weights["w1"]) + integer_reference(x, weights["w2"])
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
     exact = x @ weights["w1"] + x @ weights["w2"]
     assert np.abs(y - exact).max() < 0.02 * np.abs(exact).max()  # and close to the float product
+
+
+def test_siblings_merge_into_one_product_with_the_same_numbers():
+    separate, _ = rewritten(merge=False)
+    merged, _ = rewritten(merge=True)
+    ops = [node.op_type for node in merged.graph.node]
+    assert ops.count("MatMulInteger") == 1 and ops.count("Split") == 1
+    (product,) = [node for node in merged.graph.node if node.op_type == "MatMulInteger"]
+    shapes = {tensor.name: list(tensor.dims) for tensor in merged.graph.initializer}
+    assert product.input[1] == "w1+w2_w8" and shapes[product.input[1]] == [K, 2 * N]
+    assert not {"w1_w8", "w2_w8", "w1_scales", "w2_scales"} & set(shapes)  # the old weights are gone
+    x = np.random.default_rng(5).standard_normal((2, 3, K)).astype(np.float32)
+    np.testing.assert_array_equal(run(merged, x), run(separate, x))  # bit for bit
+
+
+def test_sibling_names_keep_the_shared_prefix():
+    names = [f"layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    assert (
+        integer_matmul.sibling_name(names) == "layers.0.self_attn.q_proj.weight+k_proj.weight+v_proj.weight"
+    )
+    assert integer_matmul.sibling_name(["w1", "w2"]) == "w1+w2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +207,8 @@ def test_every_linear_layer_runs_on_matmul_integer(w8a8_export):
     assert f"{layers} linear layers to w8a8 (a scale per output column, activations per token)" in output
     model = onnx.load(str(folder / contract.DECODER_FILE))
     ops = [node.op_type for node in model.graph.node]
-    assert ops.count("MatMulInteger") == layers and "MatMulNBits" not in ops
+    products = TinyConfig().text_layers * 4 + 1  # q|k|v, o, gate|up, down per layer + lm_head
+    assert ops.count("MatMulInteger") == products and "MatMulNBits" not in ops
     shapes = {tensor.name: list(tensor.dims) for tensor in model.graph.initializer}
     float_weights = [
         node.input[1]

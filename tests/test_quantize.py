@@ -32,6 +32,7 @@ from tests.support.graphs import empty_past  # noqa: E402
 
 DEFAULT = TinyConfig()
 LINEAR_LAYERS = DEFAULT.text_layers * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+PRODUCTS = DEFAULT.text_layers * 4 + 1  # q|k|v, o, gate|up, down per layer + lm_head: the siblings merged
 # Logits of the quantized graph against the float32 graph, random tiny weights (every layer
 # amplifies the rounding: int4 lands near 0.91-0.94 here; trained models fare far better).
 MIN_COSINE_VS_FLOAT = {"int8": 0.995, "int4": 0.85}
@@ -90,7 +91,7 @@ def test_every_linear_layer_is_matmulnbits(quantized, quant):
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == LINEAR_LAYERS
+    assert len(nbits) == PRODUCTS
     for node in nbits:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert node.domain == "com.microsoft"
@@ -116,6 +117,32 @@ def test_every_linear_layer_is_matmulnbits(quantized, quant):
     ]
     assert big_floats == []
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
+
+
+def test_siblings_share_one_matmulnbits_with_the_same_numbers(workshop, quantized, tmp_path):
+    """q, k, v and gate, up: one MatMulNBits over their columns each, split after, computing bit
+    for bit what the separate ones do (the quantizer's output before the merge)."""
+    float_decoder = workshop.artifacts(DEFAULT) / contract.DECODER_FILE
+    model, _, excluded = quantize.read_float_decoder(float_decoder)
+    bits, block_size = quantize.graph_settings(quantized["int8"])
+    separate = tmp_path / contract.DECODER_FILE
+    unmerged = quantize.run_quantizer(model, bits, block_size, quantize.DEFAULT_ACCURACY_LEVEL, excluded)
+    quantize.write_quantized(unmerged, separate)
+    merged = onnx.load(str(quantized["int8"]), load_external_data=False)
+    widths = [
+        helper.get_attribute_value(attribute)
+        for node in merged.graph.node
+        if node.op_type == "MatMulNBits"
+        for attribute in node.attribute
+        if attribute.name == "N"
+    ]
+    hidden, kv = DEFAULT.text_hidden, DEFAULT.text_hidden // DEFAULT.heads * DEFAULT.kv_heads
+    mlp = 2 * hidden  # the tiny model's intermediate size
+    assert widths.count(hidden + 2 * kv) == widths.count(2 * mlp) == DEFAULT.text_layers  # q|k|v, gate|up
+    assert sum(node.op_type == "Split" for node in merged.graph.node) >= 2 * DEFAULT.text_layers
+    feed = prefill_feed(workshop.artifacts(DEFAULT))
+    for ours, theirs in zip(run(quantized["int8"], feed), run(separate, feed)):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

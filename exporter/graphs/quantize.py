@@ -153,8 +153,58 @@ def quantize_decoder(
     added = [t for t in model.graph.initializer if t.name not in before]
     quant_bytes = sum(tensor_bytes(t) for t in added)
     layers = sum(node.op_type == MATMUL_NBITS for node in model.graph.node)
-    write_quantized(model, Path(path_out))
+    write_quantized(with_siblings_merged(model), Path(path_out))
     return QuantStats(bits, block_size, accuracy_level, layers, float_bytes, quant_bytes)
+
+
+def with_siblings_merged(model):
+    """The ModelProto `model` after merge_sibling_nbits."""
+    import onnx_ir as ir
+
+    graph = ir.from_proto(model)
+    merge_sibling_nbits(graph.graph)
+    return ir.to_proto(graph)
+
+
+def merge_sibling_nbits(graph) -> None:
+    """The MatMulNBits of an onnx_ir graph that read one input with the same K, bits, block size
+    and accuracy level (q, k, v; gate, up) -> one over their output columns side by side, its
+    output split back into theirs. The same numbers (each column has its own blocks, scales and
+    zero points, stored in rows of N), in fewer and wider kernel calls: what a decode step
+    spends outside the weights' reads (docs/benchmarks.md)."""
+    groups: dict[tuple, list] = {}
+    for node in graph:
+        if node.op_type == MATMUL_NBITS and len(node.inputs) == 4:
+            attributes = {name: attribute.value for name, attribute in node.attributes.items()}
+            settings = tuple(attributes.get(name) for name in ("K", "bits", "block_size", "accuracy_level"))
+            groups.setdefault((id(node.inputs[0]), settings), []).append(node)
+    for nodes in groups.values():
+        if len(nodes) > 1:
+            merge_nbits(graph, nodes)
+
+
+def merge_nbits(graph, nodes: list) -> None:
+    import onnx_ir as ir
+
+    from exporter.graphs.integer_matmul import initializer, sibling_name, split_back
+
+    first = nodes[0]
+    bits = first.attributes["bits"].value
+    name = sibling_name([node.inputs[1].name.removesuffix(f"_Q{bits}") for node in nodes])
+    merged = []
+    for index, suffix in ((1, f"_Q{bits}"), (2, "_scales"), (3, "_zero_points")):
+        parts = [node.inputs[index] for node in nodes]
+        array = np.concatenate([part.const_value.numpy() for part in parts], axis=0)  # rows of N
+        for part in parts:  # free each separate copy now
+            part.const_value = None
+            graph.initializers.pop(part.name)
+        merged.append(initializer(graph, f"{name}{suffix}", array))
+    widths = [node.attributes["N"].value for node in nodes]
+    attributes = {key: attribute.value for key, attribute in first.attributes.items()} | {"N": sum(widths)}
+    node = ir.node(MATMUL_NBITS, [first.inputs[0], *merged], attributes=attributes, domain=first.domain)
+    graph.insert_before(first, node)
+    split_back(graph, node.outputs[0], [old.outputs[0] for old in nodes], widths, name)
+    graph.remove(nodes, safe=True)
 
 
 def integer_decoder(path_in: str | Path, path_out: str | Path) -> QuantStats:
@@ -178,6 +228,7 @@ def integer_decoder(path_in: str | Path, path_out: str | Path) -> QuantStats:
         weight = numpy_helper.to_array(weights.pop(targets[node.name]))  # [K, N]
         float_bytes += weight.nbytes
         quant_bytes += rewriter.replace(node, weight, targets[node.name])
+    rewriter.merge_siblings()
     write_quantized(ir.to_proto(model), Path(path_out))
     return integer_stats(len(targets), float_bytes, quant_bytes)
 

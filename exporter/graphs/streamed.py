@@ -14,7 +14,7 @@ of memory for a 7B checkpoint.
 
 MatMulNBits stores its weight per output column N in blocks along K: the rows of W as the
 checkpoint holds them, so no transposed copy is made (MatMulInteger takes [K, N]: one weight's
-uint8 copy). On the tiny models the result is bit-for-bit the graph of the float export
+int8 copy). On the tiny models the result is bit-for-bit the graph of the float export
 quantized afterwards (tests/test_streamed.py).
 """
 
@@ -202,6 +202,7 @@ def quantize_linears(
             graph.remove(node_gone, safe=True)
         graph.initializers.pop(weight_name)
         layers += 1
+    quantize.merge_sibling_nbits(graph)
     model.opset_imports[MICROSOFT] = 1
     return quantize.QuantStats(bits, block_size, accuracy_level, layers, float_bytes, quant_bytes)
 
@@ -215,6 +216,7 @@ def integer_linears(model, linears, values) -> quantize.QuantStats:
         float_bytes += weight.nbytes
         quant_bytes += rewriter.replace(matmul, weight.T, weight_name, removed)  # a view: [K, N]
         del weight
+    rewriter.merge_siblings()
     return quantize.integer_stats(len(linears), float_bytes, quant_bytes)
 
 
@@ -262,12 +264,7 @@ def replace_with_matmul_nbits(
     }
     node = ir.node("MatMulNBits", [matmul.inputs[0], *constants], attributes=attributes, domain=MICROSOFT)
     graph.insert_before(matmul, node)
-    old = matmul.outputs[0]
-    name = old.name
-    old.name = f"{name}.float"
-    ir.convenience.replace_all_uses_with(old, node.outputs[0], replace_graph_outputs=True)
-    node.outputs[0].name = name
-    node.outputs[0].shape, node.outputs[0].type = old.shape, old.type
+    integer_matmul.take_over(matmul.outputs[0], node.outputs[0])
 
 
 def fill_initializers(model, values) -> None:
