@@ -178,23 +178,14 @@ class IntegerLinears:
         first = products[0]
         qx, scale = first.nodes[0].inputs[0], first.nodes[2].inputs[1]
         name = sibling_name([product.values.name.removesuffix("_w8") for product in products])
-        values = np.concatenate([product.values.const_value.numpy() for product in products], axis=1)
-        scales = np.concatenate([product.scales.const_value.numpy() for product in products])
-        for product in products:  # free each separate copy now (7B: one MLP's weights, not all)
-            product.values.const_value = product.scales.const_value = None
-        merged = self.product(
-            qx,
-            scale,
-            initializer(self.graph, f"{name}_w8", values),
-            initializer(self.graph, f"{name}_scales", scales),
-        )
-        self.graph.insert_before(first.nodes[0], merged.nodes)
         widths = [product.values.shape[1] for product in products]
+        values = side_by_side(self.graph, [product.values for product in products], 1, f"{name}_w8")
+        scales = side_by_side(self.graph, [product.scales for product in products], 0, f"{name}_scales")
+        merged = self.product(qx, scale, values, scales)
+        self.graph.insert_before(first.nodes[0], merged.nodes)
         split_back(self.graph, merged.output, [product.output for product in products], widths, name)
         for product in products:
             self.graph.remove(product.nodes, safe=True)
-            self.graph.initializers.pop(product.values.name)
-            self.graph.initializers.pop(product.scales.name)
 
     def product(self, qx, scale, values, scales) -> Product:
         """The four nodes of one integer product, not yet in the graph."""
@@ -247,6 +238,19 @@ def take_over(old, new) -> None:
     output_name, old.name = old.name, f"{old.name}.replaced"
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     new.name, new.shape, new.type = output_name, old.shape, old.type
+
+
+def side_by_side(graph, parts: list, axis: int, name: str):
+    """One new initializer `name`: the initializers `parts` (onnx_ir Values) concatenated along
+    `axis`, each dropped from the graph and its array freed as soon as it is copied (a 7B
+    export holds one group's weights twice, not every group's)."""
+    arrays = [part.const_value.numpy() for part in parts]
+    array = np.concatenate(arrays, axis=axis)
+    del arrays
+    for part in parts:
+        part.const_value = None
+        graph.initializers.pop(part.name)
+    return initializer(graph, name, array)
 
 
 def split_back(graph, merged, olds: list, widths: list[int], name: str) -> None:

@@ -186,19 +186,15 @@ def merge_sibling_nbits(graph) -> None:
 def merge_nbits(graph, nodes: list) -> None:
     import onnx_ir as ir
 
-    from exporter.graphs.integer_matmul import initializer, sibling_name, split_back
+    from exporter.graphs.integer_matmul import sibling_name, side_by_side, split_back
 
     first = nodes[0]
     bits = first.attributes["bits"].value
     name = sibling_name([node.inputs[1].name.removesuffix(f"_Q{bits}") for node in nodes])
-    merged = []
-    for index, suffix in ((1, f"_Q{bits}"), (2, "_scales"), (3, "_zero_points")):
-        parts = [node.inputs[index] for node in nodes]
-        array = np.concatenate([part.const_value.numpy() for part in parts], axis=0)  # rows of N
-        for part in parts:  # free each separate copy now
-            part.const_value = None
-            graph.initializers.pop(part.name)
-        merged.append(initializer(graph, f"{name}{suffix}", array))
+    merged = [  # packed values, scales, zero points: each stored in rows of N
+        side_by_side(graph, [node.inputs[index] for node in nodes], 0, f"{name}{suffix}")
+        for index, suffix in ((1, f"_Q{bits}"), (2, "_scales"), (3, "_zero_points"))
+    ]
     widths = [node.attributes["N"].value for node in nodes]
     attributes = {key: attribute.value for key, attribute in first.attributes.items()} | {"N": sum(widths)}
     node = ir.node(MATMUL_NBITS, [first.inputs[0], *merged], attributes=attributes, domain=first.domain)
