@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from exporter import parity
-from exporter.graphs import DEFAULT_OPSET, integer_matmul, quantize
+from exporter.graphs import DEFAULT_OPSET, fusions, integer_matmul, quantize
 from exporter.graphs.export import ExportOptions, GraphExport, export_graph
 from exporter.graphs.static_kv import DecoderWithStaticCache, in_buffers
 from exporter.graphs.tokenizer import save_tokenizer
@@ -219,18 +219,29 @@ class DecoderGraph(GraphExport):
 
     def rewrite(self, path: Path, progress: Progress) -> None:
         """--quant: the linear layers to int8/int4 MatMulNBits (quantize.py) or w8a8
-        MatMulInteger (integer_matmul.py)."""
+        MatMulInteger (integer_matmul.py); then the static layout's norms and rotary to
+        ONNX Runtime's fused kernels (fusions.py). A streamed graph had both as it was written."""
         quant = self.options.quant
-        if not quant or self.streamed:  # a streamed graph is quantized as it is written
+        if self.streamed:
             return
-        with progress.stage(f"quantizing the linear layers to {quant} ({quantize.QUANT_OPS[quant]})"):
-            if quant == integer_matmul.QUANT:
-                stats = quantize.integer_decoder(path, path)
-            else:
-                stats = quantize.quantize_decoder(
-                    path, path, quantize.quant_bits(quant), self.options.block_size
-                )
-        progress.say(f"  {stats.summary()}")
+        if quant:
+            with progress.stage(f"quantizing the linear layers to {quant} ({quantize.QUANT_OPS[quant]})"):
+                if quant == integer_matmul.QUANT:
+                    stats = quantize.integer_decoder(path, path)
+                else:
+                    stats = quantize.quantize_decoder(
+                        path, path, quantize.quant_bits(quant), self.options.block_size
+                    )
+            progress.say(f"  {stats.summary()}")
+        if self.static:
+            with progress.stage(fusions.STAGE):
+                counts = fusions.fuse_file(path, self.rotary_caches())
+            progress.say(f"  {fusions.summary(counts)}")
+
+    def rotary_caches(self):
+        """The static layout's cos/sin caches for its max_seq_len positions (fusions.py)."""
+        language_model = self.source.model.model.language_model
+        return fusions.rotary_caches(language_model, self.options.max_seq_len, self.options.dtype)
 
     def add_companions(self, stage: Path, manifest: Manifest, progress: Progress) -> list[str]:
         with progress.stage("writing token embeddings and tokenizer"):

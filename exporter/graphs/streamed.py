@@ -10,7 +10,8 @@ of memory for a 7B checkpoint.
        and dropped before the next one is read;
     3. the remaining initializers (norm weights, the rotary inv_freq) are filled in: they are
        small;
-    4. the graph is optimized (constant folding, as the float export's) and saved.
+    4. the graph is optimized (constant folding, as the float export's), the static layout's
+       norms and rotary fused (fusions.py), and saved.
 
 MatMulNBits stores its weight per output column N in blocks along K: the rows of W as the
 checkpoint holds them, so no transposed copy is made (MatMulInteger takes [K, N]: one weight's
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.graphs import integer_matmul, onnx_io, quantize
+from exporter.graphs import fusions, integer_matmul, onnx_io, quantize
 from exporter.progress import Progress
 from exporter.source import iter_checkpoint
 from runtime.errors import SourceError
@@ -144,8 +145,13 @@ def write_streamed_decoder(graph, stage: Path, progress: Progress) -> Path:
             )
         fill_initializers(model, values)
     progress.say(f"  {stats.summary()}")
-    with progress.stage("optimizing, saving and checking the graph"):
+    with progress.stage("optimizing the graph"):
         onnxscript.optimizer.optimize(model)
+    if graph.static:
+        with progress.stage(fusions.STAGE):
+            counts = fusions.fuse_static_decoder(model, graph.rotary_caches())
+        progress.say(f"  {fusions.summary(counts)}")
+    with progress.stage("saving and checking the graph"):
         path = stage / graph.file
         save_model(model, path)
         del model
