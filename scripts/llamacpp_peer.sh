@@ -8,6 +8,7 @@
 #       writes OUT_PREFIX-q8_0.gguf and OUT_PREFIX-q4_0.gguf (OUT_PREFIX-f16.gguf is deleted
 #       unless KEEP_F16=1). Needs `build` first. QUANT_FLAGS (e.g. --pure) go to llama-quantize;
 #       THREADS (default 2) is its thread count.
+#   NO_AMX=1 scripts/llamacpp_peer.sh build   leaves ggml's AMX kernels out (see build()).
 #
 # llama.cpp comes vendored in the llama-cpp-python sdist (vendor/llama.cpp), pinned below.
 set -euo pipefail
@@ -16,7 +17,7 @@ LLCPP_PY_VERSION=0.3.36
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"
 
-usage() { sed -n '6,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 src_dir() { echo "$1/llama_cpp_python-$LLCPP_PY_VERSION/vendor/llama.cpp"; }
 
@@ -32,8 +33,14 @@ build() {
   [ -f "$src/CMakeLists.txt" ] || tar xzf "$sdist" -C "$work"
 
   # CPU only, native flags; no CUDA/Metal, no network clients, nothing but the two tools.
+  # NO_AMX=1 leaves ggml's AMX kernels out (-march=native compiles them in where the CPU
+  # advertises AMX): on a VM that advertises it but does not run ggml's tile code, llama-bench
+  # dies of a general protection fault at its first ldtilecfg (dmesg names libggml-cpu).
+  local no_amx=""
+  [ "${NO_AMX:-0}" = 1 ] && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF \
+    -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
   cmake --build "$src/build" --config Release --target llama-bench llama-quantize -j 2
