@@ -138,3 +138,29 @@ def test_the_concat_layout_keeps_standard_onnx_ops(workshop, tmp_path):
     shutil.copytree(folder, tmp_path / "copy")
     graph = onnx.load(str(tmp_path / "copy" / contract.DECODER_FILE), load_external_data=False).graph
     assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
+
+
+def test_a_streamed_static_export_is_fused_and_verify_checks_it(workshop, tmp_path):
+    """The 7B path: `decoder --quant` streams (no parity at export) and fuses; `verify` then runs
+    the fused graph against PyTorch."""
+    from tests.support.cli import invoke
+
+    folder, out = workshop.tiny()["hf"], tmp_path / "out"
+    result = invoke(
+        "decoder",
+        "--model",
+        folder,
+        "--out",
+        out,
+        "--quant",
+        "w8a8",
+        "--kv-cache",
+        "static",
+        "--max-seq-len",
+        "32",
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "rotaries to RotaryEmbedding" in result.output
+    assert op_counts(out)["RotaryEmbedding"] == 2 * TinyConfig().text_layers
+    checked = invoke("verify", "--model", folder, "--artifacts", out)
+    assert checked.exit_code == 0 and "all outputs within tolerance" in checked.output, checked.output
