@@ -146,19 +146,8 @@ def test_a_streamed_static_export_is_fused_and_verify_checks_it(workshop, tmp_pa
     from tests.support.cli import invoke
 
     folder, out = workshop.tiny()["hf"], tmp_path / "out"
-    result = invoke(
-        "decoder",
-        "--model",
-        folder,
-        "--out",
-        out,
-        "--quant",
-        "w8a8",
-        "--kv-cache",
-        "static",
-        "--max-seq-len",
-        "32",
-    )
+    static_w8a8 = ["--quant", "w8a8", "--kv-cache", "static", "--max-seq-len", "32"]
+    result = invoke("decoder", "--model", folder, "--out", out, *static_w8a8)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "rotaries to RotaryEmbedding" in result.output
     assert op_counts(out)["RotaryEmbedding"] == 2 * TinyConfig().text_layers
