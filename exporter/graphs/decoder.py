@@ -219,23 +219,31 @@ class DecoderGraph(GraphExport):
 
     def rewrite(self, path: Path, progress: Progress) -> None:
         """--quant: the linear layers to int8/int4 MatMulNBits (quantize.py) or w8a8
-        MatMulInteger (integer_matmul.py); then the static layout's norms and rotary to
-        ONNX Runtime's fused kernels (fusions.py). A streamed graph had both as it was written."""
+        MatMulInteger (integer_matmul.py); the static layout's norms and rotary to ONNX
+        Runtime's fused kernels (fusions.py), in the same write when both apply. A streamed
+        graph had both as it was written."""
         quant = self.options.quant
-        if self.streamed:
+        if self.streamed or not (quant or self.static):
             return
+        counts: dict[str, int] = {}
+
+        def fuse(model) -> None:  # on the onnx_ir graph, before it is written
+            counts.update(fusions.fuse_static_decoder(model, self.rotary_caches()))
+
+        finish = fuse if self.static else None
         if quant:
             with progress.stage(f"quantizing the linear layers to {quant} ({quantize.QUANT_OPS[quant]})"):
                 if quant == integer_matmul.QUANT:
-                    stats = quantize.integer_decoder(path, path)
+                    stats = quantize.integer_decoder(path, path, finish)
                 else:
                     stats = quantize.quantize_decoder(
-                        path, path, quantize.quant_bits(quant), self.options.block_size
+                        path, path, quantize.quant_bits(quant), self.options.block_size, finish=finish
                     )
             progress.say(f"  {stats.summary()}")
-        if self.static:
+        else:
             with progress.stage(fusions.STAGE):
-                counts = fusions.fuse_file(path, self.rotary_caches())
+                fusions.rewrite_file(path, fuse)
+        if counts:
             progress.say(f"  {fusions.summary(counts)}")
 
     def rotary_caches(self):

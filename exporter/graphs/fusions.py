@@ -225,18 +225,17 @@ def constant(value) -> list[int] | None:
     return None if tensor is None else [int(item) for item in tensor.numpy().reshape(-1)]
 
 
-def fuse_file(path, caches: tuple[np.ndarray, np.ndarray] | None) -> dict[str, int]:
-    """fuse_static_decoder on the graph at `path` (external data beside it), written back
-    staged and checked."""
+def rewrite_file(path, rewrite) -> None:
+    """`rewrite` (in place, on the onnx_ir model) applied to the graph at `path` (external data
+    beside it), written back staged and checked."""
     import onnx
     import onnx_ir as ir
 
     from exporter.graphs import quantize
 
     model = ir.from_proto(onnx.load(str(path)))
-    counts = fuse_static_decoder(model, caches)
+    rewrite(model)
     quantize.write_quantized(ir.to_proto(model), path)
-    return counts
 
 
 def summary(counts: dict[str, int]) -> str:

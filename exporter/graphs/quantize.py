@@ -134,12 +134,15 @@ def quantize_decoder(
     bits: int,
     block_size: int | None = None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    finish: Callable | None = None,
 ) -> QuantStats:
     """Reads the float decoder graph at `path_in` (float32 or float16, external data beside
     it) and writes the weight-only quantized graph to `path_out` (+ `.data` when big).
     `block_size` None: DEFAULT_BLOCK_SIZE[bits], or less for a model narrower than that (a
     block past K is padding, stored for nothing). `path_out` may equal `path_in`: the input is
-    read completely before anything is replaced. Peak memory: about twice the float graph."""
+    read completely before anything is replaced. `finish`, when given, rewrites the onnx_ir
+    model in place before it is written (the static layout's fusions: one write, not two).
+    Peak memory: about twice the float graph."""
     check_settings(bits, block_size or 16, accuracy_level)
     model, targets, excluded = read_float_decoder(Path(path_in))
     weights = {t.name: t for t in model.graph.initializer}
@@ -153,16 +156,18 @@ def quantize_decoder(
     added = [t for t in model.graph.initializer if t.name not in before]
     quant_bytes = sum(tensor_bytes(t) for t in added)
     layers = sum(node.op_type == MATMUL_NBITS for node in model.graph.node)
-    write_quantized(with_siblings_merged(model), Path(path_out))
+    write_quantized(with_siblings_merged(model, finish), Path(path_out))
     return QuantStats(bits, block_size, accuracy_level, layers, float_bytes, quant_bytes)
 
 
-def with_siblings_merged(model):
-    """The ModelProto `model` after merge_sibling_nbits."""
+def with_siblings_merged(model, finish: Callable | None = None):
+    """The ModelProto `model` after merge_sibling_nbits (then `finish`, on the onnx_ir model)."""
     import onnx_ir as ir
 
     graph = ir.from_proto(model)
     merge_sibling_nbits(graph.graph)
+    if finish is not None:
+        finish(graph)
     return ir.to_proto(graph)
 
 
@@ -203,8 +208,9 @@ def merge_nbits(graph, nodes: list) -> None:
     graph.remove(nodes, safe=True)
 
 
-def integer_decoder(path_in: str | Path, path_out: str | Path) -> QuantStats:
-    """quantize_decoder's --quant w8a8: every linear layer in integer_matmul.py's form."""
+def integer_decoder(path_in: str | Path, path_out: str | Path, finish: Callable | None = None) -> QuantStats:
+    """quantize_decoder's --quant w8a8: every linear layer in integer_matmul.py's form (and
+    `finish` as there)."""
     import onnx
     import onnx_ir as ir
     from onnx import numpy_helper
@@ -225,6 +231,8 @@ def integer_decoder(path_in: str | Path, path_out: str | Path) -> QuantStats:
         float_bytes += weight.nbytes
         quant_bytes += rewriter.replace(node, weight, targets[node.name])
     rewriter.merge_siblings()
+    if finish is not None:
+        finish(model)
     write_quantized(ir.to_proto(model), Path(path_out))
     return integer_stats(len(targets), float_bytes, quant_bytes)
 
